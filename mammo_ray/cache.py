@@ -1,0 +1,85 @@
+"""Decode-once pixel cache: preprocessed uint16 images in zstd-compressed, random-access shards.
+
+A full-field mammogram costs 0.1–0.6 s of CPU to decode; a GPU trains on hundreds of images per
+second. ``prepare`` therefore decodes and preprocesses every image once and appends the result to a
+shard file (``shard-NNNNN-<hash>.bin``). Each image is one independently compressed zstd frame, so
+the training pipeline can shuffle the (small) manifest rows first and then read any image with one
+seek, instead of shuffling megabytes of pixels. The manifest row holds ``cache_file``,
+``cache_offset``, ``cache_nbytes``, ``cache_height``, ``cache_width``.
+
+A shard counts as complete only when its index (``.index.parquet``) exists; both files are written
+to temporary names and renamed, so an interrupted run never leaves a shard that a later run trusts.
+The cache folder name is a hash of the preprocessing settings, so a cache built with other
+settings is never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+
+CACHE_FORMAT_VERSION = 1
+_CODEC = "zstd"
+
+
+def settings_key(settings: dict) -> str:
+    """A short stable hash of the preprocessing settings, used as the cache folder name."""
+    blob = json.dumps({"format": CACHE_FORMAT_VERSION, **settings}, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def encode(pixels: np.ndarray) -> bytes:
+    """Compress one uint16 image (lossless)."""
+    if pixels.dtype != np.uint16:
+        raise TypeError(f"cache stores uint16 images, got {pixels.dtype}")
+    return pa.compress(np.ascontiguousarray(pixels).tobytes(), codec=_CODEC, asbytes=True)
+
+
+def decode(blob: bytes, height: int, width: int) -> np.ndarray:
+    """Decompress one image written by :func:`encode`."""
+    raw = pa.decompress(blob, decompressed_size=height * width * 2, codec=_CODEC, asbytes=True)
+    return np.frombuffer(raw, dtype=np.uint16).reshape(height, width)
+
+
+def read_image(cache_file: str, offset: int, nbytes: int, height: int, width: int, handle=None) -> np.ndarray:
+    """Read one cached image; pass an open binary ``handle`` to save the open when reading many."""
+    if handle is None:
+        with open(cache_file, "rb") as f:
+            f.seek(int(offset))
+            blob = f.read(int(nbytes))
+    else:
+        handle.seek(int(offset))
+        blob = handle.read(int(nbytes))
+    if len(blob) != int(nbytes):
+        raise OSError(f"pixel cache {cache_file}: truncated at offset {offset} (wanted {nbytes} bytes)")
+    return decode(blob, int(height), int(width))
+
+
+def read_images(rows: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Read the cached images of a batch of manifest rows, opening each shard once."""
+    files = rows["cache_file"]
+    order = np.argsort(files, kind="stable")
+    out: list[np.ndarray | None] = [None] * len(files)
+    handle, current = None, None
+    try:
+        for i in order:
+            if files[i] != current:
+                if handle is not None:
+                    handle.close()
+                current = files[i]
+                handle = open(current, "rb")  # noqa: SIM115 (closed in finally; one open per shard)
+            out[i] = read_image(
+                current,
+                rows["cache_offset"][i],
+                rows["cache_nbytes"][i],
+                rows["cache_height"][i],
+                rows["cache_width"][i],
+                handle=handle,
+            )
+    finally:
+        if handle is not None:
+            handle.close()
+    return out  # type: ignore[return-value]

@@ -1,0 +1,208 @@
+"""Shared command-line plumbing: the ``mammo-ray`` dispatcher, logging, Ray start-up, data resolution."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mammo_ray import config as config_mod
+from mammo_ray import manifest
+
+log = logging.getLogger("mammo_ray")
+
+COMMANDS = ("tune", "train", "prepare", "synth", "predict", "export")
+
+# Ray's own chatter is off unless -v: a sweep prints a trial table, not a log flood.
+QUIET_ENV = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+
+
+class DataMissingError(ValueError):
+    """No manifests were given and the space file does not generate data."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "optuna"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", verbose: bool = False) -> dict:
+    """Start (or join) Ray with the dashboard on ``dashboard_host``; print the dashboard URL."""
+    import ray
+
+    if ray.is_initialized():
+        return {}
+    if not verbose:
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+    kwargs = {
+        "address": address,
+        "include_dashboard": True,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+        "log_to_driver": True,
+        "runtime_env": {"env_vars": {k: os.environ[k] for k in QUIET_ENV if k in os.environ}},
+    }
+    if address is None:
+        kwargs["dashboard_host"] = dashboard_host
+    context = ray.init(**kwargs)
+    url = context.dashboard_url
+    if url:
+        print(f"Ray dashboard: http://{url}", flush=True)
+    return {"dashboard_url": f"http://{url}" if url else None}
+
+
+def apply_smoke_test(cfg: config_mod.Config) -> None:
+    """A handful of images, one epoch, two trials, on CPU."""
+    cfg.train.epochs = 1
+    cfg.search.num_samples = 2
+    cfg.search.grace_period = 1
+    cfg.resources.num_workers = 1
+    cfg.resources.gpus_per_worker = 0.0
+    cfg.resources.cpus_per_worker = min(cfg.resources.cpus_per_worker, 0.5)
+    cfg.resources.max_concurrent_trials = 1
+    cfg.train.amp = False
+    cfg.train.batch_size = min(cfg.train.batch_size, 8)
+    cfg.train.epoch_length = 32
+    cfg.data.image_size = [64, 48]
+    cfg.model.backbone = "convnext_atto"
+    cfg.model.pretrained = None
+    cfg.model.freeze_units = min(cfg.model.freeze_units, 2)
+    cfg.train.mc_dropout_samples = min(cfg.train.mc_dropout_samples, 2)
+    cfg.data.synthetic.patients = 16
+    cfg.data.synthetic.prevalence = 0.25
+    cfg.data.synthetic.size = [128, 104]
+    cfg.data.synthetic.out = str(Path(cfg.data.synthetic.out).with_name(Path(cfg.data.synthetic.out).name + "-smoke"))
+    for key, spec in list(cfg.space.items()):
+        if key == "model.freeze_units" and spec["type"] == "int":
+            spec["high"] = min(spec["high"], 2)
+            spec["low"] = min(spec["low"], spec["high"] - 1)
+        if key in ("data.image_size", "model.backbone", "train.epochs", "train.batch_size"):
+            del cfg.space[key]
+    config_mod.validate(cfg, "smoke test")
+
+
+def manifest_paths(cfg: config_mod.Config, args) -> dict[str, str | None]:
+    return {
+        "train": getattr(args, "train", None) or cfg.data.train,
+        "valid": getattr(args, "valid", None) or cfg.data.valid,
+        "test": getattr(args, "test", None) or cfg.data.test,
+    }
+
+
+def needs_synthetic(cfg: config_mod.Config, args) -> bool:
+    paths = manifest_paths(cfg, args)
+    return not (paths["train"] and paths["valid"]) and cfg.data.synthetic.enabled
+
+
+def check_data_given(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> None:
+    """Fail fast, before Ray starts, when there is no data to train on."""
+    paths = manifest_paths(cfg, args)
+    if paths["train"] and paths["valid"]:
+        return
+    if all(reference_csvs) or cfg.data.synthetic.enabled:
+        return
+    missing = [f"--{role}" for role in ("train", "valid") if not paths[role]]
+    raise DataMissingError(
+        f"no {' and '.join(missing)} manifest given. Pass --train and --valid (Parquet manifests from "
+        "`python -m mammo_ray.prepare`), or set data.train/data.valid in the space file. To try mammo_ray "
+        "on the built-in synthetic data set, run `make demo` (search_spaces/demo.yaml)."
+    )
+
+
+def synthetic_manifests(cfg: config_mod.Config) -> dict[str, str]:
+    """Generate (once) and prepare (once) the synthetic data set; return its manifest paths."""
+    from mammo_ray import importers, prepare, synth
+
+    spec = cfg.data.synthetic
+    root = Path(spec.out)
+    info = synth.generate(
+        root, patients=spec.patients, prevalence=spec.prevalence, size=tuple(spec.size), seed=spec.seed
+    )
+    prepared = root / "prepared"
+    size = tuple(cfg.data.image_size)
+    expected = {role: prepared / f"{role}.parquet" for role in manifest.SPLITS}
+    table = importers.import_source("generic", [info["manifest_csv"]], root)
+    paths = prepare.run(table, prepared, size=size, fractions=tuple(spec.split), seed=spec.seed, progress=False)
+    return {role: str(paths.get(role, expected[role])) for role in manifest.SPLITS if role in paths}
+
+
+def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> dict[str, pd.DataFrame]:
+    """Validated manifests from flags, the space file, the reference's CSVs or the synthetic set."""
+    check_data_given(cfg, args, reference_csvs)
+    paths = manifest_paths(cfg, args)
+    if not (paths["train"] and paths["valid"]) and all(reference_csvs):
+        return _reference_frames(reference_csvs, test=paths["test"])
+    if needs_synthetic(cfg, args):
+        start_ray(address=getattr(args, "address", None))
+        generated = synthetic_manifests(cfg)
+        paths = {"train": generated["train"], "valid": generated["valid"], "test": generated.get("test")}
+    frames = manifest.load_manifests(paths, use_cache=cfg.data.use_cache)
+    for role, frame in frames.items():
+        frame.attrs["path"] = paths[role]
+    return frames
+
+
+def _reference_frames(csvs, test=None) -> dict[str, pd.DataFrame]:
+    from mammo_ray import importers
+
+    frames = {}
+    for role, csv in zip(("train", "valid"), csvs, strict=True):
+        frame = importers.import_source("seed", [csv], Path(csv).parent)
+        frame["split"] = role
+        frame.attrs["source"] = csv
+        manifest.validate_manifest(frame, csv, use_cache=False)
+        frames[role] = frame
+    if test:
+        frames["test"] = manifest.read_manifest(test, "test")
+    manifest.check_overlap(frames)
+    return frames
+
+
+def subset_frames(frames: dict[str, pd.DataFrame], args, seed: int) -> dict[str, pd.DataFrame]:
+    """The reference's --data, --dataset_partition and --rows_experiment, patient-level and seeded."""
+    from mammo_ray import importers
+
+    wanted = [d.strip() for d in (getattr(args, "data", None) or "").split(",") if d.strip()]
+    if wanted:
+        for role in list(frames):
+            kept = frames[role][frames[role]["dataset"].isin(wanted)]
+            if kept.empty:
+                raise ValueError(
+                    f"--data {','.join(wanted)}: no {role} rows; datasets: {sorted(frames[role]['dataset'].unique())}"
+                )
+            frames[role] = kept.reset_index(drop=True)
+    fraction = getattr(args, "dataset_partition", None)
+    rows = getattr(args, "rows_experiment", None)
+    if fraction or rows:
+        frames["train"] = importers.subset_patients(frames["train"], fraction=fraction, n_rows=rows, seed=seed)
+    return frames
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mammo-ray <command> [flags]``: the same commands as ``python -m mammo_ray.<command>``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: mammo-ray {{{','.join(COMMANDS)}}} [flags]   (each also runs as python -m mammo_ray.<command>)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(f"mammo_ray.{argv[0]}")
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,367 @@
+"""Best-trial export: the ``best/`` bundle and ``python -m mammo_ray.export --experiment DIR``.
+
+Every epoch's checkpoint already holds the weights, the resolved config, that epoch's validation
+predictions, the history up to it and its report (``train.py``), so export picks the best
+checkpoint by the chosen metric, scores the test manifest with it when there is one, computes the
+metrics with patient-level bootstrap CIs, and writes the bundle (DESIGN.md "Outputs"):
+``model.safetensors, config.yaml, metrics.json, val_predictions.csv, test_predictions.csv,
+thresholds.json, history.csv, MODEL_CARD.md, plots/``.
+
+The bundle is assembled in a temporary sibling folder and renamed into place, so a reader never
+sees half a bundle, and a failed export leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammo_ray import config as config_mod
+from mammo_ray import io
+
+log = logging.getLogger(__name__)
+
+TRAIN_RUNS = "train_runs"
+BUNDLE_FILES = ("model.safetensors", "config.yaml", "val_predictions.csv", "history.csv")
+
+
+def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
+    """Every kept checkpoint of an experiment with its epoch report (one row per checkpoint)."""
+    experiment = Path(experiment)
+    rows = []
+    for report_path in sorted(experiment.glob(f"{TRAIN_RUNS}/*/checkpoint_*/report.json")):
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable checkpoint report %s: %s", report_path, err)
+            continue
+        if not all((report_path.parent / name).is_file() for name in BUNDLE_FILES):
+            continue  # a checkpoint still being uploaded or deleted
+        rows.append({"checkpoint": str(report_path.parent), "run": report_path.parent.parent.name, **report})
+    return pd.DataFrame(rows)
+
+
+def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path:
+    """The best checkpoint across all trials by ``metric`` (the best trial's best epoch).
+
+    Raises:
+        FileNotFoundError: no checkpoint, or none with a finite value of the metric.
+    """
+    table = find_checkpoints(experiment)
+    if table.empty:
+        raise FileNotFoundError(f"{experiment}: no finished checkpoints under {TRAIN_RUNS}/")
+    if metric not in table.columns:
+        known = ", ".join(sorted(c for c in table.columns if c not in ("checkpoint", "run")))
+        raise ValueError(f"{experiment}: no metric {metric!r} in the checkpoint reports; known: {known}")
+    values = pd.to_numeric(table[metric], errors="coerce")
+    table = table[np.isfinite(values)]
+    if table.empty:
+        raise FileNotFoundError(f"{experiment}: no checkpoint has a finite {metric}")
+    index = values.loc[table.index].idxmax() if mode == "max" else values.loc[table.index].idxmin()
+    return Path(table.at[index, "checkpoint"])
+
+
+def _thresholds(val: pd.DataFrame, default: float) -> dict[str, Any]:
+    from mammo_ray import metrics
+
+    table = metrics.thresholds_table(val)
+    table["default"] = "0.3" if math.isclose(default, 0.3) else str(default)
+    if table["default"] not in table:
+        from mammo_ray.metrics import sens_spec_at
+
+        sensitivity, specificity = sens_spec_at(val["label"].to_numpy(), val["prob"].to_numpy(), default)
+        table[table["default"]] = {"threshold": default, "sensitivity": sensitivity, "specificity": specificity}
+    return table
+
+
+def export_bundle(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    cfg: config_mod.Config | None = None,
+    frames: dict[str, pd.DataFrame] | None = None,
+    *,
+    reference_files: bool = False,
+    bootstrap: int = 1000,
+    sweep_info: dict | None = None,
+) -> Path:
+    """Write the bundle for one checkpoint into ``out_dir`` (replaced atomically)."""
+    from mammo_ray import metrics, plots, predict
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    trial_cfg = config_mod.load(checkpoint_dir / "config.yaml")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in ("model.safetensors", "config.yaml", "history.csv"):
+            shutil.copy2(checkpoint_dir / name, staging / name)
+        report = json.loads((checkpoint_dir / "report.json").read_text())
+        val = pd.read_csv(
+            checkpoint_dir / "val_predictions.csv", dtype={c: str for c in predict.PREDICTION_COLUMNS[:6]}
+        )
+        val = val[[c for c in val.columns if c != "logit"]]
+        io.atomic_write_csv(staging / "val_predictions.csv", val[list(predict.PREDICTION_COLUMNS)])
+        results = {"val": metrics.compute_metrics(val, bootstrap=bootstrap, seed=trial_cfg.train.seed)}
+        test = None
+        if frames and frames.get("test") is not None:
+            net, _, _ = predict.load_bundle(staging)
+            test, failures = predict.predict_frame(
+                net,
+                frames["test"],
+                image_size=tuple(trial_cfg.data.image_size),
+                use_cache=trial_cfg.data.use_cache,
+                mc_samples=trial_cfg.train.mc_dropout_samples,
+                tta=trial_cfg.train.tta,
+            )
+            if not failures.empty:
+                io.atomic_write_csv(staging / "test_failures.csv", failures)
+            io.atomic_write_csv(staging / "test_predictions.csv", test[list(predict.PREDICTION_COLUMNS)])
+            results["test"] = metrics.compute_metrics(test, bootstrap=bootstrap, seed=trial_cfg.train.seed)
+        results["selected"] = {
+            "checkpoint": str(checkpoint_dir),
+            "epoch": report.get("epoch"),
+            "report": {k: v for k, v in report.items() if isinstance(v, int | float)},
+            **(sweep_info or {}),
+        }
+        io.atomic_write_json(staging / "metrics.json", _json_ready(results))
+        io.atomic_write_json(staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold)))
+        history = pd.read_csv(staging / "history.csv")
+        plots.plot_all_bundle(val, history, staging / "plots")
+        if test is not None and not test.empty:
+            plots.plot_roc(test, staging / "plots" / "roc_test.png")
+        (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
+        if reference_files:
+            write_reference_files(staging, trial_cfg.name, val, results["val"])
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging``; other files already in ``out_dir`` (a train run's) are kept."""
+    if out_dir.exists() and any(p.name not in _bundle_names(staging) for p in out_dir.iterdir()):
+        # train --out_dir also holds the Ray run folder: merge the bundle into it file by file.
+        for item in staging.iterdir():
+            target = out_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+        staging.rmdir()
+        return
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
+        out_dir.replace(old)
+    staging.replace(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _bundle_names(staging: Path) -> set[str]:
+    return {p.name for p in staging.iterdir()}
+
+
+def _json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    return obj
+
+
+def write_reference_files(out_dir: Path, experiment: str, val: pd.DataFrame, val_metrics: dict) -> None:
+    """The reference script's ``results_last_{exp}.tsv`` and ``{exp}_metrics.csv``."""
+    threshold = 0.3
+    uncertainty = val["aleatoric"] if val["aleatoric"].notna().any() else val["epistemic"]
+    table = pd.DataFrame(
+        {
+            "true_labels": val["label"].astype(int),
+            "predicted_labels": (val["prob"] >= threshold).astype(int),
+            "logits": np.log(np.clip(val["prob"], 1e-12, 1)) - np.log(np.clip(1 - val["prob"], 1e-12, 1)),
+            "score": val["prob"],
+            "uncertainty": uncertainty,
+            "dataset": val["dataset"],
+        }
+    )
+    io.atomic_write(out_dir / f"results_last_{experiment}.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+    rows = [{"dataset": "ALL", **_flat(val_metrics)}]
+    for name, values in (val_metrics.get("by_dataset") or {}).items():
+        rows.append({"dataset": name, **_flat(values)})
+    io.atomic_write_csv(out_dir / f"{experiment}_metrics.csv", pd.DataFrame(rows))
+
+
+def _flat(values: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key == "by_dataset" or key.endswith("_reason"):
+            continue
+        if isinstance(value, list | tuple):
+            out[f"{key}_low"], out[f"{key}_high"] = (value + [None, None])[:2] if isinstance(value, list) else value
+        else:
+            out[key] = value
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(values: dict, key: str) -> str:
+    ci = values.get(f"{key}_ci95")
+    if not ci or ci[0] is None:
+        return _fmt(values.get(key))
+    return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])})"
+
+
+def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, report: dict) -> str:
+    """MODEL_CARD.md: data, preprocessing, metrics with CIs, per-dataset tables, calibration, use and limits."""
+    lines = [f"# Model card: {cfg.name}", ""]
+    lines += [
+        "## Model",
+        f"- Backbone: `{cfg.model.backbone}` (timm), {report.get('trainable_params', 'n/a')} trainable parameters, "
+        f"first {cfg.model.freeze_units} unit(s) frozen; head dropout {cfg.model.dropout:.3g}; "
+        f"{'attenuation head (μ, log σ²)' if cfg.model.attenuation else 'one logit'}.",
+        f"- Pretrained weights: {cfg.model.pretrained or 'none (random initialisation)'}.",
+        f"- Training: {cfg.train.optimizer}, lr {cfg.train.lr:.3g}, weight decay {cfg.train.weight_decay:.3g}, "
+        f"{cfg.train.schedule} schedule, loss {cfg.train.loss}, sampler {cfg.train.sampler}"
+        f"{f' (positive fraction {cfg.train.positive_fraction:.2f})' if cfg.train.sampler == 'weighted' else ''}, "
+        f"batch {cfg.train.batch_size} × {cfg.resources.num_workers} worker(s); selected epoch {report.get('epoch')} "
+        f"of {cfg.train.epochs}.",
+        "",
+        "## Data",
+    ]
+    if frames:
+        lines += ["| split | images | positive images | patients | datasets |", "|---|---|---|---|---|"]
+        for role, frame in frames.items():
+            if frame is None:
+                continue
+            datasets = ", ".join(f"{k} ({v})" for k, v in frame["dataset"].value_counts().items())
+            lines.append(
+                f"| {role} | {len(frame)} | {int(frame['label'].sum())} | {frame['patient_id'].nunique()} | {datasets} |"
+            )
+    else:
+        lines.append("Split counts are in metrics.json (`n_images`, `n_positive`).")
+    lines += [
+        "",
+        "## Preprocessing",
+        f"DICOM modality LUT, then VOI LUT or window (percentile fallback), MONOCHROME1 inverted, cropped to the "
+        f"breast, flipped so the chest wall is on the left, resized keeping the aspect ratio and padded to "
+        f"{cfg.data.image_size[0]}×{cfg.data.image_size[1]}; 16-bit until normalisation. "
+        f"Training augmentation: {'on (same transforms for both classes)' if cfg.train.augment else 'off'}; "
+        "validation and test images are never augmented.",
+        "",
+        "## Metrics",
+        "95% CIs from a patient-level bootstrap (patients resampled with all their images).",
+        "",
+        "| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@0.3 | spec@0.3 | sens@spec0.90 | ECE | Brier |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split in ("val", "test"):
+        values = results.get(split)
+        if not values:
+            continue
+        lines.append(_metric_row(split, values))
+        for name, sub in (values.get("by_dataset") or {}).items():
+            lines.append(_metric_row(f"{split} · {name}", sub))
+    undefined = [
+        f"- {split}: `{key[:-7]}`: {value}"
+        for split in ("val", "test")
+        for key, value in (results.get(split) or {}).items()
+        if key.endswith("_reason")
+    ]
+    if undefined:
+        lines += ["", "Undefined metrics:", *undefined]
+    val = results["val"]
+    lines += [
+        "",
+        "## Calibration and operating points",
+        f"ECE {_fmt(val.get('ece'))}, Brier {_fmt(val.get('brier'))} on validation (see plots/reliability.png). "
+        "thresholds.json lists the thresholds at 0.3 (the reference's), the Youden point and specificity 0.90 "
+        "and 0.987 (a screening operating point), each with its validation sensitivity; they were chosen on "
+        "validation data and are optimistic there.",
+        "",
+        "## Uncertainty",
+        "`aleatoric` is σ² of the attenuation head (logit units) when the model has one; `epistemic` is the "
+        "variance of the probability over MC-dropout passes and/or test-time flips when configured "
+        f"(here: {cfg.train.mc_dropout_samples} MC pass(es), TTA {'on' if cfg.train.tta else 'off'}); "
+        "otherwise they are empty.",
+        "",
+        "## Intended use and limits",
+        "- Research use only: not a medical device, not validated for clinical decisions.",
+        "- Image-level scores on the data sources above; performance on other vendors, populations or "
+        "screening programmes is unknown until measured.",
+        "- Metrics are from the validation split used for model selection (optimistic) and, where present, a "
+        "held-out test split; small positive counts give wide intervals.",
+        "- A model trained on the built-in synthetic data set has learned synthetic lesions only.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metric_row(name: str, values: dict) -> str:
+    return (
+        f"| {name} | {values.get('n_images')} ({values.get('n_positive')}) | {_ci(values, 'auc')} | "
+        f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_fmt(values.get('sensitivity@0.3'))} | "
+        f"{_fmt(values.get('specificity@0.3'))} | {_fmt(values.get('sensitivity@spec0.90'))} | "
+        f"{_fmt(values.get('ece'))} | {_fmt(values.get('brier'))} |"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mammo-ray export", description="(Re)export the best trial of a sweep.")
+    parser.add_argument("--experiment", required=True, help="a sweep folder, results/<name>")
+    parser.add_argument("--metric", help="metric to choose by (default: the sweep's, e.g. val_auc)")
+    parser.add_argument("--mode", choices=["max", "min"], help="default: the sweep's, or max")
+    parser.add_argument("--out", help="bundle folder (default: <experiment>/best)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--test", help="test manifest to score (default: the sweep's)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mammo_ray import cli, manifest
+
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    experiment = Path(args.experiment)
+    try:
+        sweep_cfg = config_mod.load(experiment / "config.yaml") if (experiment / "config.yaml").is_file() else None
+        metric = args.metric or (sweep_cfg.search.metric if sweep_cfg else "val_auc")
+        mode = args.mode or (sweep_cfg.search.mode if sweep_cfg else "max")
+        checkpoint = best_checkpoint(experiment, metric, mode)
+        frames = {}
+        test_path = args.test or (sweep_cfg.data.test if sweep_cfg else None)
+        if test_path:
+            frames = manifest.load_manifests({"test": test_path})
+    except (FileNotFoundError, ValueError, config_mod.ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else experiment / "best"
+    export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
+    print(f"exported {checkpoint} (best by {metric}, {mode}) → {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,900 @@
+"""Pure preprocessing of mammograms: decode once, then map stored pixels to a fixed-size 16-bit image.
+
+The grayscale pipeline follows the DICOM standard, PS3.3 section C.11: the Modality LUT (C.11.1: Modality
+LUT Sequence, else Rescale Slope/Intercept), then the VOI LUT (C.11.2: VOI LUT Sequence, else Window
+Center/Width with the LINEAR, LINEAR_EXACT and SIGMOID functions of C.11.2.1.2 and C.11.2.1.3), then
+inversion of MONOCHROME1 (C.7.6.3.1.2: the minimum value is displayed white). After that the image is
+cropped to the breast (threshold plus largest connected component), flipped so that every chest wall lies on
+the left edge, resized keeping the aspect ratio and padded to H×W, as DESIGN.md "Methods → Preprocessing"
+asks. Everything stays float32 until the final uint16, so no 8-bit quantisation ever touches the pixels.
+
+The functions take and return numpy arrays and plain values; nothing here knows about Ray or the config.
+Decoding uses pydicom with its pylibjpeg (OpenJPEG, libjpeg) and GDCM plugins, so JPEG 2000, JPEG Lossless
+and JPEG-LS files decode, and PNG files (8 or 16 bit) go through Pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from scipy import ndimage
+
+__all__ = [
+    "ImageReadError",
+    "Provenance",
+    "apply_modality_lut",
+    "apply_voi",
+    "breast_mask",
+    "breast_side",
+    "crop_to_breast",
+    "decode",
+    "invert_if_monochrome1",
+    "orient",
+    "pixel_hash",
+    "preprocess_array",
+    "preprocess_file",
+    "read_png",
+    "resize_pad",
+    "to_uint16",
+]
+
+# Percentiles of the modality-LUT output that become 0 and 1 when a file carries no usable VOI LUT or window
+# (raw "for processing" exports, 16-bit PNGs, synthetic arrays). 0.5/99.5 ignores dead or hot pixels and small
+# burnt-in markers, yet keeps nearly the full dynamic range: only the brightest 0.5 % of pixels saturate, so
+# calcifications still end up the brightest thing in the breast, and the dark end is the background anyway.
+PERCENTILE_FALLBACK = (0.5, 99.5)
+# The percentiles are taken on a strided subsample of about this many pixels: on the full 13.6 Mpixel image
+# np.percentile alone takes 0.19 s on one core, on the subsample 4 ms, for the same figures within 0.1 %.
+_PERCENTILE_SAMPLE = 512 * 512
+
+# Long side of the downsampled copy used for the threshold, the mask and the side decision. At 512 px one mask
+# pixel covers about 8×8 pixels of a full-field mammogram, fine enough for a crop box with a margin.
+_MASK_LONG_SIDE = 512
+# Images smaller than this on either side have no meaningful breast region (e.g. the 1-pixel degenerate case).
+_MIN_SIDE_FOR_MASK = 8
+# The breast must cover at least this share of the image; a smaller largest component is a marker or noise.
+_MIN_BREAST_FRACTION = 0.01
+# Below this intensity spread (in [0, 1] units) the image is treated as blank: nothing to threshold.
+_MIN_CONTRAST = 1e-3
+# Thresholds sit a fraction of the way from the background level (10th percentile of the pixels below Otsu's
+# threshold: the film base or the black surround, robust to small black redaction bars) to the foreground level
+# (median above Otsu). Otsu itself is not used: in digital mammograms it often falls between fatty and dense
+# tissue and would crop away the fatty periphery. The strict fraction is safe on scanned films, whose base has
+# gradients and labels; the loose one also keeps faint fat (0.15 against dense tissue at 0.8). The loose mask is
+# used unless it "leaks": reaches a left/right image edge that the strict mask does not reach (the far side of
+# a breast is background, so tissue found there at the loose threshold is film base or a label, not fat).
+_STRICT_FRACTION = 0.25
+_LOOSE_FRACTION = 0.1
+_BACKGROUND_PERCENTILE = 10
+# Opening diameter, as a fraction of the downsampled copy's long side (15 px at 512, about 3 % of the image).
+# Scanned films have bright edge strips a few per cent wide that touch the breast at the chest wall and reach
+# labels on the far side; the opening cuts them (and ruler lines, noise specks) so that the largest component
+# is the breast alone. Whatever the opening shaved off the breast itself (nipple in profile, skin corners) is
+# restored afterwards from the raw threshold, but only within this distance of the breast.
+_OPEN_FRACTION = 0.03
+# Default crop margin, as a fraction of the image height/width: the threshold tends to sit just inside the
+# skin line, so a small margin keeps the skin and the subcutaneous fat.
+DEFAULT_MARGIN = 0.02
+# The image overrides a laterality tag only when its side score (in [-1, 1], positive = chest wall on the left)
+# points the other way by at least this much. Measured: a breast against one edge scores 0.9 (the MG1 film,
+# a half-ellipse reaching 60 % of the width), one spanning the full width 0.5, a symmetric blob or a breast
+# touching both edges near 0; so only a breast that clearly sits on one edge overrides the header.
+_CLEAR_SIDE_SCORE = 0.3
+
+# pydicom tries its plugins in a fixed order (GDCM first). For JPEG 2000 OpenJPEG through pylibjpeg is the
+# reference decoder and about 20 % faster than GDCM on a 12-bit mammogram; the others stay as fallbacks.
+_PREFERRED_PLUGIN = {JPEG2000: "pylibjpeg", JPEG2000Lossless: "pylibjpeg"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageReadError(Exception):
+    """A file that cannot be used as an image: missing, not DICOM/PNG, truncated, or undecodable.
+
+    Attributes:
+        path: The file, as a string.
+        reason: Why it could not be read, in one line.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # multi-line plugin messages become one report line
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Ray ships exceptions between processes by pickling; the default would call __init__ with one argument.
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class Provenance:
+    """What preprocessing did to one image, stored per image in the manifest.
+
+    Attributes:
+        source_format: "dicom" or "png".
+        photometric: Photometric Interpretation (e.g. MONOCHROME1/MONOCHROME2), or "PNG8"/"PNG16".
+        modality_lut: "sequence", "rescale" or "none".
+        voi: "voi_lut_sequence", "window" or "percentile_fallback".
+        inverted: Whether MONOCHROME1 inversion was applied.
+        original_height: Rows of the decoded image.
+        original_width: Columns of the decoded image.
+        crop_box: (y0, x0, y1, x1) in original pixels, end-exclusive; the full image when no breast was found.
+        breast_found: Whether a breast region was found.
+        flipped: Whether the image was mirrored left-right so that the chest wall is on the left.
+        laterality_source: "argument", "tag", "image" or "tag_overridden_by_image" (a given laterality, from the
+            argument or the header, that the image contradicted clearly).
+    """
+
+    source_format: str
+    photometric: str
+    modality_lut: str
+    voi: str
+    inverted: bool
+    original_height: int
+    original_width: int
+    crop_box: tuple[int, int, int, int]
+    breast_found: bool
+    flipped: bool
+    laterality_source: str
+
+    def as_columns(self) -> dict[str, Any]:
+        """Flat manifest columns, each prefixed with "prep_"; the crop box becomes four integer columns."""
+        fields = asdict(self)
+        y0, x0, y1, x1 = (int(v) for v in fields.pop("crop_box"))
+        columns = {f"prep_{key}": value for key, value in fields.items()}
+        columns.update(prep_crop_y0=y0, prep_crop_x0=x0, prep_crop_y1=y1, prep_crop_x1=x1)
+        return columns
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def decode(path: str | Path) -> tuple[np.ndarray, Dataset | None]:
+    """Read the stored pixel values of a DICOM or PNG file.
+
+    The format is recognised from the content (PNG signature, DICOM "DICM" marker), not the file name; a file
+    with neither is tried as a DICOM without preamble before being rejected.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The raw stored pixels (no LUT applied; 2-D, or H×W×3 for colour DICOM) and the pydicom dataset, or
+        None for a PNG.
+
+    Raises:
+        ImageReadError: For any file that does not yield a non-empty single-frame image, with the reason.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open file: {exc.strerror or exc}") from exc
+    if not head:
+        raise ImageReadError(path, "file is empty")
+    try:
+        if head.startswith(_PNG_SIGNATURE):
+            return read_png(path), None
+        if head[128:132] == b"DICM":
+            return _decode_dicom(path, force=False)
+        if path.suffix.lower() == ".png":
+            raise ImageReadError(path, "named .png but has no PNG signature")
+        # Old ACR-NEMA style files have no preamble; force-reading anything else finds no Pixel Data and fails.
+        return _decode_dicom(path, force=True)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # corrupt header values surface lazily in pydicom; the caller needs one error type
+        raise ImageReadError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_dicom(path: Path, force: bool) -> tuple[np.ndarray, Dataset]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=force)
+        except Exception as exc:
+            raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    read_warnings = "; ".join(str(w.message) for w in caught)
+    if "PixelData" not in ds:
+        if not force or "Rows" in ds:
+            hint = f" (file truncated or corrupt: {read_warnings})" if read_warnings else ""
+            raise ImageReadError(path, f"DICOM file has no Pixel Data element{hint}")
+        raise ImageReadError(path, "neither a PNG nor a DICOM image (no PNG signature, no 'DICM' marker)")
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        # A tomosynthesis volume or a multi-frame export: refuse before decoding hundreds of frames.
+        raise ImageReadError(path, f"multi-frame image ({frames} frames); only 2-D mammograms are supported")
+    meta = ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        # Preamble-less files carry no meta header; pydicom knows the encoding it used to parse them.
+        implicit_vr, _ = ds.original_encoding
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr in (True, None) else ExplicitVRLittleEndian
+    syntax = meta.TransferSyntaxUID
+    pixels = None
+    errors = []
+    preferred = _PREFERRED_PLUGIN.get(syntax)
+    if preferred:
+        try:
+            ds.pixel_array_options(decoding_plugin=preferred)
+            pixels = ds.pixel_array
+        except Exception as exc:
+            errors.append(f"{preferred}: {exc}")
+            ds.pixel_array_options(decoding_plugin="")
+    if pixels is None:
+        try:
+            pixels = ds.pixel_array  # pydicom tries every installed plugin in turn
+        except Exception as exc:
+            errors.append(str(exc))
+            raise ImageReadError(path, f"pixel data could not be decoded ({syntax.name}): {'; '.join(errors)}") from exc
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if pixels.size == 0 or (rows and columns and tuple(pixels.shape[:2]) != (rows, columns)):
+        raise ImageReadError(path, f"decoded shape {pixels.shape} does not match Rows×Columns {rows}×{columns}")
+    return pixels, ds
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """Read a grayscale PNG as its stored values.
+
+    Args:
+        path: The file.
+
+    Returns:
+        uint8 for 8-bit images, uint16 for 16-bit ones. Colour or palette images are converted to luma (exact for
+        gray images saved as RGB).
+
+    Raises:
+        ImageReadError: If the file is not a readable PNG or its mode is unsupported.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("I;16", "I;16B", "I;16L"):
+                pixels = np.asarray(image).astype(np.uint16, copy=False)
+            elif mode == "I":
+                values = np.asarray(image)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise ImageReadError(path, "32-bit integer PNG values outside the 16-bit range")
+                pixels = values.astype(np.uint16)
+            elif mode == "L":
+                pixels = np.asarray(image, dtype=np.uint8)
+            elif mode in ("1", "LA", "P", "PA", "RGB", "RGBA"):
+                pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+            else:
+                raise ImageReadError(path, f"unsupported PNG mode {mode!r}")
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, f"not a readable PNG ({type(exc).__name__}: {exc})") from exc
+    if pixels.size == 0:
+        raise ImageReadError(path, "PNG has no pixels")
+    return np.array(pixels, copy=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grayscale pipeline (PS3.3 C.11)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def apply_modality_lut(pixels: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
+    """Map stored values to modality values (PS3.3 C.11.1).
+
+    Args:
+        pixels: Stored pixel values.
+        ds: The dataset, or None (no LUT: values pass through).
+
+    Returns:
+        float32 values and "sequence" (Modality LUT Sequence), "rescale" (Rescale Slope/Intercept) or "none".
+    """
+    if ds is not None:
+        sequence = _first_item(ds, "ModalityLUTSequence")
+        lut = _read_lut(sequence, ds) if sequence is not None else None
+        if lut is not None:
+            table, first_mapped, _ = lut
+            return _lookup(pixels, table, first_mapped), "sequence"
+        slope, intercept = _first_float(ds, "RescaleSlope"), _first_float(ds, "RescaleIntercept")
+        if slope is not None or intercept is not None:
+            slope = 1.0 if slope is None else slope
+            intercept = 0.0 if intercept is None else intercept
+            if slope != 0.0:  # a zero slope would flatten the image: a broken header, not a rescale
+                values = pixels.astype(np.float32)
+                if slope != 1.0:
+                    values *= np.float32(slope)
+                if intercept != 0.0:
+                    values += np.float32(intercept)
+                return values, "rescale"
+    return pixels.astype(np.float32), "none"
+
+
+def apply_voi(values: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
+    """Map modality values to [0, 1] (PS3.3 C.11.2), with a percentile fallback.
+
+    The first VOI LUT Sequence item wins; else the first Window Center/Width pair with its VOI LUT Function
+    (LINEAR by default, LINEAR_EXACT, SIGMOID); else the values between the 0.5th and 99.5th percentiles
+    (``PERCENTILE_FALLBACK``) are stretched to [0, 1] and the rest clipped.
+
+    Args:
+        values: Modality values (output of ``apply_modality_lut``).
+        ds: The dataset, or None (percentile fallback).
+
+    Returns:
+        float32 values in [0, 1] and "voi_lut_sequence", "window" or "percentile_fallback".
+    """
+    if ds is not None:
+        sequence = _first_item(ds, "VOILUTSequence")
+        lut = _read_lut(sequence, ds) if sequence is not None else None
+        if lut is not None:
+            table, first_mapped, bits = lut
+            # PS3.3 C.11.2.1.1: the output range is 0 .. 2^bits - 1. Some files understate the bit depth, so the
+            # table's own maximum wins when it is larger.
+            top = max(float(2**bits - 1), float(table.max()) if table.size else 0.0)
+            if top > 0:
+                return _lookup(values, table.astype(np.float32) / np.float32(top), first_mapped), "voi_lut_sequence"
+        center, width = _first_float(ds, "WindowCenter"), _first_float(ds, "WindowWidth")
+        function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+        if center is not None and width is not None:
+            windowed = _window(values, center, width, function)
+            if windowed is not None:
+                return windowed, "window"
+    return _percentile_window(values), "percentile_fallback"
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray | None:
+    """Window to [0, 1] with the PS3.3 C.11.2.1.2/C.11.2.1.3 formulas (y_min = 0, y_max = 1); None if invalid."""
+    out = values.astype(np.float32, copy=True)
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        out -= np.float32(center)
+        out *= np.float32(-4.0 / width)
+        with np.errstate(over="ignore"):  # exp overflows to inf far below the window, giving exactly 0
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.reciprocal(out, out=out)
+        return out
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            return None
+        out -= np.float32(center - width / 2.0)
+        out *= np.float32(1.0 / width)
+    else:  # LINEAR, also for unknown function names (C.11.2.1.2 is the default)
+        if width < 1:
+            return None
+        if width == 1:  # the two cut-offs coincide: a step at center - 0.5
+            return (out > np.float32(center - 0.5)).astype(np.float32)
+        out -= np.float32(center - 0.5 - (width - 1) / 2.0)
+        out *= np.float32(1.0 / (width - 1))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _percentile_window(values: np.ndarray) -> np.ndarray:
+    stride = max(1, int(math.sqrt(values.size / _PERCENTILE_SAMPLE)))
+    sample = values[::stride, ::stride] if values.ndim == 2 else values.ravel()[:: stride * stride]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return np.zeros(values.shape, np.float32)
+    low, high = (float(v) for v in np.percentile(sample, PERCENTILE_FALLBACK))
+    if not high > low:
+        # Mostly-constant images (e.g. 99.5 % background) still deserve their full range.
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if not high > low:
+        return np.zeros(values.shape, np.float32)
+    out = values.astype(np.float32, copy=True)
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    np.clip(out, 0.0, 1.0, out=out)  # NaN input stays NaN here; to_uint16 maps it to 0
+    return out
+
+
+def invert_if_monochrome1(values01: np.ndarray, photometric: str | None) -> tuple[np.ndarray, bool]:
+    """Invert MONOCHROME1 images so that high values are bright (PS3.3 C.7.6.3.1.2), after the VOI step.
+
+    Args:
+        values01: VOI output in [0, 1].
+        photometric: The Photometric Interpretation.
+
+    Returns:
+        The (possibly inverted) values and whether they were inverted.
+    """
+    if str(photometric or "").strip().upper() == "MONOCHROME1":
+        return np.float32(1.0) - values01.astype(np.float32, copy=False), True
+    return values01, False
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    try:
+        sequence = ds.get(keyword)
+        return sequence[0] if sequence else None
+    except Exception:
+        return None
+
+
+def _first_float(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a (possibly multi-valued) numeric tag, or None when absent or unparsable."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, MultiValue | list | tuple):
+            value = value[0]
+        number = float(value)
+    except Exception:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_lut(item: Dataset, ds: Dataset) -> tuple[np.ndarray, int, int] | None:
+    """A LUT item's table, first mapped value and output bits (PS3.3 C.11.1.1.1), or None if it is unusable."""
+    try:
+        entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+        element = item["LUTData"]
+        data = element.value
+        if isinstance(data, bytes | bytearray):
+            little = True
+            if getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta:
+                little = not ds.file_meta.TransferSyntaxUID.is_big_endian
+            table = np.frombuffer(data, dtype="<u2" if little else ">u2")
+        else:
+            table = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    except Exception:
+        return None
+    entries = entries or 65536  # PS3.3: 0 means 2^16 entries
+    if table.size == 0:
+        return None
+    table = table[:entries] if table.size >= entries else table
+    # The first mapped value is US or SS depending on Pixel Representation; pydicom may hand back the unsigned
+    # reading of a negative value.
+    if first_mapped >= 32768 and int(ds.get("PixelRepresentation") or 0) == 1:
+        first_mapped -= 65536
+    return table.astype(np.float32), first_mapped, max(1, min(bits, 32))
+
+
+def _lookup(values: np.ndarray, table: np.ndarray, first_mapped: int) -> np.ndarray:
+    """Index a LUT: inputs below the first mapped value take the first entry, above the last the last one."""
+    if values.dtype.kind == "f":
+        index = values - np.float32(first_mapped)
+        np.rint(index, out=index)
+    else:
+        index = values.astype(np.int64) - first_mapped
+    # mode="clip" does the below-first/above-last rule in the same pass; NaN casts to a huge negative index
+    # and so takes the first entry.
+    with np.errstate(invalid="ignore"):
+        index = index.astype(np.intp, copy=False)
+    return np.take(table.astype(np.float32, copy=False), index, mode="clip")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Breast region and orientation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Analysis:
+    """A downsampled copy of the image, its breast mask and the factors back to full resolution."""
+
+    small: np.ndarray
+    mask: np.ndarray
+    scale_y: float
+    scale_x: float
+    found: bool
+
+
+def _analyse(img01: np.ndarray) -> _Analysis:
+    """Downsample once and find the breast; shared by the crop, the mask and the side decision."""
+    height, width = img01.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"empty image of shape {img01.shape}")
+    long_side = max(height, width)
+    if long_side > _MASK_LONG_SIDE:
+        factor = _MASK_LONG_SIDE / long_side
+        small_w, small_h = max(1, round(width * factor)), max(1, round(height * factor))
+        source = np.ascontiguousarray(img01, dtype=np.float32)
+        small = cv2.resize(source, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    else:
+        small = np.array(img01, dtype=np.float32)
+    np.nan_to_num(small, copy=False, nan=0.0)
+    empty = np.zeros(small.shape, dtype=bool)
+    analysis = _Analysis(small, empty, height / small.shape[0], width / small.shape[1], False)
+    if min(height, width) < _MIN_SIDE_FOR_MASK or float(small.max() - small.min()) < _MIN_CONTRAST:
+        return analysis
+    # A 5×5 median first: pixel noise leaves pinholes in faint fat at a low threshold, and the opening below
+    # would grow every pinhole into a gap the size of its kernel. The median keeps edges sharp.
+    smooth = cv2.medianBlur(small, 5)
+    if float(smooth.max() - smooth.min()) < _MIN_CONTRAST:  # only isolated specks: nothing breast-sized
+        return analysis
+    otsu = _otsu_threshold(smooth)
+    background = float(np.percentile(smooth[smooth <= otsu], _BACKGROUND_PERCENTILE))
+    foreground = float(np.median(smooth[smooth > otsu]))
+    diameter = max(3, round(_OPEN_FRACTION * max(small.shape)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
+    strict = _largest_region(smooth, background + _STRICT_FRACTION * (foreground - background), kernel)
+    if strict is None:
+        return analysis
+    loose = _largest_region(smooth, background + _LOOSE_FRACTION * (foreground - background), kernel)
+    band = max(1, round(0.01 * small.shape[1]))
+    mask = strict
+    if loose is not None and (loose & strict).sum() >= 0.9 * strict.sum():
+        leaks = any(loose[:, edge].any() and not strict[:, edge].any() for edge in (slice(0, band), slice(-band, None)))
+        if not leaks:
+            mask = loose
+    analysis.mask = mask
+    analysis.found = True
+    return analysis
+
+
+def _largest_region(small: np.ndarray, threshold: float, kernel: np.ndarray) -> np.ndarray | None:
+    """Largest connected region above the threshold after an opening, its edges restored, holes filled."""
+    binary = (small > threshold).astype(np.uint8)
+    core = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
+    if not core.any():  # a small or thin image may vanish under the opening; use the raw threshold then
+        core = binary
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(core, connectivity=8)
+    if count <= 1:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[largest, cv2.CC_STAT_AREA] < _MIN_BREAST_FRACTION * small.size:
+        return None
+    component = (labels == largest).astype(np.uint8)
+    # Restore the breast's own edge pixels that the opening removed, without re-attaching distant strips.
+    restored = (component | (binary & cv2.dilate(component, kernel))).astype(bool)
+    return ndimage.binary_fill_holes(restored)
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 1024) -> float:
+    """Otsu's threshold on a float histogram (no 8-bit quantisation of the image itself)."""
+    low, high = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts, dtype=np.float64)
+    weight_high = weight_low[-1] - weight_low
+    mass_low = np.cumsum(counts * centers)
+    mass_high = mass_low[-1] - mass_low
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = weight_low * weight_high * (mass_low / weight_low - mass_high / weight_high) ** 2
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    return float(edges[1 + int(np.argmax(between))]) if between.size else (low + high) / 2
+
+
+def _crop_box(analysis: _Analysis, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    height, width = shape
+    if not analysis.found:
+        return (0, 0, height, width)
+    rows = np.flatnonzero(analysis.mask.any(axis=1))
+    cols = np.flatnonzero(analysis.mask.any(axis=0))
+    margin_y, margin_x = round(margin * height), round(margin * width)
+    y0 = max(0, math.floor(rows[0] * analysis.scale_y) - margin_y)
+    x0 = max(0, math.floor(cols[0] * analysis.scale_x) - margin_x)
+    y1 = min(height, math.ceil((rows[-1] + 1) * analysis.scale_y) + margin_y)
+    x1 = min(width, math.ceil((cols[-1] + 1) * analysis.scale_x) + margin_x)
+    return (y0, x0, y1, x1)
+
+
+def _side_score(analysis: _Analysis) -> float:
+    """Score in [-1, 1]: positive when the chest wall is on the left edge, negative when on the right.
+
+    Half of it is the intensity-weighted mass balance between the left and right halves (the breast is widest
+    and the pectoral muscle brightest at the chest wall); half is how much more of the left edge column band
+    than of the right one the breast touches (the chest wall runs along the image edge, the nipple rarely does).
+    """
+    small = analysis.small
+    weights = small * analysis.mask if analysis.found else small
+    total = float(weights.sum())
+    if total <= 0:
+        return 0.0
+    columns = weights.sum(axis=0)
+    half = columns.size / 2
+    left = float(columns[: int(math.floor(half))].sum())
+    right = float(columns[int(math.ceil(half)) :].sum())
+    mass_balance = (left - right) / total
+    if not analysis.found:
+        return mass_balance
+    band = max(1, round(0.02 * small.shape[1]))
+    edge_balance = float(analysis.mask[:, :band].any(axis=1).mean() - analysis.mask[:, -band:].any(axis=1).mean())
+    return 0.5 * mass_balance + 0.5 * edge_balance
+
+
+def breast_mask(img01: np.ndarray) -> np.ndarray:
+    """Mask of the breast: threshold of a downsampled copy, opening, largest connected component, holes filled.
+
+    Two thresholds are tried, 25 % and 10 % of the way from the background level to the foreground level (both
+    estimated around Otsu's threshold); the lower one wins unless its region leaks to a left/right image edge
+    that the higher one does not reach. See ``_STRICT_FRACTION`` for why not Otsu itself.
+
+    Args:
+        img01: Image in [0, 1], bright anatomy bright.
+
+    Returns:
+        Boolean mask of the image's shape; all False when no breast is found (blank or tiny images).
+    """
+    analysis = _analyse(img01)
+    if not analysis.found:
+        return np.zeros(img01.shape, dtype=bool)
+    height, width = img01.shape
+    return cv2.resize(analysis.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def crop_to_breast(
+    img01: np.ndarray, margin: float = DEFAULT_MARGIN
+) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
+    """Crop to the bounding box of the breast mask plus a margin.
+
+    Args:
+        img01: Image in [0, 1].
+        margin: Margin added on each side, as a fraction of the image height (top/bottom) and width (left/right).
+
+    Returns:
+        The cropped view, the box (y0, x0, y1, x1) in input pixels (end-exclusive) and whether a breast was
+        found. Without a breast the full image and box come back.
+    """
+    analysis = _analyse(img01)
+    y0, x0, y1, x1 = box = _crop_box(analysis, img01.shape, margin)
+    return img01[y0:y1, x0:x1], box, analysis.found
+
+
+def breast_side(img01: np.ndarray) -> str:
+    """Which image edge the chest wall lies on, from the image alone.
+
+    Args:
+        img01: Image in [0, 1], bright anatomy bright.
+
+    Returns:
+        "L" when the chest wall (and most breast mass) is on the left edge, "R" when on the right; "L" when the
+        image does not tell (a blank or symmetric image).
+    """
+    return "L" if _side_score(_analyse(img01)) >= 0 else "R"
+
+
+def orient(img01: np.ndarray, laterality: str | None) -> tuple[np.ndarray, bool, str]:
+    """Mirror the image if needed so that the chest wall lies on the left edge.
+
+    A left breast is stored with its chest wall on the left edge and a right breast on the right edge (the
+    usual back-to-back hanging), so a given laterality decides, unless the image clearly says otherwise.
+
+    Args:
+        img01: Image in [0, 1], bright anatomy bright.
+        laterality: "L"/"R" (also "left"/"right"), or None to decide from the image.
+
+    Returns:
+        The (possibly mirrored) image, whether it was mirrored, and the source of the decision: "tag" (the given
+        laterality), "image", or "tag_overridden_by_image".
+    """
+    flip, source = _decide_flip(_side_score(_analyse(img01)), _normalise_laterality(laterality), "tag")
+    # A copy, not a negative-stride view: torch.from_numpy and OpenCV refuse those.
+    return (np.ascontiguousarray(img01[:, ::-1]) if flip else img01), flip, source
+
+
+def _decide_flip(score: float, laterality: str | None, given_by: str) -> tuple[bool, str]:
+    image_side = "L" if score >= 0 else "R"
+    if laterality is None:
+        return image_side == "R", "image"
+    if image_side != laterality and abs(score) >= _CLEAR_SIDE_SCORE:
+        return image_side == "R", "tag_overridden_by_image"
+    return laterality == "R", given_by
+
+
+def _normalise_laterality(value: object) -> str | None:
+    """Map tag or manifest spellings to "L"/"R"; None for missing, NaN, "B" (both), "U" (unpaired) and the like."""
+    if value is None or not isinstance(value, str):
+        return None
+    text = value.strip().upper()
+    if text in ("L", "LEFT"):
+        return "L"
+    if text in ("R", "RIGHT"):
+        return "R"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resizing and output
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be two positive integers (H, W), got {size!r}")
+    return height, width
+
+
+def _resize_keep_aspect(img01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    target_h, target_w = size
+    height, width = img01.shape
+    scale = min(target_h / height, target_w / width)
+    new_h = min(target_h, max(1, round(height * scale)))
+    new_w = min(target_w, max(1, round(width * scale)))
+    if (new_h, new_w) == (height, width):
+        return np.array(img01, dtype=np.float32)
+    # INTER_AREA averages every source pixel (anti-aliased) when shrinking; when enlarging it degrades to
+    # nearest-neighbour, so bilinear is used there.
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    source = img01 if img01.dtype == np.float32 and img01.strides[-1] == 4 else img01.astype(np.float32)
+    if source.strides[0] < 0 or source.strides[1] < 0:
+        source = np.ascontiguousarray(source)
+    return cv2.resize(source, (new_w, new_h), interpolation=interpolation)
+
+
+def _pad_left_anchored(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    target_h, target_w = size
+    out = np.zeros((target_h, target_w), dtype=np.float32)
+    top = (target_h - img.shape[0]) // 2  # centred vertically, flush with the left (chest wall) edge
+    out[top : top + img.shape[0], : img.shape[1]] = img
+    return out
+
+
+def resize_pad(img01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize keeping the aspect ratio, then pad with 0 to H×W.
+
+    The image touches the left edge (where ``orient`` puts the chest wall) and is centred vertically; the free
+    space, if any, is on the right (beyond the nipple) or above and below.
+
+    Args:
+        img01: Image in [0, 1].
+        size: (H, W) of the output.
+
+    Returns:
+        float32 array of shape (H, W).
+    """
+    size = _check_size(size)
+    return _pad_left_anchored(_resize_keep_aspect(img01, size), size)
+
+
+def to_uint16(img01: np.ndarray) -> np.ndarray:
+    """Quantise [0, 1] to the full uint16 range (values outside are clipped, NaN becomes 0).
+
+    Args:
+        img01: Image in [0, 1].
+
+    Returns:
+        uint16 array of the same shape.
+    """
+    out = np.nan_to_num(np.asarray(img01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(out, 0.0, 1.0, out=out)
+    out *= np.float32(65535.0)
+    out += np.float32(0.5)
+    return out.astype(np.uint16)
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """SHA-1 of a preprocessed uint16 image's bytes (little-endian, C order), to find duplicates across splits.
+
+    Args:
+        pixels: uint16 image as returned by ``preprocess_file``/``preprocess_array``.
+
+    Returns:
+        40 hex digits.
+    """
+    if pixels.dtype.kind != "u" or pixels.dtype.itemsize != 2:
+        raise TypeError(f"pixel_hash expects a uint16 array, got {pixels.dtype}")
+    return hashlib.sha1(np.ascontiguousarray(pixels, dtype="<u2").tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_gray(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 2:
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        rgb = pixels[..., :3].astype(np.float32)
+        return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        return pixels[..., 0]
+    raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
+
+
+def preprocess_array(
+    pixels: np.ndarray,
+    ds_or_none: Dataset | None,
+    size: tuple[int, int],
+    laterality: str | None = None,
+    photometric: str | None = None,
+) -> tuple[np.ndarray, Provenance]:
+    """Run the whole pipeline on decoded pixels.
+
+    Steps: modality LUT, VOI (or the percentile fallback), MONOCHROME1 inversion, breast crop, flip to put the
+    chest wall on the left, aspect-preserving resize with zero padding, uint16. The mask and the side decision
+    come from one downsampled copy; the flip is applied after resizing, where it costs nothing.
+
+    Args:
+        pixels: Stored pixel values (as from ``decode``).
+        ds_or_none: The DICOM dataset, or None for PNG/array input.
+        size: (H, W) of the output.
+        laterality: "L"/"R" from the manifest; overrides the header's ImageLaterality and Laterality.
+        photometric: Overrides the dataset's Photometric Interpretation. Without a dataset it defaults to
+            "PNG8" for uint8 input (taken as already windowed: its full 0–255 range is the window), "PNG16" for
+            uint16 input (percentile fallback) and "MONOCHROME2" otherwise.
+
+    Returns:
+        The uint16 image of shape ``size`` and its ``Provenance``.
+    """
+    size = _check_size(size)
+    gray = _to_gray(np.asarray(pixels))
+    if gray.size == 0:
+        raise ValueError("empty image")
+    ds = ds_or_none
+    if photometric is None:
+        if ds is not None:
+            photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
+        else:
+            photometric = {np.dtype(np.uint8): "PNG8", np.dtype(np.uint16): "PNG16"}.get(gray.dtype, "MONOCHROME2")
+    if gray.dtype.kind == "f" and not np.isfinite(gray).all():
+        gray = np.nan_to_num(gray, nan=0.0, posinf=0.0, neginf=0.0)
+
+    values, modality = apply_modality_lut(gray, ds)
+    if ds is None and photometric == "PNG8":
+        img01, voi = values * np.float32(1.0 / 255.0), "window"
+    else:
+        img01, voi = apply_voi(values, ds)
+    del values
+    img01, inverted = invert_if_monochrome1(img01, photometric)
+
+    analysis = _analyse(img01)
+    y0, x0, y1, x1 = _crop_box(analysis, img01.shape, DEFAULT_MARGIN)
+
+    given, given_by = _normalise_laterality(laterality), "argument"
+    if given is None and ds is not None:
+        given = _normalise_laterality(ds.get("ImageLaterality")) or _normalise_laterality(ds.get("Laterality"))
+        given_by = "tag"
+    flip, laterality_source = _decide_flip(_side_score(analysis), given, given_by)
+
+    resized = _resize_keep_aspect(img01[y0:y1, x0:x1], size)
+    if flip:
+        resized = resized[:, ::-1]
+    out = to_uint16(_pad_left_anchored(resized, size))
+    provenance = Provenance(
+        source_format="dicom" if ds is not None else "png",
+        photometric=photometric,
+        modality_lut=modality,
+        voi=voi,
+        inverted=inverted,
+        original_height=int(gray.shape[0]),
+        original_width=int(gray.shape[1]),
+        crop_box=(int(y0), int(x0), int(y1), int(x1)),
+        breast_found=analysis.found,
+        flipped=flip,
+        laterality_source=laterality_source,
+    )
+    return out, provenance
+
+
+def preprocess_file(
+    path: str | Path, size: tuple[int, int], laterality: str | None = None
+) -> tuple[np.ndarray, Provenance]:
+    """Decode a DICOM or PNG file and run ``preprocess_array`` on it.
+
+    Args:
+        path: The file.
+        size: (H, W) of the output.
+        laterality: "L"/"R" from the manifest, or None to use the header, then the image.
+
+    Returns:
+        The uint16 image of shape ``size`` and its ``Provenance``.
+
+    Raises:
+        ImageReadError: For any file that cannot be decoded or preprocessed, naming the file and the reason.
+    """
+    pixels, ds = decode(path)
+    try:
+        return preprocess_array(pixels, ds, size, laterality=laterality)
+    except Exception as exc:
+        raise ImageReadError(path, f"preprocessing failed ({type(exc).__name__}: {exc})") from exc

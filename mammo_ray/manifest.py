@@ -1,0 +1,170 @@
+"""Manifests: one Parquet row per image, validated before any Ray resource is taken.
+
+Columns (DESIGN.md "Manifests"): ``image_id, path, label, patient_id, exam_id, laterality, view,
+dataset, split``, optional ``age, density, manufacturer, birads``. Manifests written by ``prepare``
+also carry the pixel-cache location (``cache_file, cache_offset, cache_nbytes``) and the
+preprocessing provenance (``prep_*``). Relative paths are relative to the manifest's own folder,
+so a prepared folder can move between machines or onto shared storage as one piece.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ("image_id", "path", "label", "patient_id", "exam_id", "laterality", "view", "dataset")
+OPTIONAL = ("split", "age", "density", "manufacturer", "birads")
+CACHE_COLUMNS = ("cache_file", "cache_offset", "cache_nbytes")
+# Columns that travel through the Ray Data pipeline into the workers (pixels are added there).
+STREAM_COLUMNS = ("image_id", "path", "label", "patient_id", "exam_id", "laterality", "view", "dataset")
+SPLITS = ("train", "valid", "test")
+_REMOTE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "http://", "https://")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trained on; the message names the file, the rows or the patients."""
+
+
+def _examples(values, limit: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return f"{shown}{more}"
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(_REMOTE)
+
+
+def _resolve(base: Path, value: object) -> object:
+    if not isinstance(value, str) or not value or is_remote(value) or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
+    """Read a manifest (Parquet, or CSV with the same columns) and resolve its relative paths.
+
+    Args:
+        path: the manifest file.
+        role: ``train``/``valid``/``test``; fills ``split`` when the file has none and keeps only
+            that split's rows when the file holds several.
+
+    Raises:
+        ManifestError: unreadable file or missing columns, naming them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # pyarrow and pandas raise many types for a bad file
+        raise ManifestError(f"manifest {path}: cannot read it ({type(err).__name__}: {err})") from err
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
+        )
+    if role is not None:
+        if "split" not in frame.columns:
+            frame["split"] = role
+        elif frame["split"].nunique() > 1:
+            frame = frame[frame["split"] == role]
+            if frame.empty:
+                raise ManifestError(f"manifest {path}: no rows with split == {role!r}")
+    base = path.parent.resolve()
+    frame = frame.reset_index(drop=True).copy()
+    for column in ("path", "cache_file"):
+        if column in frame.columns:
+            frame[column] = [_resolve(base, v) for v in frame[column]]
+    for column in ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset"):
+        frame[column] = frame[column].astype(str)
+    frame.attrs["source"] = str(path)
+    return frame
+
+
+def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = True, use_cache: bool = True) -> None:
+    """Check labels, ids and files of one manifest.
+
+    Raises:
+        ManifestError: naming the bad rows (first examples and a count).
+    """
+    if frame.empty:
+        raise ManifestError(f"manifest {source}: no rows")
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    bad = frame.index[~labels.isin([0, 1])]
+    if len(bad):
+        rows = [f"row {i} (image_id {frame.at[i, 'image_id']}, label {frame.at[i, 'label']!r})" for i in bad[:5]]
+        raise ManifestError(f"manifest {source}: {len(bad)} label(s) outside {{0, 1}}: {'; '.join(rows)}")
+    dup = frame["image_id"][frame["image_id"].duplicated()].unique()
+    if len(dup):
+        raise ManifestError(f"manifest {source}: {len(dup)} duplicate image_id(s): {_examples(dup)}")
+    for column in ("patient_id", "path"):
+        empty = frame.index[frame[column].isna() | (frame[column].astype(str).str.len() == 0)]
+        if len(empty):
+            raise ManifestError(f"manifest {source}: {len(empty)} row(s) with empty {column}: rows {_examples(empty)}")
+    if not check_files:
+        return
+    cached = use_cache and all(c in frame.columns for c in CACHE_COLUMNS) and frame["cache_file"].notna().all()
+    column = "cache_file" if cached else "path"
+    local = [p for p in frame[column].unique() if not is_remote(p)]
+    missing = [p for p in local if not Path(p).exists()]
+    if missing:
+        what = "pixel-cache shard(s)" if cached else "image file(s)"
+        raise ManifestError(f"manifest {source}: {len(missing)} missing {what}, e.g. {_examples(missing, 3)}")
+
+
+def check_overlap(frames: dict[str, pd.DataFrame]) -> None:
+    """Refuse splits that share a patient, an exam or an image id.
+
+    Raises:
+        ManifestError: naming the shared patients (and the splits they are in).
+    """
+    roles = list(frames)
+    for i, first in enumerate(roles):
+        for second in roles[i + 1 :]:
+            for column, what in (("patient_id", "patient"), ("exam_id", "exam"), ("image_id", "image")):
+                shared = sorted(set(frames[first][column]) & set(frames[second][column]))
+                if shared:
+                    raise ManifestError(
+                        f"{len(shared)} {what}(s) appear in both {first} and {second} "
+                        f"({frames[first].attrs.get('source', first)} / {frames[second].attrs.get('source', second)}): "
+                        f"{_examples(shared, 10)}. Patient-level splits are required; refusing to train."
+                    )
+            if "pixel_hash" in frames[first].columns and "pixel_hash" in frames[second].columns:
+                shared = sorted(set(frames[first]["pixel_hash"].dropna()) & set(frames[second]["pixel_hash"].dropna()))
+                if shared:
+                    ids = frames[first].loc[frames[first]["pixel_hash"].isin(shared), "image_id"]
+                    raise ManifestError(
+                        f"{len(shared)} identical image(s) (same pixels) in both {first} and {second}: "
+                        f"{_examples(ids, 10)}. Refusing to train."
+                    )
+
+
+def load_manifests(
+    paths: dict[str, str | Path | None], *, check_files: bool = True, use_cache: bool = True
+) -> dict[str, pd.DataFrame]:
+    """Read and validate the train/valid/test manifests that are given, and check them for leaks."""
+    frames = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        frame = read_manifest(path, role)
+        validate_manifest(frame, str(path), check_files=check_files, use_cache=use_cache)
+        frames[role] = frame
+    check_overlap(frames)
+    return frames
+
+
+def has_cache(frame: pd.DataFrame) -> bool:
+    return all(c in frame.columns for c in CACHE_COLUMNS) and bool(frame["cache_file"].notna().all())
+
+
+def summary(frame: pd.DataFrame) -> dict[str, int]:
+    return {
+        "n_images": len(frame),
+        "n_positive": int(frame["label"].sum()),
+        "n_patients": int(frame["patient_id"].nunique()),
+        "n_exams": int(frame["exam_id"].nunique()),
+    }

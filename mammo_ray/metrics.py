@@ -1,0 +1,759 @@
+"""Evaluation metrics for screening-mammography classifiers: pure functions plus a thin gatherer.
+
+Every function takes plain arrays or a predictions frame with the columns of ``val_predictions.csv``
+(``image_id, patient_id, exam_id, laterality, view, dataset, label, prob, aleatoric, epistemic``) and
+does no I/O. ``compute_metrics`` assembles the ``metrics.json`` block of one split (DESIGN.md, "Outputs");
+``gather_predictions`` is the only part that knows about distributed training: each rank scores its
+own shard, the shards are gathered, and the metrics are computed once on the whole split.
+
+Conventions:
+    * ``prob >= threshold`` is a positive call, at every threshold.
+    * A metric that is undefined on the data (AUC with one class present, sensitivity without
+      positives) is ``NaN`` from the pure functions and never a made-up 0.5 or 0; in the JSON-ready
+      dicts it becomes ``None`` with a ``<name>_reason`` sentence beside it.
+
+References:
+    * ROC-AUC is the Mann-Whitney U statistic with ties counted one half, which equals the
+      trapezoidal area under the empirical ROC curve (scikit-learn's ``roc_auc_score``).
+    * PR-AUC is average precision, ``sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds, as in
+      scikit-learn's ``average_precision_score`` (no trapezoidal interpolation, which is optimistic).
+    * Youden's J (Youden, 1950, "Index for rating diagnostic tests", Cancer 3:32-35) picks the
+      threshold maximising sensitivity + specificity - 1.
+    * pF1 is the probabilistic F-beta of the RSNA Screening Mammography Breast Cancer Detection
+      competition (Kaggle, 2023; the organisers' ``pfbeta`` reference code): probabilities clipped
+      to [0, 1] count as fractional true and false positives, ``P = sum(p | y=1) / sum(p)``,
+      ``R = sum(p | y=1) / #positives``, ``pF_beta = (1 + b^2) P R / (b^2 P + R)``.
+    * ECE is the expected calibration error of Naeini, Cooper & Hauskrecht (2015, "Obtaining well
+      calibrated probabilities using Bayesian binning", AAAI) with equal-width bins on the
+      positive-class probability: ``sum_b |B_b|/n * |mean(y in B_b) - mean(p in B_b)|``.
+    * Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani, 1993) that
+      resample patients, not images, because the images of one patient are correlated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = (
+    "image_id",
+    "patient_id",
+    "exam_id",
+    "laterality",
+    "view",
+    "dataset",
+    "label",
+    "prob",
+    "aleatoric",
+    "epistemic",
+)
+BREAST_KEYS = ("patient_id", "laterality", "exam_id")
+DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
+DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
+DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
+BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def labels_and_scores(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Check labels and scores the way every metric here does, and return them as arrays.
+
+    Returns:
+        Labels as a bool array and scores as float64.
+
+    Raises:
+        ValueError: Lengths differ, a label is not 0/1, or a score is NaN or infinite (a broken
+            model, not an undefined metric).
+    """
+    y = np.asarray(labels, dtype=float).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} != {s.size}")
+    bad = ~np.isin(y, (0.0, 1.0))
+    if bad.any():
+        raise ValueError(f"labels must be 0 or 1; found {int(bad.sum())} other values, e.g. {y[bad][:3].tolist()}")
+    nonfinite = ~np.isfinite(s)
+    if nonfinite.any():
+        raise ValueError(f"{int(nonfinite.sum())} of {s.size} scores are NaN or infinite")
+    return y == 1.0, s
+
+
+def _probabilities(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    y, p = labels_and_scores(labels, probs)
+    if p.size and (p.min() < 0.0 or p.max() > 1.0):
+        raise ValueError(f"probabilities must lie in [0, 1]; got range [{p.min():.4g}, {p.max():.4g}]")
+    return y, p
+
+
+def _distinct_threshold_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thresholds (distinct scores, descending) with true and false positive counts at ``s >= t``."""
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_run]
+    fps = last_of_run + 1 - tps
+    return s_sorted[last_of_run], tps, fps
+
+
+def _auc_unchecked(y: np.ndarray, s: np.ndarray) -> float:
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(s)  # average ranks: a tied positive/negative pair counts one half
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _average_precision_unchecked(y: np.ndarray, s: np.ndarray) -> float:
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan
+    _, tps, fps = _distinct_threshold_counts(y, s)
+    precision = tps / (tps + fps)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _spec_key(specificity: float) -> str:
+    """``0.9`` -> ``"0.90"``, ``0.987`` -> ``"0.987"``: at least two decimals, no trailing noise."""
+    whole, _, frac = f"{specificity:.4f}".rstrip("0").partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def _threshold_key(threshold: float) -> str:
+    return f"{threshold:g}"
+
+
+def _clean(value: Any) -> float | None:
+    """A JSON-ready number: Python float, or None for NaN/inf."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _put(out: dict[str, Any], key: str, value: float, reason: str | None) -> None:
+    """Store ``value`` under ``key``; an undefined value becomes None with ``<key>_reason`` beside it."""
+    cleaned = _clean(value)
+    out[key] = cleaned
+    if cleaned is None:
+        out[f"{key}_reason"] = reason or "undefined on this data"
+
+
+def _reason(n: int, n_pos: int, *, need_pos: bool, need_neg: bool, unit: str, what: str, scope: str) -> str | None:
+    """The sentence explaining why a metric needing positives and/or negatives is undefined."""
+    if n == 0:
+        return f"undefined: no {unit} in {scope}"
+    if need_pos and n_pos == 0:
+        return f"undefined: no positive {what} in {scope} (n_{unit}={n})"
+    if need_neg and n_pos == n:
+        return f"undefined: no negative {what} in {scope} (n_{unit}={n})"
+    return None
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"predictions frame lacks columns {missing}; it has {list(frame.columns)}")
+
+
+# ---------------------------------------------------------------------------------------- pure metrics
+
+
+def roc_auc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve.
+
+    Args:
+        labels: 0/1 ground truth.
+        scores: Real-valued scores; higher means more likely positive.
+
+    Returns:
+        The AUC, or NaN when only one class (or nothing) is present. Never 0.5 by default and never
+        an exception for a one-class split.
+    """
+    y, s = labels_and_scores(labels, scores)
+    return _auc_unchecked(y, s)
+
+
+def pr_auc(labels: Any, scores: Any) -> float:
+    """Average precision (area under the precision-recall curve, step-wise).
+
+    Returns:
+        Average precision, NaN when there are no positives. With positives only it is 1.0.
+    """
+    y, s = labels_and_scores(labels, scores)
+    return _average_precision_unchecked(y, s)
+
+
+def sens_spec_at(labels: Any, scores: Any, threshold: float) -> tuple[float, float]:
+    """Sensitivity and specificity when ``score >= threshold`` is called positive.
+
+    Returns:
+        ``(sensitivity, specificity)``; sensitivity is NaN without positives, specificity NaN
+        without negatives.
+    """
+    y, s = labels_and_scores(labels, scores)
+    called = s >= threshold
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    sensitivity = float(called[y].sum() / n_pos) if n_pos else math.nan
+    specificity = float((~called[~y]).sum() / n_neg) if n_neg else math.nan
+    return sensitivity, specificity
+
+
+def youden_threshold(labels: Any, scores: Any) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 (Youden, 1950).
+
+    The candidates are the distinct observed scores. Among tied maxima the highest threshold wins,
+    the more specific choice, which matters in screening where recalls are costly.
+
+    Returns:
+        The threshold, or NaN when one class is absent.
+    """
+    y, s = labels_and_scores(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    thresholds, tps, fps = _distinct_threshold_counts(y, s)
+    youden_j = tps / n_pos - fps / n_neg
+    return float(thresholds[int(np.argmax(youden_j))])  # argmax returns the first, i.e. highest, threshold
+
+
+def threshold_at_specificity(labels: Any, scores: Any, specificity: float) -> float:
+    """Smallest threshold whose specificity is at least ``specificity``.
+
+    The smallest such threshold gives the highest sensitivity at that specificity. Candidates are the
+    distinct observed scores; when no observed score reaches the target (e.g. a target of 1.0 with a
+    negative holding the top score), the next float above the maximum score is returned.
+
+    Returns:
+        The threshold, or NaN when there are no negatives.
+    """
+    if not 0.0 <= specificity <= 1.0:
+        raise ValueError(f"specificity must lie in [0, 1], got {specificity}")
+    y, s = labels_and_scores(labels, scores)
+    negatives = np.sort(s[~y])
+    if negatives.size == 0:
+        return math.nan
+    candidates = np.unique(s)
+    # Specificity at t is the share of negatives strictly below t; it never decreases with t.
+    spec = np.searchsorted(negatives, candidates, side="left") / negatives.size
+    reached = spec >= specificity - 1e-12  # tolerance: 987/1000 must count as 0.987
+    if reached.any():
+        return float(candidates[int(np.argmax(reached))])
+    return float(np.nextafter(candidates[-1], np.inf))
+
+
+def breast_level(frame: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
+    """Aggregate image predictions to one row per breast (patient x laterality x exam).
+
+    Args:
+        frame: Predictions frame.
+        agg: ``"mean"`` or ``"max"`` over the breast's images for ``prob``. The label is always the
+            maximum: a breast is positive if any of its images is.
+
+    Returns:
+        Columns ``patient_id, laterality, exam_id, label, prob, n_images`` and ``dataset`` when present.
+    """
+    if agg not in ("mean", "max"):
+        raise ValueError(f"agg must be 'mean' or 'max', got {agg!r}")
+    _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
+    # dropna=False: a missing exam_id still forms a group rather than silently vanishing.
+    grouped = frame.groupby(list(BREAST_KEYS), sort=True, dropna=False)
+    out = grouped.agg(label=("label", "max"), prob=("prob", agg), n_images=("prob", "size"))
+    if "dataset" in frame.columns:
+        out["dataset"] = grouped["dataset"].first()
+    return out.reset_index()
+
+
+def pf1(labels: Any, probs: Any, beta: float = 1.0) -> float:
+    """Probabilistic F-beta of the RSNA screening mammography competition.
+
+    Probabilities are clipped to [0, 1] as in the competition's reference code.
+
+    Returns:
+        pF-beta; NaN without positives (recall is undefined); 0.0 when the positives all score 0.
+    """
+    y, p = labels_and_scores(labels, probs)
+    p = np.clip(p, 0.0, 1.0)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan
+    soft_tp = float(p[y].sum())
+    soft_fp = float(p[~y].sum())
+    if soft_tp == 0.0:
+        return 0.0  # recall is 0, as the reference code returns
+    precision = soft_tp / (soft_tp + soft_fp)
+    recall = soft_tp / n_pos
+    beta_sq = beta * beta
+    return float((1.0 + beta_sq) * precision * recall / (beta_sq * precision + recall))
+
+
+def calibration_bins(labels: Any, probs: Any, n_bins: int = 10) -> pd.DataFrame:
+    """Equal-width reliability bins on [0, 1], as used by ``ece`` and the reliability plot.
+
+    Bin k holds ``k/n_bins <= p < (k+1)/n_bins``; the last bin also holds p = 1.
+
+    Returns:
+        One row per bin: ``bin_lower, bin_upper, count, mean_prob, fraction_positive`` (NaN when empty).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    y, p = _probabilities(labels, probs)
+    index = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    prob_sum = np.bincount(index, weights=p, minlength=n_bins)
+    pos_sum = np.bincount(index, weights=y.astype(float), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.where(count > 0, prob_sum / count, np.nan)
+        fraction_positive = np.where(count > 0, pos_sum / count, np.nan)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return pd.DataFrame(
+        {
+            "bin_lower": edges[:-1],
+            "bin_upper": edges[1:],
+            "count": count,
+            "mean_prob": mean_prob,
+            "fraction_positive": fraction_positive,
+        }
+    )
+
+
+def ece(labels: Any, probs: Any, n_bins: int = 10) -> float:
+    """Expected calibration error with equal-width bins (Naeini et al., 2015).
+
+    Returns:
+        ECE in [0, 1], NaN for empty input. Defined with one class present.
+    """
+    bins = calibration_bins(labels, probs, n_bins)
+    total = int(bins["count"].sum())
+    if total == 0:
+        return math.nan
+    filled = bins[bins["count"] > 0]
+    gaps = (filled["fraction_positive"] - filled["mean_prob"]).abs()
+    return float((filled["count"] / total * gaps).sum())
+
+
+def brier(labels: Any, probs: Any) -> float:
+    """Brier score, the mean squared difference between probability and label; NaN for empty input."""
+    y, p = _probabilities(labels, probs)
+    if y.size == 0:
+        return math.nan
+    return float(np.mean((p - y) ** 2))
+
+
+def referral_curve(
+    labels: Any, probs: Any, uncertainty: Any, fractions: Sequence[float] = DEFAULT_REFERRAL_FRACTIONS
+) -> pd.DataFrame:
+    """AUC of the cases that remain after deferring the most uncertain fraction to a human reader.
+
+    Deferred counts are ``round(fraction * n)``; ties in uncertainty keep the input order.
+
+    Args:
+        labels: 0/1 ground truth.
+        probs: Predicted probabilities.
+        uncertainty: One finite uncertainty per case; larger means less certain.
+        fractions: Fractions to defer, each in [0, 1].
+
+    Returns:
+        Columns ``fraction, n_deferred, n_retained, n_positive_retained, auc`` (NaN when the retained
+        cases hold one class).
+    """
+    y, s = labels_and_scores(labels, probs)
+    u = np.asarray(uncertainty, dtype=float).ravel()
+    if u.shape != y.shape:
+        raise ValueError(f"uncertainty has {u.size} values for {y.size} cases")
+    if not np.isfinite(u).all():
+        raise ValueError(f"{int((~np.isfinite(u)).sum())} uncertainty values are NaN or infinite")
+    order = np.argsort(-u, kind="stable")  # most uncertain first
+    rows = []
+    for fraction in fractions:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"referral fractions must lie in [0, 1], got {fraction}")
+        n_deferred = min(y.size, math.floor(fraction * y.size + 0.5))
+        kept = order[n_deferred:]
+        rows.append(
+            {
+                "fraction": float(fraction),
+                "n_deferred": n_deferred,
+                "n_retained": int(kept.size),
+                "n_positive_retained": int(y[kept].sum()),
+                "auc": _auc_unchecked(y[kept], s[kept]),
+            }
+        )
+    return pd.DataFrame(rows, columns=["fraction", "n_deferred", "n_retained", "n_positive_retained", "auc"])
+
+
+# ----------------------------------------------------------------------------------------- bootstrap
+
+
+class _PatientClusters:
+    """Row indices of each patient, to draw patients with replacement and expand them to rows.
+
+    Patients are ordered by their id as text, so a given seed draws the same patients whatever the
+    row order of the frame.
+    """
+
+    def __init__(self, patient_ids: Any) -> None:
+        codes, uniques = pd.factorize(pd.Series(np.asarray(patient_ids, dtype=object)).astype(str), sort=True)
+        self.patients = np.asarray(uniques)
+        self.rows_by_patient = np.argsort(codes, kind="stable")
+        self.counts = np.bincount(codes, minlength=len(uniques))
+        self.starts = np.r_[0, np.cumsum(self.counts)[:-1]]
+
+    def expand(self, drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the drawn patients, and for each row the draw it belongs to (its new cluster id)."""
+        lengths = self.counts[drawn]
+        draw_of_row = np.repeat(np.arange(drawn.size), lengths)
+        offset_in_patient = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        rows = self.rows_by_patient[np.repeat(self.starts[drawn], lengths) + offset_in_patient]
+        return rows, draw_of_row
+
+
+def _patient_draws(n_patients: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield rng.integers(0, n_patients, size=n_patients)
+
+
+def _percentile_interval(values: Sequence[float], level: float) -> list[float | None]:
+    if len(values) < 2:
+        return [None, None]
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(np.asarray(values, dtype=float), [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+def _check_bootstrap_args(n: int, level: float) -> None:
+    if n < 1:
+        raise ValueError(f"number of bootstrap resamples must be positive, got {n}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must lie in (0, 1), got {level}")
+
+
+def bootstrap_ci(
+    frame: pd.DataFrame,
+    metric_fn: Callable[[pd.DataFrame], float],
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float | None]:
+    """Percentile bootstrap confidence interval that resamples patients (clusters), not images.
+
+    Each resample draws as many patients as the frame holds, with replacement, and keeps all images
+    of every drawn patient together. A patient drawn twice appears twice with two distinct
+    ``patient_id`` values (the draw number), so breast-level aggregation inside ``metric_fn`` counts
+    the copies as separate breasts. Resamples on which ``metric_fn`` is undefined (NaN or None, e.g.
+    AUC with one class) are skipped; how many is logged.
+
+    Args:
+        frame: Predictions frame with a ``patient_id`` column.
+        metric_fn: Maps a resampled frame to a number.
+        n: Number of resamples.
+        seed: Seed of the patient draws; the same seed gives the same interval.
+        level: Coverage of the interval.
+
+    Returns:
+        ``[low, high]``, or ``[None, None]`` when fewer than two resamples gave a defined value.
+    """
+    _check_bootstrap_args(n, level)
+    _require_columns(frame, ("patient_id",))
+    if len(frame) == 0:
+        return [None, None]
+    clusters = _PatientClusters(frame["patient_id"])
+    values: list[float] = []
+    for drawn in _patient_draws(clusters.patients.size, n, seed):
+        rows, draw_of_row = clusters.expand(drawn)
+        resample = frame.iloc[rows].reset_index(drop=True)
+        resample["patient_id"] = draw_of_row
+        value = metric_fn(resample)
+        if value is not None and math.isfinite(float(value)):
+            values.append(float(value))
+    if len(values) < n:
+        logger.info(
+            "bootstrap: %d of %d patient resamples gave an undefined metric and were skipped", n - len(values), n
+        )
+    return _percentile_interval(values, level)
+
+
+def _bootstrap_split(
+    frame: pd.DataFrame, breasts: pd.DataFrame, n: int, seed: int, level: float
+) -> tuple[dict[str, list[float | None]], dict[str, int]]:
+    """Intervals for AUC, PR-AUC and breast AUC from one shared set of patient draws.
+
+    Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
+    breast rows are resampled with their patient, which equals aggregating the resampled images.
+    """
+    y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
+    y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
+    image_clusters = _PatientClusters(frame["patient_id"])
+    breast_clusters = _PatientClusters(breasts["patient_id"])
+    assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
+    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
+    for drawn in _patient_draws(image_clusters.patients.size, n, seed):
+        rows, _ = image_clusters.expand(drawn)
+        breast_rows, _ = breast_clusters.expand(drawn)
+        sample = {
+            "auc": _auc_unchecked(y_img[rows], s_img[rows]),
+            "pr_auc": _average_precision_unchecked(y_img[rows], s_img[rows]),
+            "auc_breast": _auc_unchecked(y_br[breast_rows], s_br[breast_rows]),
+        }
+        for name, value in sample.items():
+            if math.isfinite(value):
+                values[name].append(value)
+    intervals = {name: _percentile_interval(vals, level) for name, vals in values.items()}
+    skipped = {name: n - len(vals) for name, vals in values.items()}
+    return intervals, skipped
+
+
+# ------------------------------------------------------------------------------------ split metrics
+
+
+def _split_metrics(
+    frame: pd.DataFrame,
+    *,
+    threshold: float,
+    breast_agg: str,
+    specificities: Sequence[float],
+    scope: str,
+    bootstrap: int = 0,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
+    y, s = labels_and_scores(frame["label"], frame["prob"])
+    n, n_pos = int(y.size), int(y.sum())
+    breasts = breast_level(frame, breast_agg)
+    y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
+    n_br, n_pos_br = int(y_br.size), int(y_br.sum())
+
+    def why(need_pos: bool, need_neg: bool, breast: bool = False) -> str | None:
+        if breast:
+            return _reason(
+                n_br, n_pos_br, need_pos=need_pos, need_neg=need_neg, unit="breasts", what="breasts", scope=scope
+            )
+        return _reason(n, n_pos, need_pos=need_pos, need_neg=need_neg, unit="images", what="cases", scope=scope)
+
+    intervals: dict[str, list[float | None]] = {}
+    skipped: dict[str, int] = {}
+    if bootstrap:
+        _check_bootstrap_args(bootstrap, level)
+        if n:
+            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level)
+
+    out: dict[str, Any] = {}
+
+    def put_ci(name: str, point_defined: bool, point_reason: str | None) -> None:
+        if not bootstrap:
+            return
+        key = f"{name}_ci95"
+        interval = intervals.get(name, [None, None])
+        if not point_defined:
+            out[key] = None
+            out[f"{key}_reason"] = point_reason or "undefined on this data"
+        elif interval[0] is None:
+            valid = bootstrap - skipped.get(name, bootstrap)
+            out[key] = None
+            out[f"{key}_reason"] = (
+                f"undefined: only {valid} of {bootstrap} patient resamples gave a defined {name} (need at least 2)"
+            )
+        else:
+            out[key] = interval
+
+    auc_value = _auc_unchecked(y, s)
+    _put(out, "auc", auc_value, why(True, True))
+    put_ci("auc", math.isfinite(auc_value), why(True, True))
+    pr_value = _average_precision_unchecked(y, s)
+    _put(out, "pr_auc", pr_value, why(True, False))
+    put_ci("pr_auc", math.isfinite(pr_value), why(True, False))
+
+    sens, spec = sens_spec_at(y, s, threshold)
+    key = _threshold_key(threshold)
+    _put(out, f"sensitivity@{key}", sens, why(True, False))
+    _put(out, f"specificity@{key}", spec, why(False, True))
+
+    youden = youden_threshold(y, s)
+    sens, spec = sens_spec_at(y, s, youden) if math.isfinite(youden) else (math.nan, math.nan)
+    _put(out, "sensitivity@youden", sens, why(True, True))
+    _put(out, "specificity@youden", spec, why(True, True))
+    _put(out, "threshold@youden", youden, why(True, True))
+
+    for target in specificities:
+        cut = threshold_at_specificity(y, s, target)
+        sens = sens_spec_at(y, s, cut)[0] if math.isfinite(cut) else math.nan
+        _put(out, f"sensitivity@spec{_spec_key(target)}", sens, why(True, True))
+
+    auc_breast = _auc_unchecked(y_br, s_br)
+    _put(out, "auc_breast", auc_breast, why(True, True, breast=True))
+    put_ci("auc_breast", math.isfinite(auc_breast), why(True, True, breast=True))
+    _put(out, "pf1_breast", pf1(y_br, s_br), why(True, False, breast=True))
+    _put(out, "ece", ece(y, s) if n else math.nan, why(False, False))
+    _put(out, "brier", brier(y, s) if n else math.nan, why(False, False))
+    out["n_images"] = n
+    out["n_positive"] = n_pos
+    if bootstrap:
+        out["bootstrap"] = {
+            "method": "percentile",
+            "resampling_unit": "patient_id",
+            "n_resamples": int(bootstrap),
+            "seed": int(seed),
+            "level": float(level),
+            "skipped": {name: int(skipped.get(name, bootstrap)) for name in BOOTSTRAP_METRICS},
+        }
+    return out
+
+
+def compute_split_metrics(
+    frame: pd.DataFrame,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    breast_agg: str = "mean",
+    specificities: Sequence[float] = DEFAULT_SPECIFICITIES,
+) -> dict[str, Any]:
+    """All ``metrics.json`` numbers for one split (or subset), JSON-ready.
+
+    Args:
+        frame: Predictions frame.
+        threshold: Fixed operating point; keys are named after it (``sensitivity@0.3``).
+        breast_agg: ``"mean"`` or ``"max"`` aggregation of image probabilities per breast.
+        specificities: Targets for ``sensitivity@spec<target>``.
+
+    Returns:
+        ``auc, pr_auc, sensitivity@0.3, specificity@0.3, sensitivity@youden, specificity@youden,
+        threshold@youden, sensitivity@spec0.90, sensitivity@spec0.987, auc_breast, pf1_breast, ece,
+        brier, n_images, n_positive``. Undefined values are None with a ``<name>_reason`` sentence.
+    """
+    return _split_metrics(
+        frame, threshold=threshold, breast_agg=breast_agg, specificities=specificities, scope="this split"
+    )
+
+
+def compute_metrics(
+    frame: pd.DataFrame,
+    *,
+    bootstrap: int = 0,
+    seed: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    breast_agg: str = "mean",
+    specificities: Sequence[float] = DEFAULT_SPECIFICITIES,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Split metrics overall and per dataset, with optional patient-bootstrap confidence intervals.
+
+    With ``bootstrap=n`` each level (overall and every dataset) gains ``auc_ci95``, ``pr_auc_ci95``
+    and ``auc_breast_ci95`` as ``[low, high]``: percentile intervals over ``n`` resamples of
+    patients drawn with replacement (seeded by ``seed``), and a ``bootstrap`` entry recording the
+    method and how many resamples were skipped because the metric was undefined on them (one class).
+
+    Args:
+        frame: Predictions frame.
+        bootstrap: Number of patient resamples; 0 turns the intervals off.
+        seed: Seed of the resampling.
+        threshold: Fixed operating point.
+        breast_agg: ``"mean"`` or ``"max"``.
+        specificities: Targets for ``sensitivity@spec<target>``.
+        level: Coverage of the intervals.
+
+    Returns:
+        The overall metrics plus ``by_dataset: {dataset: {same keys}}``.
+    """
+    options = {
+        "threshold": threshold,
+        "breast_agg": breast_agg,
+        "specificities": specificities,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "level": level,
+    }
+    result = _split_metrics(frame, scope="this split", **options)
+    by_dataset: dict[str, Any] = {}
+    if "dataset" in frame.columns:
+        for name, subset in frame.groupby("dataset", sort=True, dropna=False):
+            label = "unknown" if pd.isna(name) else str(name)
+            by_dataset[label] = _split_metrics(subset, scope=f"dataset {label}", **options)
+    result["by_dataset"] = by_dataset
+    return result
+
+
+def thresholds_table(
+    frame: pd.DataFrame,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    specificities: Sequence[float] = DEFAULT_SPECIFICITIES,
+) -> dict[str, dict[str, Any]]:
+    """Operating points for ``thresholds.json``.
+
+    Returns:
+        ``{"0.3": ..., "youden": ..., "spec0.90": ..., "spec0.987": ...}``, each
+        ``{"threshold", "sensitivity", "specificity"}``; undefined values are None and the entry
+        then carries a ``reason``.
+    """
+    _require_columns(frame, ("label", "prob"))
+    y, s = labels_and_scores(frame["label"], frame["prob"])
+    n, n_pos = int(y.size), int(y.sum())
+
+    def why(need_pos: bool, need_neg: bool) -> str | None:
+        return _reason(n, n_pos, need_pos=need_pos, need_neg=need_neg, unit="images", what="cases", scope="this split")
+
+    def entry(cut: float, threshold_reason: str | None) -> dict[str, Any]:
+        sens, spec = sens_spec_at(y, s, cut) if math.isfinite(cut) else (math.nan, math.nan)
+        row: dict[str, Any] = {"threshold": _clean(cut), "sensitivity": _clean(sens), "specificity": _clean(spec)}
+        reasons = []
+        if row["threshold"] is None:
+            reasons.append(threshold_reason)
+        else:
+            if row["sensitivity"] is None:
+                reasons.append(why(True, False))
+            if row["specificity"] is None:
+                reasons.append(why(False, True))
+        reasons = [r for r in dict.fromkeys(reasons) if r]
+        if reasons:
+            row["reason"] = "; ".join(reasons)
+        return row
+
+    table = {
+        _threshold_key(threshold): entry(threshold, None),
+        "youden": entry(youden_threshold(y, s), why(True, True)),
+    }
+    for target in specificities:
+        table[f"spec{_spec_key(target)}"] = entry(threshold_at_specificity(y, s, target), why(False, True))
+    return table
+
+
+# -------------------------------------------------------------------------------------------- gather
+
+
+def gather_predictions(local_frame: pd.DataFrame) -> pd.DataFrame:
+    """Collect every rank's predictions so that metrics are computed once on the whole split.
+
+    Under an initialised ``torch.distributed`` process group this is a collective: every rank must
+    call it, and every rank gets the full frame. Otherwise it returns the local frame. Either way
+    the result is deduplicated by ``image_id`` (distributed samplers pad shards with repeated
+    images to equal length) and sorted by ``image_id``, so it does not depend on the sharding.
+    """
+    frames = [local_frame]
+    # A process group needs torch.distributed imported; checking sys.modules avoids importing torch
+    # (seconds) in processes that only evaluate CSV files.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        # all_gather_object pickles the frame; with nccl it goes through the current CUDA device,
+        # which the training loop has set for this rank.
+        dist.all_gather_object(gathered, local_frame)
+        frames = [f for f in gathered if f is not None]
+    non_empty = [f for f in frames if len(f)] or frames[:1]
+    frame = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0].copy()
+    frame = frame.drop_duplicates(subset="image_id", keep="first")
+    return frame.sort_values("image_id", kind="stable").reset_index(drop=True)

@@ -1,0 +1,372 @@
+"""The sweep: ``python -m mammo_ray.tune --space FILE``.
+
+Ray Tune runs one function trial per sampled configuration; each trial builds and fits a
+``TorchTrainer`` (Train V2: ``Tuner(trainer)`` is gone) whose workers report once per epoch through
+``TuneReportCallback``. Optuna's TPE (seeded, SQLite study at ``results/<name>/optuna.db`` for
+optuna-dashboard) proposes configurations behind a concurrency limit, and ASHA stops weak trials on
+the per-epoch validation metric, with ``time_attr="epoch"`` so its rungs survive ``--resume``.
+At the end the sweep writes ``leaderboard.csv`` and the sweep plots, and exports the best trial's
+best epoch to ``results/<name>/best/``.
+
+This is the only module that builds a Tuner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mammo_ray import config as config_mod
+from mammo_ray import io, manifest
+from mammo_ray.export import TRAIN_RUNS
+
+
+def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The space section as Tune distributions (OptunaSearch converts them to Optuna's)."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        kind = spec["type"]
+        if kind == "loguniform":
+            out[key] = tune.loguniform(spec["low"], spec["high"])
+        elif kind == "uniform":
+            out[key] = tune.uniform(spec["low"], spec["high"])
+        elif kind == "int":
+            # Tune's randint excludes the upper bound; the space file's int range includes it.
+            out[key] = tune.randint(int(spec["low"]), int(spec["high"]) + 1)
+        elif kind == "choice":
+            out[key] = tune.choice(spec["values"])
+        elif kind == "grid":
+            out[key] = tune.grid_search(spec["values"])
+    return out
+
+
+def trial_function(
+    params: dict[str, Any], *, base: dict[str, Any], manifests: dict[str, str | None], experiment_dir: str
+) -> None:
+    """One trial: the base config plus this trial's parameters, fitted by a TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mammo_ray import train
+
+    cfg = config_mod.from_dict(base, source="sweep config", overrides=params)
+    frames = manifest.load_manifests(manifests, check_files=False, use_cache=cfg.data.use_cache)
+    storage = str(Path(experiment_dir) / TRAIN_RUNS)
+    # A fixed Train run name per trial lets a restarted trial (--resume, max_failures) find its checkpoints.
+    run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
+    config_mod.save(cfg, Path(storage) / run_name / "config.yaml")
+    trainer = train.make_trainer(cfg, frames, run_name=run_name, storage_path=storage, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.metrics and result.metrics.get("nonfinite_loss"):
+        raise train.NonFiniteLossError(
+            f"non-finite training loss in epoch {result.metrics.get('epoch')} (lr {cfg.train.lr:.3g})"
+        )
+
+
+def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment_dir: Path):
+    """The Tune trainable, with the small trial actor that only drives a TorchTrainer."""
+    from ray import tune
+
+    base = cfg.to_dict()
+    base["space"] = {}
+    trainable = tune.with_parameters(trial_function, base=base, manifests=manifests, experiment_dir=str(experiment_dir))
+    return tune.with_resources(trainable, {"cpu": cfg.resources.trial_cpus})
+
+
+def make_searcher(cfg: config_mod.Config, experiment_dir: Path):
+    """Seeded Optuna TPE with its study in SQLite (optuna-dashboard reads it), or seeded random search."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if cfg.search.searcher == "random":
+        return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=cfg.resources.max_concurrent_trials)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(url=f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+    searcher = OptunaSearch(
+        metric=cfg.search.metric,
+        mode=cfg.search.mode,
+        sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
+        storage=storage,
+        study_name=cfg.name,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.resources.max_concurrent_trials)
+
+
+def make_scheduler(cfg: config_mod.Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.search.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.train.epochs,
+        grace_period=min(cfg.search.grace_period, cfg.train.epochs),
+        reduction_factor=cfg.search.reduction_factor,
+    )
+
+
+def make_tuner(cfg: config_mod.Config, manifests: dict[str, str | None], results: Path, storage: str | None = None):
+    from ray import tune
+
+    experiment_dir = experiment_path(cfg, results, storage)
+    return tune.Tuner(
+        make_trainable(cfg, manifests, experiment_dir),
+        param_space=tune_space(cfg.space),
+        tune_config=tune.TuneConfig(
+            metric=cfg.search.metric,
+            mode=cfg.search.mode,
+            search_alg=make_searcher(cfg, experiment_dir),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.search.num_samples,
+            max_concurrent_trials=cfg.resources.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=str(storage or results.resolve()),
+            # Retries happen inside each trial's TorchTrainer (resources.max_failures); a trial that still
+            # fails is recorded and the sweep goes on.
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def experiment_path(cfg: config_mod.Config, results: Path, storage: str | None = None) -> Path:
+    return Path(storage) / cfg.name if storage else results.resolve() / cfg.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def _stop_reason(result, cfg: config_mod.Config, epochs: int) -> str:
+    if result.error is not None:
+        first = str(result.error).strip().splitlines()
+        text = next((line for line in reversed(first) if "Error" in line), first[-1] if first else "error")
+        return f"error: {text[:300]}"
+    if epochs >= cfg.train.epochs:
+        return "completed"
+    return "early_stopped (asha)" if cfg.search.scheduler == "asha" else "stopped"
+
+
+def leaderboard(result_grid, cfg: config_mod.Config) -> pd.DataFrame:
+    """One row per trial: id, status, why it stopped, epochs, searched keys, best and last metric."""
+    metric = cfg.search.metric
+    rows = []
+    for result in result_grid:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        values = pd.to_numeric(history[metric], errors="coerce") if metric in history else pd.Series(dtype=float)
+        epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+        config = result.config or {}
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        row = {
+            "trial_id": trial_id,
+            "status": "ERROR" if result.error is not None else "TERMINATED",
+            "stop_reason": _stop_reason(result, cfg, epochs),
+            "epochs": epochs,
+        }
+        for key in cfg.space:
+            row[key] = config.get(key)
+        best = values.max() if cfg.search.mode == "max" else values.min()
+        row[f"{metric}_best"] = None if values.dropna().empty else float(best)
+        row[f"{metric}_last"] = None if values.dropna().empty else float(values.dropna().iloc[-1])
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values(f"{metric}_best", ascending=cfg.search.mode == "min", na_position="last")
+    return frame.reset_index(drop=True)
+
+
+def sweep_plots(experiment_dir: Path, study_name: str) -> list[Path]:
+    import optuna
+
+    from mammo_ray import plots
+
+    db = experiment_dir / "optuna.db"
+    if not db.is_file():
+        return []
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db.resolve()}")
+    out = experiment_dir / "plots"
+    return [
+        plots.plot_sweep_history(study, out / "sweep_history.png"),
+        plots.plot_param_importance(study, out / "param_importance.png"),
+        plots.plot_parallel_coordinates(study, out / "parallel_coordinates.png"),
+    ]
+
+
+def summary_table(board: pd.DataFrame, cfg: config_mod.Config) -> str:
+    metric = cfg.search.metric
+    columns = ["trial_id", "status", "stop_reason", "epochs", *cfg.space.keys(), f"{metric}_best"]
+    shown = board[[c for c in columns if c in board.columns]].copy()
+    for column in shown.columns:
+        if shown[column].dtype.kind == "f":
+            shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4g}")
+    return shown.to_string(index=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mammo-ray tune", description="Run a hyper-parameter sweep on Ray.")
+    parser.add_argument("--space", required=True, help="space file: a path, or a name looked up in search_spaces/")
+    parser.add_argument("--train", help="training manifest")
+    parser.add_argument("--valid", help="validation manifest")
+    parser.add_argument("--test", help="test manifest (scored by the exported best model)")
+    parser.add_argument("--name", help="sweep name (default: the space file's name)")
+    parser.add_argument("--results", default="results", help="output root (default: results/)")
+    parser.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://host:10001")
+    parser.add_argument("--storage", help="shared storage for multi-node runs (s3://, gs:// or an NFS path)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (default 127.0.0.1)")
+    parser.add_argument("--num-samples", type=int, help="number of trials")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same name")
+    parser.add_argument("--smoke-test", action="store_true", help="two trials, one epoch, a handful of images, CPU")
+    parser.add_argument("--dry-run", action="store_true", help="print config, space and resource plan; no Ray")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def dry_run_text(cfg: config_mod.Config) -> str:
+    from mammo_ray import train
+
+    plan = train.resources_plan(cfg)
+    return (
+        "# resolved config\n"
+        + config_mod.dump(cfg)
+        + "\n# search space\n"
+        + (yaml.safe_dump(cfg.space, sort_keys=False) if cfg.space else "{}  # nothing searched\n")
+        + "\n# resources per trial\n"
+        + yaml.safe_dump(plan, sort_keys=False)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mammo_ray import cli
+
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    try:
+        overrides = dict(config_mod.parse_override(item) for item in args.set)
+        if args.name:
+            overrides["name"] = args.name
+        if args.num_samples:
+            overrides["search.num_samples"] = args.num_samples
+        cfg = config_mod.load(args.space, overrides)
+        if args.smoke_test:
+            cli.apply_smoke_test(cfg)
+            if args.num_samples:
+                cfg.search.num_samples = args.num_samples
+        if args.dry_run:
+            print(dry_run_text(cfg))
+            return 0
+        cli.check_data_given(cfg, args)
+    except (config_mod.ConfigError, cli.DataMissingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = Path(args.results)
+    experiment_dir = experiment_path(cfg, results, args.storage)
+    if experiment_dir.exists() and not args.resume:
+        if not args.overwrite:
+            print(
+                f"error: {experiment_dir} already holds a sweep named {cfg.name!r}; pass --resume to continue it, "
+                "--overwrite to replace it, or --name for a new one",
+                file=sys.stderr,
+            )
+            return 2
+        shutil.rmtree(experiment_dir)
+    return run_sweep(cfg, args, results, experiment_dir)
+
+
+def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path) -> int:
+    from ray import tune
+
+    from mammo_ray import cli, export
+
+    started = time.perf_counter()
+    try:
+        ray_info = cli.start_ray(address=args.address, dashboard_host=args.dashboard_host, verbose=args.verbose)
+        check_storage(args)
+        frames = cli.resolve_data(cfg, args)
+    except (manifest.ManifestError, cli.DataMissingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    manifests = {role: frame.attrs.get("path") for role, frame in frames.items()}
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, experiment_dir / "config.yaml")
+    io.atomic_write_json(experiment_dir / "manifests.json", manifests)
+    for role, frame in frames.items():
+        counts = manifest.summary(frame)
+        print(f"{role}: {counts['n_images']} images, {counts['n_positive']} positive, {counts['n_patients']} patients")
+
+    trainable = make_trainable(cfg, manifests, experiment_dir)
+    if args.resume and tune.Tuner.can_restore(str(experiment_dir)):
+        print(f"resuming the sweep in {experiment_dir}")
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, restart_errored=True)
+    else:
+        tuner = make_tuner(cfg, manifests, results, args.storage)
+    grid = tuner.fit()
+
+    board = leaderboard(grid, cfg)
+    io.atomic_write_csv(experiment_dir / "leaderboard.csv", board)
+    try:
+        sweep_plots(experiment_dir, cfg.name)
+    except Exception as err:  # plots never cost the sweep's results
+        print(f"warning: sweep plots failed: {err}", file=sys.stderr)
+    print("\n" + summary_table(board, cfg))
+    try:
+        checkpoint = export.best_checkpoint(experiment_dir, cfg.search.metric, cfg.search.mode)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: nothing to export: {err}", file=sys.stderr)
+        return 1
+    bundle = export.export_bundle(
+        checkpoint, experiment_dir / "best", cfg, frames, sweep_info={"metric": cfg.search.metric}
+    )
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    val_auc = metrics["val"].get("auc")
+    elapsed = time.perf_counter() - started
+    print(f"\nbest trial: {Path(checkpoint).parent.name}, epoch {metrics['selected'].get('epoch')}")
+    ci = metrics["val"].get("auc_ci95") or [None, None]
+    auc_text = "n/a" if val_auc is None else f"{val_auc:.3f}"
+    ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and ci[0] is not None else ""
+    print(f"best validation AUC: {auc_text}{ci_text}")
+    if "test" in metrics and metrics["test"].get("auc") is not None:
+        print(f"test AUC of the exported model: {metrics['test']['auc']:.3f}")
+    print(f"bundle: {bundle}")
+    print(f"leaderboard: {experiment_dir / 'leaderboard.csv'}   optuna study: {experiment_dir / 'optuna.db'}")
+    if ray_info.get("dashboard_url"):
+        print(f"Ray dashboard: {ray_info['dashboard_url']} (while this process runs)")
+    print(f"sweep time: {elapsed:.0f} s")
+    return 0
+
+
+def check_storage(args) -> None:
+    """Multi-node sweeps need shared storage: refuse a local results folder on a multi-node cluster."""
+    import ray
+
+    if args.storage or not args.address:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ValueError(
+            f"the cluster at {args.address} has {len(nodes)} nodes but results would go to the local folder "
+            f"{args.results}: pass --storage s3://…, gs://… or a shared NFS path so every node can write checkpoints"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,404 @@
+"""Checks the launch files in cluster/ with the rules Ray and KubeRay apply to them.
+
+Ray cluster-launcher YAMLs (aws.yaml, gcp.yaml) go through Ray's own validator, the one `ray up` runs:
+``validate_config(prepare_config(cfg))`` from ``ray.autoscaler._private.util``. ``prepare_config`` is
+offline: it merges the provider's ``defaults.yaml`` shipped in the wheel, merges the setup commands and
+fills per-node-type min/max workers. Everything that needs the cloud (IAM roles, key pairs, subnets,
+``describe_instance_types``) lives in the provider's ``bootstrap_config``, which these tests never call.
+The ``offline`` fixture makes any socket use an error, so that stays true.
+
+KubeRay manifests (kuberay-raycluster.yaml, kuberay-rayjob.yaml) are checked against the fields KubeRay's
+CRDs (ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml) require, and then fed to
+``_derive_autoscaling_config_from_ray_cr``: the function the Ray autoscaler runs inside a KubeRay head pod
+to turn a RayCluster into its config, which ends in the same ``validate_config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+LAUNCHERS = {"aws": "s3", "gcp": "gs"}  # launcher file stem -> storage URI scheme
+KUBERAY = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"]
+# Command lists that must be written out: prepare_config fills a missing top-level key from the provider's
+# defaults.yaml (a shallow merge), whose setup_commands install a nightly Ray wheel where `ray` is missing
+# and whose start commands bind the dashboard to 0.0.0.0.
+EXPLICIT_COMMAND_LISTS = [
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+]
+# A Train worker holds its CPUs for a whole trial; Ray Data only gets what is left on the node. With at
+# least 4 CPUs per GPU, one worker per GPU can take 2 CPUs and still leave whole CPUs for Data.
+MIN_CPUS_PER_GPU = 4
+PLACEHOLDER = re.compile(r"REPLACE_ME_[A-Z_]+")
+
+
+def _ray_version() -> str:
+    """Ray version the project is built against: the lower bound of the ray requirement in pyproject."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_requirement,) = [d for d in dependencies if re.match(r"ray(\[|>|=|$)", d)]
+    return re.search(r">=\s*([0-9][0-9.]*)", ray_requirement).group(1)
+
+
+RAY_VERSION = _ray_version()
+IMAGE = re.compile(rf"^rayproject/ray(-ml)?:{re.escape(RAY_VERSION)}-py311-cu12\d$")
+
+
+def _load(name: str) -> Any:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _load_all(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((CLUSTER / name).read_text()) if doc is not None]
+
+
+def _ray_doc(name: str) -> dict[str, Any]:
+    (doc,) = [d for d in _load_all(name) if d.get("apiVersion", "").startswith("ray.io/")]
+    return doc
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def _as_ray_cluster(doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayCluster that KubeRay creates for `doc` (a RayCluster already, or the one inside a RayJob)."""
+    metadata = {"name": doc["metadata"]["name"], "namespace": doc["metadata"].get("namespace", "default")}
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": metadata, "spec": _cluster_spec(doc)}
+
+
+def _ray_container(group: dict[str, Any]) -> dict[str, Any]:
+    """KubeRay treats the first container of a group's pod template as the Ray container."""
+    return group["template"]["spec"]["containers"][0]
+
+
+def _gpu_count(container: dict[str, Any], section: str = "limits") -> int:
+    return int(container.get("resources", {}).get(section, {}).get("nvidia.com/gpu", 0))
+
+
+def _shell_text(config: dict[str, Any], key: str) -> str:
+    return "\n".join(config.get(key, []))
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails any attempt to open a network connection or resolve a host name."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# --- Ray cluster launcher -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem", sorted(LAUNCHERS))
+def test_launcher_passes_ray_validator(stem: str, offline: None) -> None:
+    validate_config(prepare_config(_load(f"{stem}.yaml")))
+
+
+@pytest.mark.parametrize("stem", sorted(LAUNCHERS))
+def test_launcher_node_types(stem: str) -> None:
+    config = prepare_config(_load(f"{stem}.yaml"))
+    assert config["provider"]["type"] == stem
+    node_types = config["available_node_types"]
+    head = node_types[config["head_node_type"]]
+    assert head["resources"]["GPU"] == 0, "the head must declare 0 GPUs, or GPU trials could land on it"
+    assert head["resources"]["CPU"] >= 8, "the head runs the Tune driver and Ray Data tasks"
+
+    gpus_per_worker_type = {}
+    for name, node_type in node_types.items():
+        if name == config["head_node_type"]:
+            continue
+        resources = node_type["resources"]
+        assert resources.get("GPU", 0) >= 1, f"{name}: worker types must declare their GPUs"
+        assert resources["CPU"] >= MIN_CPUS_PER_GPU * resources["GPU"], f"{name}: too few CPUs for Ray Data"
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"]
+        gpus_per_worker_type[name] = resources["GPU"]
+    assert sorted(gpus_per_worker_type.values()) == [1, 8], "expected one 1-GPU and one 8-GPU node type"
+
+
+@pytest.mark.parametrize("stem", sorted(LAUNCHERS))
+def test_launcher_commands(stem: str) -> None:
+    raw = _load(f"{stem}.yaml")
+    missing = [key for key in EXPLICIT_COMMAND_LISTS if key not in raw]
+    assert not missing, f"Ray would fill these from its defaults.yaml: {missing}"
+
+    config = prepare_config(raw)
+    head_start = _shell_text(config, "head_start_ray_commands")
+    worker_start = _shell_text(config, "worker_start_ray_commands")
+    # DESIGN: the dashboard binds to 127.0.0.1; users reach it with `ray dashboard <yaml>` (SSH forward).
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+    for text in (head_start, worker_start):
+        assert "RAY_AUTH_MODE=token" in text
+    # Ray must see every CPU of a GPU node; the space file's cpus_per_worker leaves some for Ray Data.
+    assert "--num-cpus" not in worker_start
+    assert "mammo_ray" in _shell_text(config, "setup_commands")
+    assert f"ray[data,train,tune,default]=={RAY_VERSION}" in _shell_text(config, "setup_commands")
+    assert IMAGE.match(config["docker"]["image"]), config["docker"]["image"]
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize(("stem", "scheme"), sorted(LAUNCHERS.items()))
+def test_launcher_storage_is_a_bucket(stem: str, scheme: str) -> None:
+    assert _load(f"{stem}.yaml")["metadata"]["storage_uri"].startswith(f"{scheme}://")
+
+
+def _misspell_top_level_key(config: dict[str, Any]) -> None:
+    config["head_start_ray_comands"] = config.pop("head_start_ray_commands")
+
+
+def _misspell_node_type_key(config: dict[str, Any]) -> None:
+    gpu_1x = config["available_node_types"]["gpu_1x"]
+    gpu_1x["min_worker"] = gpu_1x.pop("min_workers")
+
+
+def _fractional_gpu(config: dict[str, Any]) -> None:
+    config["available_node_types"]["gpu_1x"]["resources"]["GPU"] = 0.5
+
+
+def _unknown_head_type(config: dict[str, Any]) -> None:
+    config["head_node_type"] = "ray.head.default"
+
+
+def _min_workers_over_global_max(config: dict[str, Any]) -> None:
+    config["available_node_types"]["gpu_1x"]["min_workers"] = config["max_workers"] + 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (_misspell_top_level_key, jsonschema.ValidationError, "'head_start_ray_comands' was unexpected"),
+        (_misspell_node_type_key, jsonschema.ValidationError, "'min_worker' was unexpected"),
+        (_fractional_gpu, jsonschema.ValidationError, "0.5 is not of type 'integer'"),
+        (_unknown_head_type, ValueError, "head_node_type"),
+        (_min_workers_over_global_max, ValueError, "max_workers"),
+    ],
+    ids=lambda value: value.__name__.lstrip("_") if callable(value) else None,
+)
+def test_ray_validator_rejects_broken_copies_of_aws_yaml(
+    mutate: Any, error: type[Exception], message: str, offline: None
+) -> None:
+    config = copy.deepcopy(_load("aws.yaml"))
+    mutate(config)
+    with pytest.raises(error, match=re.escape(message)):
+        validate_config(prepare_config(config))
+
+
+# --- KubeRay --------------------------------------------------------------------------------------------
+
+
+def _kuberay_problems(doc: dict[str, Any]) -> list[str]:
+    """Fields KubeRay's CRDs require or that this project relies on, as a list of what is wrong."""
+    problems = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        problems.append("apiVersion must be ray.io/v1")
+    if not doc.get("metadata", {}).get("name"):
+        problems.append("metadata.name is required")
+    if doc.get("kind") == "RayJob":
+        spec = doc.get("spec", {})
+        if not spec.get("entrypoint"):
+            problems.append("spec.entrypoint is required")
+        if "rayClusterSpec" not in spec:
+            return [*problems, "spec.rayClusterSpec is required"]
+    cluster = _cluster_spec(doc)
+    annotations = doc.get("metadata", {}).get("annotations", {})
+    overwrite_command = annotations.get("ray.io/overwrite-container-cmd") == "true"
+
+    if cluster.get("rayVersion") != RAY_VERSION:
+        problems.append(f"rayVersion must be {RAY_VERSION}")
+    if cluster.get("authOptions", {}).get("mode") != "token":
+        problems.append("authOptions.mode must be token")
+
+    head = cluster.get("headGroupSpec", {})
+    groups = [("headGroupSpec", head)] + [
+        (f"workerGroupSpecs[{i}]", group) for i, group in enumerate(cluster.get("workerGroupSpecs", []))
+    ]
+    if not isinstance(head.get("rayStartParams"), dict):
+        problems.append("headGroupSpec.rayStartParams is required")
+    if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
+        problems.append("the head Service must stay ClusterIP without an Ingress")
+    if not cluster.get("workerGroupSpecs"):
+        problems.append("at least one GPU worker group is required")
+
+    for where, group in groups:
+        containers = group.get("template", {}).get("spec", {}).get("containers", [])
+        if not containers:
+            problems.append(f"{where}.template.spec.containers is required")
+            continue
+        ray_container = containers[0]  # KubeRay treats the first container as the Ray container
+        for field in ("name", "image"):
+            if not ray_container.get(field):
+                problems.append(f"{where}.template.spec.containers[0].{field} is required")
+        if not IMAGE.match(ray_container.get("image", "")):
+            problems.append(f"{where}: image {ray_container.get('image')!r} does not match rayVersion")
+        if overwrite_command and "$KUBERAY_GEN_RAY_START_CMD" not in " ".join(ray_container.get("args", [])):
+            problems.append(f"{where}: with ray.io/overwrite-container-cmd the args must run the start command")
+        if where == "headGroupSpec":
+            if _gpu_count(ray_container) or _gpu_count(ray_container, "requests"):
+                problems.append("the head must not request GPUs")
+            if head.get("rayStartParams", {}).get("num-gpus") != "0":
+                problems.append('headGroupSpec.rayStartParams.num-gpus must be "0"')
+            continue
+        for field in ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"):
+            if field not in group:
+                problems.append(f"{where}.{field} is required")
+        if not group.get("minReplicas", 0) <= group.get("replicas", 0) <= group.get("maxReplicas", 0):
+            problems.append(f"{where}: need minReplicas <= replicas <= maxReplicas")
+        gpus = _gpu_count(ray_container)
+        if gpus < 1:
+            problems.append(f"{where}: the Ray container must have nvidia.com/gpu in resources.limits")
+        elif _gpu_count(ray_container, "requests") not in (0, gpus):
+            problems.append(f"{where}: nvidia.com/gpu requests must equal limits")
+    return problems
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifest_fields(name: str) -> None:
+    assert _kuberay_problems(_ray_doc(name)) == []
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifest_passes_ray_autoscaler(name: str, offline: None) -> None:
+    config = _derive_autoscaling_config_from_ray_cr(_as_ray_cluster(_ray_doc(name)))
+    node_types = config["available_node_types"]
+    assert node_types["headgroup"]["resources"]["GPU"] == 0
+    workers = {name: t for name, t in node_types.items() if name != "headgroup"}
+    for node_type in workers.values():
+        resources = node_type["resources"]
+        assert resources["GPU"] >= 1
+        assert resources["CPU"] >= MIN_CPUS_PER_GPU * resources["GPU"], "too few CPUs for Ray Data"
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_volumes_are_declared(name: str) -> None:
+    claims = {d["metadata"]["name"] for d in _load_all(name) if d["kind"] == "PersistentVolumeClaim"}
+    cluster = _cluster_spec(_ray_doc(name))
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in _ray_container(group).get("volumeMounts", []):
+            assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
+            claim = volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+            assert claim is None or claim in claims, f"PVC {claim} is not in {name}"
+
+
+def _drop_gpu_limit(doc: dict[str, Any]) -> None:
+    _ray_container(_cluster_spec(doc)["workerGroupSpecs"][0])["resources"]["limits"].pop("nvidia.com/gpu")
+
+
+def _gpu_on_head(doc: dict[str, Any]) -> None:
+    _ray_container(_cluster_spec(doc)["headGroupSpec"])["resources"]["limits"]["nvidia.com/gpu"] = "1"
+
+
+def _drop_min_replicas(doc: dict[str, Any]) -> None:
+    del _cluster_spec(doc)["workerGroupSpecs"][0]["minReplicas"]
+
+
+def _drop_head_ray_start_params(doc: dict[str, Any]) -> None:
+    del _cluster_spec(doc)["headGroupSpec"]["rayStartParams"]
+
+
+def _other_ray_version(doc: dict[str, Any]) -> None:
+    _cluster_spec(doc)["rayVersion"] = "2.9.3"
+
+
+def _start_command_lost(doc: dict[str, Any]) -> None:
+    _ray_container(_cluster_spec(doc)["workerGroupSpecs"][0])["args"] = ["sleep infinity"]
+
+
+def _load_balancer(doc: dict[str, Any]) -> None:
+    _cluster_spec(doc)["headGroupSpec"]["serviceType"] = "LoadBalancer"
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_drop_gpu_limit, "nvidia.com/gpu in resources.limits"),
+        (_gpu_on_head, "the head must not request GPUs"),
+        (_drop_min_replicas, "workerGroupSpecs[0].minReplicas is required"),
+        (_drop_head_ray_start_params, "headGroupSpec.rayStartParams is required"),
+        (_other_ray_version, "rayVersion must be"),
+        (_start_command_lost, "must run the start command"),
+        (_load_balancer, "ClusterIP"),
+    ],
+    ids=lambda value: value.__name__.lstrip("_") if callable(value) else None,
+)
+def test_kuberay_checks_catch_broken_copies(name: str, mutate: Any, expected: str) -> None:
+    doc = copy.deepcopy(_ray_doc(name))
+    mutate(doc)
+    problems = _kuberay_problems(doc)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_rayjob_runs_a_sweep_and_cleans_up() -> None:
+    spec = _ray_doc("kuberay-rayjob.yaml")["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:5] == ["python", "-m", "mammo_ray.tune", "--space", "adamw"]
+    options = dict(zip(argv[5::2], argv[6::2], strict=True))
+    assert options["--storage"].startswith(("s3://", "gs://")), "multi-node runs need shared storage"
+    assert options["--name"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML", "")) or {}
+    # `--space adamw` is looked up in search_spaces/ of the working directory, so ship the sources.
+    assert str(runtime_env.get("working_dir", "")).startswith("https://")
+
+
+# --- Consistency between the files and the README -------------------------------------------------------
+
+
+def _cluster_files() -> list[Path]:
+    return sorted(path for path in CLUSTER.iterdir() if path.suffix == ".yaml")
+
+
+def test_every_file_installs_the_same_revision() -> None:
+    specs = {path.name: set(re.findall(r"mammo_ray @ git\+\S+?(?=\")", path.read_text())) for path in _cluster_files()}
+    assert all(len(found) == 1 for found in specs.values()), specs
+    assert len(set.union(*specs.values())) == 1, specs
+
+
+def test_every_placeholder_is_documented() -> None:
+    readme = (CLUSTER / "README.md").read_text()
+    placeholders = {match for path in _cluster_files() for match in PLACEHOLDER.findall(path.read_text())}
+    assert placeholders, "expected REPLACE_ME_* markers for account-specific values"
+    assert sorted(p for p in placeholders if p not in readme) == []
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "ray up cluster/aws.yaml",
+        "ray dashboard cluster/aws.yaml",
+        "ray job submit --address http://127.0.0.1:8265 --working-dir .",
+        "python -m mammo_ray.tune --space adamw",
+        "ray down cluster/aws.yaml",
+        "kubectl apply -f cluster/kuberay-raycluster.yaml",
+        "kubectl apply -f cluster/kuberay-rayjob.yaml",
+        "--dashboard-host 0.0.0.0",
+        "cpus_per_worker",
+    ],
+)
+def test_readme_documents(snippet: str) -> None:
+    assert snippet in (CLUSTER / "README.md").read_text()

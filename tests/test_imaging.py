@@ -1,0 +1,656 @@
+"""Tests for mammo_ray.imaging: decoding of real DICOM test files, the PS3.3 C.11 LUT pipeline, breast crop,
+orientation, resizing and the degenerate inputs (1 pixel, all black, truncated and non-image files)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import pixel_array
+
+from mammo_ray import imaging
+from mammo_ray.imaging import ImageReadError, Provenance
+
+SIZE = (256, 128)
+
+# The MG1 film (4664×3064, left MLO, chest wall on the left edge). Looked at by eye: the "L MLO" film label sits
+# at about rows 220-720, columns 2320-2840, and a black redaction bar at rows 1600-2540, columns 2780-3000. The
+# breast runs from the left edge to the nipple at about column 2060.
+MG1_LABEL_BOX = (220, 2320, 720, 2840)  # y0, x0, y1, x1
+MG1_NIPPLE_X = 2000
+
+
+def _testdata_dir() -> Path:
+    override = os.environ.get("MAMMO_RAY_TESTDATA")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dicom"
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    folder = _testdata_dir()
+    if not (folder / "MG1_J2KI.dcm").is_file():
+        pytest.fail(
+            f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
+            "set MAMMO_RAY_TESTDATA to its folder."
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mg1(testdata: Path) -> tuple[np.ndarray, Dataset]:
+    """The real mammogram, decoded once (about 0.5 s) for every test that needs it."""
+    return imaging.decode(testdata / "MG1_J2KI.dcm")
+
+
+def _pipeline_01(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    values, _ = imaging.apply_modality_lut(pixels, ds)
+    values01, _ = imaging.apply_voi(values, ds)
+    return imaging.invert_if_monochrome1(values01, ds.PhotometricInterpretation)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every test data file decodes, or fails, as its README says
+# ----------------------------------------------------------------------------------------------------------------
+
+DECODABLE = [
+    # file, shape, photometric, modality LUT, VOI, inverted
+    ("JPEG-LL.dcm", (1024, 256), "MONOCHROME2", "none", "percentile_fallback", False),
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", (768, 1024), "MONOCHROME2", "none", "window", False),
+    ("MR_small_jpeg_ls_lossless.dcm", (64, 64), "MONOCHROME2", "none", "window", False),
+    ("RG1_J2KI.dcm", (1955, 1841), "MONOCHROME1", "none", "window", True),
+    ("RG3_J2KR.dcm", (1760, 1760), "MONOCHROME1", "none", "window", True),
+    ("mlut_18.dcm", (512, 512), "MONOCHROME2", "sequence", "percentile_fallback", False),
+    ("vlut_04.dcm", (512, 512), "MONOCHROME2", "none", "voi_lut_sequence", False),
+    ("MG_synthetic_pixelspacing_testobject.dcm", (512, 512), "MONOCHROME2", "rescale", "window", False),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "photometric", "modality_lut", "voi", "inverted"), DECODABLE)
+def test_testdata_file_preprocesses(testdata, name, shape, photometric, modality_lut, voi, inverted):
+    out, prov = imaging.preprocess_file(testdata / name, SIZE)
+    assert out.shape == SIZE and out.dtype == np.uint16
+    assert out.max() > out.min()
+    assert (prov.source_format, prov.photometric, prov.modality_lut, prov.voi, prov.inverted) == (
+        "dicom",
+        photometric,
+        modality_lut,
+        voi,
+        inverted,
+    )
+    assert (prov.original_height, prov.original_width) == shape
+
+
+@pytest.mark.parametrize(
+    "name",
+    # Lossless syntaxes: every installed plugin must give the same pixels (JPEG Lossless, JPEG-LS, J2K lossless).
+    ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "MR_small_jpeg_ls_lossless.dcm", "RG3_J2KR.dcm"],
+)
+def test_lossless_files_decode_identically_with_every_plugin(testdata, name):
+    pixels, _ = imaging.decode(testdata / name)
+    for plugin in ("gdcm", "pylibjpeg"):
+        np.testing.assert_array_equal(pixel_array(testdata / name, decoding_plugin=plugin), pixels)
+
+
+def test_every_testdata_file_is_covered(testdata):
+    covered = {row[0] for row in DECODABLE} | {"MG1_J2KI.dcm", "MG1_JPLY.dcm"}
+    assert {path.name for path in testdata.glob("*.dcm")} == covered
+
+
+def test_real_mammogram_decodes(mg1):
+    pixels, ds = mg1
+    assert pixels.shape == (4664, 3064) and pixels.dtype == np.uint16
+    assert pixels.max() <= 4095  # 12 bits stored
+    assert ds.Laterality == "L"
+
+
+def test_malformed_jpeg_raises_image_read_error(testdata):
+    path = testdata / "MG1_JPLY.dcm"
+    with pytest.raises(ImageReadError) as info:
+        imaging.preprocess_file(path, SIZE)
+    assert info.value.path == str(path)
+    assert "MG1_JPLY.dcm" in str(info.value)
+    assert "decode" in info.value.reason and "\n" not in info.value.reason
+
+
+def test_synthetic_mg_object_reads_as_mg_with_pixel_spacing(testdata):
+    _, ds = imaging.decode(testdata / "MG_synthetic_pixelspacing_testobject.dcm")
+    assert ds.Modality == "MG"
+    assert "PixelSpacing" in ds or "ImagerPixelSpacing" in ds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LUT pipeline on the real LUT test objects
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_voi_lut_sequence_is_applied(testdata):
+    pixels, ds = imaging.decode(testdata / "vlut_04.dcm")
+    values, modality = imaging.apply_modality_lut(pixels, ds)
+    out, voi = imaging.apply_voi(values, ds)
+    assert (modality, voi) == ("none", "voi_lut_sequence")
+    item = ds.VOILUTSequence[0]
+    first_mapped, bits = item.LUTDescriptor[1], item.LUTDescriptor[2]
+    table = np.asarray(item.LUTData, dtype=np.float64)
+    expected = table[np.clip(pixels.astype(int) - first_mapped, 0, table.size - 1)] / (2**bits - 1)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_modality_lut_sequence_is_applied(testdata):
+    pixels, ds = imaging.decode(testdata / "mlut_18.dcm")
+    values, modality = imaging.apply_modality_lut(pixels, ds)
+    assert modality == "sequence" and values.dtype == np.float32
+    item = ds.ModalityLUTSequence[0]
+    first_mapped = item.LUTDescriptor[1]
+    assert first_mapped < 0  # signed first mapped value (-2048): the index must account for it
+    table = np.asarray(item.LUTData, dtype=np.float64)
+    expected = table[np.clip(pixels.astype(int) - first_mapped, 0, table.size - 1)]
+    np.testing.assert_array_equal(values, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "dark_region", "bright_region"),
+    [
+        # chest CR: lung field (dark) against the spine/mediastinum (bright); regions as fractions (rows, cols)
+        ("RG1_J2KI.dcm", ((0.25, 0.40), (0.22, 0.32)), ((0.35, 0.60), (0.46, 0.52))),
+        # tibia CR: air inside the collimated field (dark) against the tibial shaft (bright)
+        ("RG3_J2KR.dcm", ((0.10, 0.40), (0.27, 0.31)), ((0.10, 0.40), (0.47, 0.51))),
+    ],
+)
+def test_monochrome1_is_inverted_so_anatomy_is_bright(testdata, name, dark_region, bright_region):
+    pixels, ds = imaging.decode(testdata / name)
+    img01 = _pipeline_01(pixels, ds)
+    height, width = img01.shape
+
+    def mean(array, region):
+        (y0, y1), (x0, x1) = region
+        return float(array[int(y0 * height) : int(y1 * height), int(x0 * width) : int(x1 * width)].mean())
+
+    assert mean(pixels, dark_region) > mean(pixels, bright_region)  # stored MONOCHROME1: bone has low values
+    assert mean(img01, bright_region) > mean(img01, dark_region) + 0.2
+
+
+@pytest.mark.parametrize(
+    ("photometric", "inverted"),
+    [("MONOCHROME1", True), (" monochrome1 ", True), ("MONOCHROME2", False), ("PNG16", False), (None, False)],
+)
+def test_invert_if_monochrome1(photometric, inverted):
+    values = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
+    out, done = imaging.invert_if_monochrome1(values, photometric)
+    assert done is inverted
+    np.testing.assert_allclose(out, 1 - values if inverted else values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windowing (PS3.3 C.11.2.1.2 / C.11.2.1.3) and the fallback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _window_ds(center, width, function=None) -> Dataset:
+    ds = Dataset()
+    ds.WindowCenter = center
+    ds.WindowWidth = width
+    if function:
+        ds.VOILUTFunction = function
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("function", "inputs", "expected"),
+    [
+        # LINEAR, c=100, w=51: 0 at or below c-0.5-(w-1)/2 = 74.5, 1 above c-0.5+(w-1)/2 = 124.5
+        (None, [74.5, 99.5, 124.5, 125.0, 0.0, 1000.0], [0.0, 0.5, 1.0, 1.0, 0.0, 1.0]),
+        ("LINEAR", [74.5, 99.5, 124.5], [0.0, 0.5, 1.0]),
+        # LINEAR_EXACT: 0 at c-w/2 = 74.5, 1 at c+w/2 = 125.5
+        ("LINEAR_EXACT", [74.5, 100.0, 125.5], [0.0, 0.5, 1.0]),
+        # SIGMOID: 1 / (1 + exp(-4 (x - c) / w))
+        ("SIGMOID", [100.0, 151.0, 49.0, -1e6], [0.5, 1 / (1 + np.exp(-4.0)), 1 / (1 + np.exp(4.0)), 0.0]),
+    ],
+)
+def test_window_functions(function, inputs, expected):
+    values = np.array([inputs], dtype=np.float32)
+    out, voi = imaging.apply_voi(values, _window_ds(100, 51, function))
+    assert voi == "window" and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], expected, atol=1e-6)
+
+
+def test_multi_valued_window_uses_the_first_pair():
+    out, voi = imaging.apply_voi(np.array([[99.5]], dtype=np.float32), _window_ds([100, 2000], [51, 4000]))
+    assert voi == "window" and out[0, 0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "ds",
+    [None, Dataset(), _window_ds(100, 0), _window_ds(100, 0, "SIGMOID"), _window_ds("", 51)],
+    ids=["no-dataset", "no-tags", "zero-width", "zero-width-sigmoid", "empty-center"],
+)
+def test_missing_or_invalid_window_falls_back_to_percentiles(ds):
+    values = np.arange(1000, dtype=np.float32).reshape(20, 50)
+    out, voi = imaging.apply_voi(values, ds)
+    assert voi == "percentile_fallback"
+    low, high = np.percentile(values, imaging.PERCENTILE_FALLBACK)
+    np.testing.assert_allclose(out, np.clip((values - low) / (high - low), 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 7.0])
+def test_percentile_fallback_on_constant_image_gives_zeros(value):
+    out, voi = imaging.apply_voi(np.full((10, 10), value, dtype=np.float32), None)
+    assert voi == "percentile_fallback" and not out.any()
+
+
+def test_rescale_is_applied_in_float32():
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1024"
+    values, modality = imaging.apply_modality_lut(np.array([[0, 2048]], dtype=np.uint16), ds)
+    assert modality == "rescale" and values.dtype == np.float32
+    np.testing.assert_array_equal(values, [[-1024.0, 0.0]])
+
+
+def test_16_bit_depth_survives_the_pipeline():
+    ramp = np.tile(np.arange(0, 65536, 16, dtype=np.uint16), (8, 1))  # 4096 levels
+    out, prov = imaging.preprocess_array(ramp, None, (8, 4096))
+    assert prov.voi == "percentile_fallback"
+    assert np.unique(out).size > 1024  # an 8-bit stage anywhere would leave at most 256 levels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real mammogram: crop and orientation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mg1_crop_keeps_breast_and_drops_the_film_label(mg1):
+    pixels, ds = mg1
+    out, prov = imaging.preprocess_array(pixels, ds, (512, 256))
+    y0, x0, y1, x1 = prov.crop_box
+    label_y0, label_x0, label_y1, label_x1 = MG1_LABEL_BOX
+    overlaps_label = y0 < label_y1 and label_y0 < y1 and x0 < label_x1 and label_x0 < x1
+    assert prov.breast_found and not overlaps_label, prov.crop_box
+    assert x0 == 0 and x1 > MG1_NIPPLE_X  # chest wall and nipple both kept
+    assert y0 <= 100 and y1 >= 4500  # MLO: the breast runs over the whole film height
+    # The tag says L, the image agrees: no flip, chest wall (the bright side) on the left.
+    assert (prov.flipped, prov.laterality_source) == (False, "tag")
+    assert out[:, :64].mean() > 2 * out[:, -64:].mean()
+
+
+@pytest.mark.parametrize(
+    ("mirror", "laterality", "flipped", "source"),
+    [
+        (False, "L", False, "argument"),
+        (False, "R", False, "tag_overridden_by_image"),  # the image clearly shows a left-sided chest wall
+        (True, None, True, "tag_overridden_by_image"),  # mirrored pixels, header still says L
+    ],
+)
+def test_mg1_orientation(mg1, mirror, laterality, flipped, source):
+    pixels, ds = mg1
+    pixels = np.ascontiguousarray(pixels[:, ::-1]) if mirror else pixels
+    out, prov = imaging.preprocess_array(pixels, ds, (512, 256), laterality=laterality)
+    assert (prov.flipped, prov.laterality_source) == (flipped, source)
+    assert out[:, :64].mean() > 2 * out[:, -64:].mean()  # chest wall on the left either way
+
+
+def test_mg1_breast_side_and_mask(mg1):
+    pixels, ds = mg1
+    img01 = _pipeline_01(pixels, ds)
+    assert imaging.breast_side(img01) == "L"
+    assert imaging.breast_side(img01[:, ::-1]) == "R"
+    mask = imaging.breast_mask(img01)
+    assert mask.shape == img01.shape and mask.dtype == bool
+    label_y0, label_x0, label_y1, label_x1 = MG1_LABEL_BOX
+    assert not mask[label_y0:label_y1, label_x0:label_x1].any()
+    assert mask[2000:3000, 0:1500].mean() > 0.95  # the middle of the breast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic breasts: orientation and crop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _half_ellipse(chest_wall: str, shape=(400, 300), extent=0.6) -> np.ndarray:
+    """A bright half-ellipse "breast" whose flat side lies on the given image edge, on a black background."""
+    height, width = shape
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    depth = cols if chest_wall == "L" else (width - 1 - cols)
+    inside = (depth / (extent * width)) ** 2 + ((rows - height / 2) / (0.45 * height)) ** 2 < 1
+    return np.where(inside, 0.4 + 0.4 * (1 - depth / width), 0.0).astype(np.float32)
+
+
+def _centred_ellipse(shape=(400, 300)) -> np.ndarray:
+    """A symmetric blob: the image says nothing about the side, so a given laterality decides."""
+    height, width = shape
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    inside = ((cols - (width - 1) / 2) / (0.3 * width)) ** 2 + ((rows - height / 2) / (0.4 * height)) ** 2 < 1
+    return np.where(inside, 0.7, 0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("chest_wall", "laterality", "flipped", "source"),
+    [
+        ("L", None, False, "image"),
+        ("R", None, True, "image"),
+        ("L", "L", False, "tag"),
+        ("R", "R", True, "tag"),
+        ("R", "right", True, "tag"),
+        ("L", "R", False, "tag_overridden_by_image"),
+        ("R", "L", True, "tag_overridden_by_image"),
+        ("L", "B", False, "image"),  # "both" is no laterality
+    ],
+)
+def test_orient_half_ellipse(chest_wall, laterality, flipped, source):
+    img = _half_ellipse(chest_wall)
+    out, did_flip, how = imaging.orient(img, laterality)
+    assert (did_flip, how) == (flipped, source)
+    assert imaging.breast_side(out) == "L"
+    assert imaging.breast_side(img) == chest_wall
+
+
+def test_orient_flips_exactly_one_of_a_left_and_right_pair():
+    flips = [imaging.orient(_half_ellipse(side), None)[1] for side in ("L", "R")]
+    assert flips == [False, True]
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_ambiguous_image_follows_the_given_laterality(laterality):
+    _, flipped, source = imaging.orient(_centred_ellipse(), laterality)
+    assert (flipped, source) == (laterality == "R", "tag")
+
+
+def _ds_with(image_laterality=None, laterality=None) -> Dataset:
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if image_laterality is not None:
+        ds.ImageLaterality = image_laterality
+    if laterality is not None:
+        ds.Laterality = laterality
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("argument", "image_laterality", "laterality", "flipped", "source"),
+    [
+        ("R", "L", "L", True, "argument"),
+        (None, "R", "L", True, "tag"),  # ImageLaterality before Laterality
+        (None, None, "R", True, "tag"),
+        (None, "", "R", True, "tag"),
+        (None, "B", "L", False, "tag"),
+        (None, None, None, None, "image"),
+    ],
+)
+def test_laterality_precedence(argument, image_laterality, laterality, flipped, source):
+    pixels = (_centred_ellipse() * 4000).astype(np.uint16)
+    _, prov = imaging.preprocess_array(pixels, _ds_with(image_laterality, laterality), SIZE, laterality=argument)
+    assert prov.laterality_source == source
+    if flipped is not None:
+        assert prov.flipped is flipped
+
+
+@pytest.mark.parametrize("chest_wall", ["L", "R"])
+def test_crop_to_synthetic_breast(chest_wall):
+    img = np.zeros((600, 500), dtype=np.float32)
+    img[100:500, 50:350] = _half_ellipse(chest_wall, shape=(400, 300), extent=1.0)
+    crop, box, found = imaging.crop_to_breast(img, margin=0.0)
+    assert found
+    y0, x0, y1, x1 = box
+    assert crop.shape == (y1 - y0, x1 - x0)
+    assert abs(y0 - 110) <= 10 and abs(y1 - 490) <= 10 and abs(x0 - 50) <= 5 and abs(x1 - 350) <= 5
+    _, (my0, mx0, my1, mx1), _ = imaging.crop_to_breast(img, margin=0.02)
+    assert (my0, mx0, my1, mx1) == (y0 - 12, x0 - 10, y1 + 12, x1 + 10)
+
+
+@pytest.mark.parametrize("fat_level", [0.1, 0.15, 0.25])
+def test_crop_keeps_faint_fat_around_dense_tissue(fat_level):
+    """Digital mammogram look: black surround, faint fatty periphery, small bright dense core, pixel noise."""
+    height, width = 400, 300
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    breast = (cols / (0.8 * width)) ** 2 + ((rows - height / 2) / (0.45 * height)) ** 2 < 1
+    dense = (cols / (0.35 * width)) ** 2 + ((rows - height / 2) / (0.3 * height)) ** 2 < 1
+    img = np.where(breast, fat_level, 0.0).astype(np.float32)
+    img[dense] = 0.8
+    img += np.random.default_rng(0).normal(0, 0.02, img.shape).astype(np.float32)
+    _, (y0, x0, y1, x1), found = imaging.crop_to_breast(img, margin=0.0)
+    assert found
+    assert x0 == 0 and abs(x1 - 0.8 * width) <= 6  # the whole fatty breast, not just the dense core
+    assert abs(y0 - 0.05 * height) <= 6 and abs(y1 - 0.95 * height) <= 6
+
+
+def test_small_bright_marker_does_not_win_over_the_breast():
+    img = _half_ellipse("L", shape=(400, 300))
+    img[20:40, 250:280] = 1.0  # a burnt-in marker on the far side
+    _, (_, _, _, x1), found = imaging.crop_to_breast(img, margin=0.0)
+    assert found and x1 < 250
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Degenerate inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        np.array([[5]], dtype=np.uint16),
+        np.zeros((1, 1), dtype=np.uint8),
+        np.zeros((100, 80), dtype=np.uint16),
+        np.full((100, 80), 1234, dtype=np.uint16),
+        np.arange(1000, dtype=np.uint16).reshape(1, 1000),
+        np.full((50, 40), np.nan, dtype=np.float32),
+        np.pad(np.array([[4000]], dtype=np.uint16), 20),
+    ],
+    ids=["1-pixel", "1-pixel-8bit", "all-zero", "constant", "1-row", "all-nan", "single-bright-pixel"],
+)
+def test_degenerate_arrays_do_not_crash(pixels):
+    out, prov = imaging.preprocess_array(pixels, None, SIZE)
+    assert out.shape == SIZE and out.dtype == np.uint16
+    assert not prov.breast_found
+    assert prov.crop_box == (0, 0, *pixels.shape)
+    assert prov.laterality_source == "image"
+
+
+def test_all_zero_image_stays_black_and_is_not_cropped():
+    img = np.zeros((100, 80), dtype=np.float32)
+    crop, box, found = imaging.crop_to_breast(img)
+    assert (crop.shape, box, found) == ((100, 80), (0, 0, 100, 80), False)
+    assert not imaging.breast_mask(img).any()
+    out, _ = imaging.preprocess_array(img, None, SIZE)
+    assert not out.any()
+
+
+def test_empty_array_is_rejected():
+    with pytest.raises(ValueError):
+        imaging.preprocess_array(np.zeros((0, 10), dtype=np.uint16), None, SIZE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PNG input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mode", "photometric", "voi"),
+    [(np.uint8, "L", "PNG8", "window"), (np.uint16, "I;16", "PNG16", "percentile_fallback")],
+)
+def test_png_roundtrip_and_preprocess(tmp_path, dtype, mode, photometric, voi):
+    top = np.iinfo(dtype).max
+    img = (_half_ellipse("R") * top).astype(dtype)
+    path = tmp_path / f"{photometric}.png"
+    image = Image.fromarray(img)
+    assert image.mode == mode
+    image.save(path)
+    pixels = imaging.read_png(path)
+    assert pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels, img)
+    out, prov = imaging.preprocess_file(path, SIZE, laterality="R")
+    assert out.shape == SIZE and out.dtype == np.uint16
+    assert (prov.source_format, prov.photometric, prov.modality_lut, prov.voi) == ("png", photometric, "none", voi)
+    assert (prov.flipped, prov.laterality_source, prov.breast_found) == (True, "argument", True)
+
+
+def test_rgb_png_is_read_as_gray(tmp_path):
+    gray = (_half_ellipse("L") * 255).astype(np.uint8)
+    path = tmp_path / "rgb.png"
+    Image.fromarray(np.dstack([gray] * 3)).save(path)
+    np.testing.assert_array_equal(imaging.read_png(path), gray)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that must fail with ImageReadError
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _truncated(source: Path, fraction: float, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+@pytest.mark.parametrize(
+    ("make", "reason_part"),
+    [
+        (lambda d, t: _truncated(d / "MG1_J2KI.dcm", 0.5, t / "half_j2k.dcm"), "truncated"),
+        (lambda d, t: _truncated(d / "RG3_J2KR.dcm", 0.999, t / "tail_cut.dcm"), "truncated"),
+        (lambda d, t: _truncated(d / "mlut_18.dcm", 0.5, t / "half_native.dcm"), "decode"),
+        (lambda d, t: _truncated(d / "mlut_18.dcm", 0.05, t / "header_only.dcm"), ""),
+        (lambda d, t: _truncated(d / "MG1_J2KI.dcm", 0.0, t / "empty.dcm"), "empty"),
+        (lambda d, t: (t / "notes.txt").write_text("not an image\n" * 50) and t / "notes.txt", "neither"),
+        (lambda d, t: (t / "fake.png").write_bytes(b"\x00" * 300) and t / "fake.png", "PNG"),
+        (lambda d, t: t / "missing.dcm", "cannot open"),
+    ],
+    ids=[
+        "truncated-j2k",
+        "truncated-j2k-tail",
+        "truncated-native",
+        "header-only",
+        "empty",
+        "text",
+        "fake-png",
+        "missing",
+    ],
+)
+def test_unusable_files_raise_image_read_error(testdata, tmp_path, make, reason_part):
+    path = make(testdata, tmp_path)
+    with pytest.raises(ImageReadError) as info:
+        imaging.preprocess_file(path, SIZE)
+    assert info.value.path == str(path)
+    assert path.name in str(info.value) and reason_part in info.value.reason
+
+
+def test_truncated_png_raises_image_read_error(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray((_half_ellipse("L") * 65535).astype(np.uint16)).save(good)
+    path = _truncated(good, 0.5, tmp_path / "cut.png")
+    with pytest.raises(ImageReadError, match="cut.png"):
+        imaging.decode(path)
+
+
+def test_multiframe_dicom_is_rejected(testdata, tmp_path):
+    ds = pydicom.dcmread(testdata / "vlut_04.dcm")
+    ds.NumberOfFrames = 2
+    path = tmp_path / "two_frames.dcm"
+    ds.save_as(path)
+    with pytest.raises(ImageReadError, match="multi-frame"):
+        imaging.decode(path)
+
+
+def test_dicom_without_preamble_or_meta_header_decodes(tmp_path):
+    ds = Dataset()
+    ds.Rows, ds.Columns = 40, 30
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 12, 11, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    stored = (np.arange(1200).reshape(40, 30) % 4096).astype(np.uint16)
+    ds.PixelData = stored.tobytes()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)  # bare implicit-VR data set, as old ACR-NEMA style exports look
+    path = tmp_path / "IM0001"
+    path.write_bytes(buffer.getvalue())
+    pixels, read = imaging.decode(path)
+    np.testing.assert_array_equal(pixels, stored)
+    assert read is not None
+
+
+def test_image_read_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(ImageReadError("/data/x.dcm", "line one\nline two")))
+    assert (error.path, error.reason, str(error)) == (
+        "/data/x.dcm",
+        "line one line two",
+        "/data/x.dcm: line one line two",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resize, output and provenance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "content"),
+    [
+        ((200, 100), (64, 32), (64, 32)),  # same aspect: fills the frame
+        ((100, 200), (64, 32), (16, 32)),  # wide input: letterboxed, centred vertically
+        ((300, 50), (64, 32), (64, 11)),  # tall input: padded on the right
+        ((1, 1), (64, 32), (32, 32)),
+        ((4096, 3328), (1024, 512), (630, 512)),
+        ((10, 5), (1000, 500), (1000, 500)),  # enlarged
+    ],
+)
+def test_resize_pad_keeps_aspect_and_anchors_left(shape, size, content):
+    out = imaging.resize_pad(np.ones(shape, dtype=np.float32), size)
+    assert out.shape == size and out.dtype == np.float32
+    rows = np.flatnonzero(out.any(axis=1))
+    cols = np.flatnonzero(out.any(axis=0))
+    assert (rows.size, cols.size) == content
+    assert cols[0] == 0  # flush with the chest-wall edge
+    assert abs(rows[0] - (size[0] - content[0]) // 2) <= 1
+    np.testing.assert_allclose(out[rows[0] : rows[-1] + 1, : cols[-1] + 1], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, -1)])
+def test_resize_pad_rejects_bad_size(size):
+    with pytest.raises(ValueError):
+        imaging.resize_pad(np.ones((4, 4), dtype=np.float32), size)
+
+
+def test_to_uint16():
+    values = np.array([0.0, 0.5, 1.0, -1.0, 2.0, np.nan, 1 / 65535], dtype=np.float32)
+    np.testing.assert_array_equal(imaging.to_uint16(values), [0, 32768, 65535, 0, 65535, 0, 1])
+    assert imaging.to_uint16(values).dtype == np.uint16
+
+
+def test_pixel_hash():
+    img = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    other = img.copy()
+    other[0, 0] = 1
+    digest = imaging.pixel_hash(img)
+    assert len(digest) == 40 and digest == imaging.pixel_hash(img.copy())
+    assert digest == imaging.pixel_hash(np.asfortranarray(img))  # memory layout does not matter
+    assert digest != imaging.pixel_hash(other)
+    with pytest.raises(TypeError):
+        imaging.pixel_hash(img.astype(np.float32))
+
+
+def test_provenance_columns_are_flat_plain_values():
+    prov = Provenance("dicom", "MONOCHROME1", "rescale", "window", True, 10, 8, (1, 2, 9, 8), True, False, "tag")
+    columns = prov.as_columns()
+    assert all(key.startswith("prep_") for key in columns)
+    assert (columns["prep_crop_y0"], columns["prep_crop_x0"], columns["prep_crop_y1"], columns["prep_crop_x1"]) == (
+        1,
+        2,
+        9,
+        8,
+    )
+    assert "prep_crop_box" not in columns
+    assert columns["prep_laterality_source"] == "tag" and columns["prep_inverted"] is True
+    assert all(isinstance(value, str | int | bool) for value in columns.values())
+
+
+def test_preprocess_is_deterministic(testdata):
+    first, _ = imaging.preprocess_file(testdata / "RG3_J2KR.dcm", SIZE)
+    second, _ = imaging.preprocess_file(testdata / "RG3_J2KR.dcm", SIZE)
+    assert imaging.pixel_hash(first) == imaging.pixel_hash(second)

@@ -1,0 +1,479 @@
+"""Tests for mammo_ray.metrics: each metric against scikit-learn or a hand-computed case, degenerate splits,
+patient-level bootstrap, and gathering predictions across a gloo process group."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+
+from mammo_ray import metrics
+
+SPLIT_KEYS = [
+    "auc",
+    "pr_auc",
+    "sensitivity@0.3",
+    "specificity@0.3",
+    "sensitivity@youden",
+    "specificity@youden",
+    "threshold@youden",
+    "sensitivity@spec0.90",
+    "sensitivity@spec0.987",
+    "auc_breast",
+    "pf1_breast",
+    "ece",
+    "brier",
+    "n_images",
+    "n_positive",
+]
+
+
+def make_predictions(
+    n_patients: int = 60,
+    *,
+    seed: int = 0,
+    prevalence: float = 0.2,
+    datasets: tuple[str, ...] = ("EMBED", "CSAW"),
+    decimals: int | None = None,
+) -> pd.DataFrame:
+    """A predictions frame: 1-2 exams per patient, L/R x CC/MLO per exam, breast-level labels."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        dataset = datasets[p % len(datasets)]
+        for e in range(int(rng.integers(1, 3))):
+            for side in ("L", "R"):
+                label = int(rng.random() < prevalence)
+                for view in ("CC", "MLO"):
+                    prob = float(np.clip(rng.normal(0.25 + 0.35 * label, 0.18), 0.0, 1.0))
+                    rows.append(
+                        {
+                            "image_id": f"P{p:03d}_E{e}_{side}_{view}",
+                            "patient_id": f"P{p:03d}",
+                            "exam_id": f"P{p:03d}_E{e}",
+                            "laterality": side,
+                            "view": view,
+                            "dataset": dataset,
+                            "label": label,
+                            "prob": prob if decimals is None else round(prob, decimals),
+                            "aleatoric": float(rng.random()),
+                            "epistemic": np.nan,
+                        }
+                    )
+    return pd.DataFrame(rows, columns=list(metrics.PREDICTION_COLUMNS))
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return make_predictions()
+
+
+# ------------------------------------------------------------------------------------ against sklearn
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("decimals", [None, 1])  # decimals=1 forces many tied scores
+def test_roc_pr_brier_match_sklearn(seed: int, decimals: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(300) < 0.15).astype(int)
+    scores = np.clip(rng.normal(0.3 + 0.3 * labels, 0.2), 0, 1)
+    if decimals is not None:
+        scores = scores.round(decimals)
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert metrics.pr_auc(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert metrics.brier(labels, scores) == pytest.approx(brier_score_loss(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_youden_matches_sklearn_roc_curve(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(200) < 0.3).astype(int)
+    scores = np.clip(rng.normal(0.3 + 0.2 * labels, 0.2), 0, 1).round(2)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    expected = thresholds[np.argmax(tpr - fpr)]
+    assert metrics.youden_threshold(labels, scores) == pytest.approx(expected)
+
+
+def test_sens_spec_at_hand_case() -> None:
+    labels = [1, 1, 1, 0, 0, 0, 0]
+    scores = [0.9, 0.3, 0.1, 0.3, 0.2, 0.05, 0.6]
+    # Positive call is score >= 0.3: positives 0.9, 0.3 called -> 2/3; negatives below 0.3: 0.2, 0.05 -> 2/4.
+    assert metrics.sens_spec_at(labels, scores, 0.3) == pytest.approx((2 / 3, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (0.0, 0.05),  # the smallest score already satisfies specificity >= 0
+        (0.5, 0.3),  # negatives 0.05 and 0.2 below 0.3 -> specificity 2/4
+        (0.75, 0.6),  # 0.3 must also be below -> the next score is 0.6
+        (1.0, 0.9),  # all four negatives below 0.9
+    ],
+)
+def test_threshold_at_specificity_hand_cases(target: float, expected: float) -> None:
+    labels = [1, 1, 1, 0, 0, 0, 0]
+    scores = [0.9, 0.3, 0.1, 0.3, 0.2, 0.05, 0.6]
+    cut = metrics.threshold_at_specificity(labels, scores, target)
+    assert cut == pytest.approx(expected)
+    assert metrics.sens_spec_at(labels, scores, cut)[1] >= target
+
+
+def test_threshold_at_specificity_above_max_when_a_negative_tops() -> None:
+    cut = metrics.threshold_at_specificity([1, 0], [0.2, 0.8], 1.0)
+    assert cut > 0.8
+    assert metrics.sens_spec_at([1, 0], [0.2, 0.8], cut) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("target", [0.9, 0.987])
+def test_threshold_at_specificity_is_smallest(seed: int, target: float) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(1000) < 0.1).astype(int)
+    scores = rng.random(1000).round(3)
+    cut = metrics.threshold_at_specificity(labels, scores, target)
+    assert metrics.sens_spec_at(labels, scores, cut)[1] >= target
+    lower = np.unique(scores)[np.unique(scores) < cut]
+    if lower.size:
+        assert metrics.sens_spec_at(labels, scores, lower[-1])[1] < target
+
+
+def test_breast_level_mean_and_max() -> None:
+    frame = pd.DataFrame(
+        {
+            "patient_id": ["A", "A", "A", "B"],
+            "exam_id": ["e1", "e1", "e1", "e2"],
+            "laterality": ["L", "L", "R", "L"],
+            "dataset": ["EMBED"] * 4,
+            "label": [0, 1, 0, 0],
+            "prob": [0.2, 0.6, 0.1, 0.3],
+        }
+    )
+    mean = metrics.breast_level(frame, "mean").set_index(["patient_id", "laterality"])
+    biggest = metrics.breast_level(frame, "max").set_index(["patient_id", "laterality"])
+    assert len(mean) == 3
+    assert mean.loc[("A", "L"), "label"] == 1
+    assert mean.loc[("A", "L"), "prob"] == pytest.approx(0.4)
+    assert mean.loc[("A", "L"), "n_images"] == 2
+    assert biggest.loc[("A", "L"), "prob"] == pytest.approx(0.6)
+    assert mean.loc[("B", "L"), "dataset"] == "EMBED"
+    with pytest.raises(ValueError, match="agg"):
+        metrics.breast_level(frame, "median")
+
+
+# ------------------------------------------------------------------------------------- hand cases
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "beta", "expected"),
+    [
+        # soft TP = 0.9 + 0.5 = 1.4, soft FP = 0.2; P = 1.4/1.6 = 0.875, R = 1.4/2 = 0.7; F1 = 7/9
+        ([1, 1, 0, 0], [0.9, 0.5, 0.2, 0.0], 1.0, 7 / 9),
+        # F2 = 5 P R / (4 P + R) = 5 * 0.6125 / 4.2
+        ([1, 1, 0, 0], [0.9, 0.5, 0.2, 0.0], 2.0, 5 * 0.6125 / 4.2),
+        # probabilities are clipped to [0, 1] as in the RSNA reference: 1.3 -> 1, -0.2 -> 0 -> P = 1, R = 0.5
+        ([1, 1, 0], [1.3, 0.0, -0.2], 1.0, 2 * 0.5 / 1.5),
+        ([1, 0], [0.0, 0.7], 1.0, 0.0),  # no soft true positives: recall 0 -> 0
+        ([0, 0], [0.1, 0.7], 1.0, math.nan),  # no positives: undefined
+    ],
+)
+def test_pf1_hand_cases(labels: list[int], probs: list[float], beta: float, expected: float) -> None:
+    result = metrics.pf1(labels, probs, beta=beta)
+    if math.isnan(expected):
+        assert math.isnan(result)
+    else:
+        assert result == pytest.approx(expected)
+
+
+def test_ece_hand_case() -> None:
+    # Two bins. [0, 0.5): p 0.1, 0.2, labels 0, 1 -> |0.5 - 0.15| = 0.35, weight 1/2.
+    # [0.5, 1]: p 0.7, 0.9, labels 1, 1 -> |1.0 - 0.8| = 0.2, weight 1/2. ECE = 0.175 + 0.1.
+    assert metrics.ece([0, 1, 1, 1], [0.1, 0.2, 0.7, 0.9], n_bins=2) == pytest.approx(0.275)
+
+
+def test_ece_perfect_calibration_and_bins() -> None:
+    labels = [0, 0, 0, 1, 1, 0, 1, 1]
+    probs = [0.25, 0.25, 0.25, 0.25, 0.75, 0.75, 0.75, 0.75]
+    assert metrics.ece(labels, probs, n_bins=10) == pytest.approx(0.0)
+    bins = metrics.calibration_bins(labels, probs, n_bins=4)
+    assert bins["count"].tolist() == [0, 4, 0, 4]
+    assert bins["fraction_positive"].iloc[1] == pytest.approx(0.25)
+    assert math.isnan(bins["mean_prob"].iloc[0])
+    assert metrics.calibration_bins([1], [1.0], n_bins=10)["count"].iloc[-1] == 1  # p = 1 lands in the last bin
+
+
+# ------------------------------------------------------------------------------------- degenerate
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores"),
+    [([0, 0, 0], [0.1, 0.5, 0.9]), ([1, 1], [0.2, 0.3]), ([], [])],
+    ids=["negatives-only", "positives-only", "empty"],
+)
+def test_one_class_or_empty_is_nan_not_half(labels: list[int], scores: list[float]) -> None:
+    assert math.isnan(metrics.roc_auc(labels, scores))
+    assert math.isnan(metrics.youden_threshold(labels, scores))
+
+
+def test_all_equal_scores() -> None:
+    labels = [0, 1, 0, 1, 0]
+    scores = [0.4] * 5
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))  # 0.5, truly
+    assert metrics.pr_auc(labels, scores) == pytest.approx(average_precision_score(labels, scores))
+    assert metrics.youden_threshold(labels, scores) == pytest.approx(0.4)
+    result = metrics.compute_split_metrics(pd.DataFrame({**_breast_cols(5), "label": labels, "prob": scores}))
+    assert result["auc"] == pytest.approx(0.5)
+    assert result["sensitivity@0.3"] == 1.0 and result["specificity@0.3"] == 0.0
+
+
+def _breast_cols(n: int) -> dict[str, list[str]]:
+    return {"patient_id": [f"P{i}" for i in range(n)], "exam_id": ["e"] * n, "laterality": ["L"] * n}
+
+
+def test_split_without_positives_is_none_with_reason(frame: pd.DataFrame) -> None:
+    negatives = frame[frame["label"] == 0]
+    result = metrics.compute_split_metrics(negatives)
+    n = len(negatives)
+    assert result["auc"] is None
+    assert result["auc_reason"] == f"undefined: no positive cases in this split (n_images={n})"
+    assert result["sensitivity@0.3"] is None and "no positive cases" in result["sensitivity@0.3_reason"]
+    assert result["specificity@0.3"] is not None  # defined with negatives only
+    assert result["auc_breast"] is None and "no positive breasts" in result["auc_breast_reason"]
+    assert result["pf1_breast"] is None
+    assert result["ece"] is not None and result["brier"] is not None
+    assert result["n_positive"] == 0 and result["n_images"] == n
+    json.dumps(result, allow_nan=False)  # JSON-ready: no NaN anywhere
+
+
+def test_split_without_negatives_reason(frame: pd.DataFrame) -> None:
+    result = metrics.compute_split_metrics(frame[frame["label"] == 1])
+    assert result["auc"] is None and "no negative cases" in result["auc_reason"]
+    assert result["pr_auc"] == pytest.approx(1.0)  # defined: every call is right
+    assert result["specificity@0.3"] is None and "no negative cases" in result["specificity@0.3_reason"]
+
+
+def test_empty_frame(frame: pd.DataFrame) -> None:
+    result = metrics.compute_metrics(frame.iloc[:0], bootstrap=10)
+    assert result["n_images"] == 0 and result["n_positive"] == 0
+    for key in SPLIT_KEYS[:-2]:
+        assert result[key] is None
+        assert result[f"{key}_reason"].startswith("undefined: no ")
+    assert result["auc_ci95"] is None
+    assert result["by_dataset"] == {}
+    json.dumps(result, allow_nan=False)
+
+
+def test_labels_and_scores_are_checked() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        metrics.roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.roc_auc([0, 1], [0.1, float("nan")])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metrics.ece([0, 1], [0.1, 1.5])
+
+
+# ------------------------------------------------------------------------------------ split metrics
+
+
+def test_split_keys_are_exact(frame: pd.DataFrame) -> None:
+    result = metrics.compute_split_metrics(frame)
+    assert list(result) == SPLIT_KEYS  # no reasons when everything is defined
+    assert result["auc"] == pytest.approx(roc_auc_score(frame["label"], frame["prob"]))
+    assert result["pr_auc"] == pytest.approx(average_precision_score(frame["label"], frame["prob"]))
+    breasts = metrics.breast_level(frame)
+    assert result["auc_breast"] == pytest.approx(roc_auc_score(breasts["label"], breasts["prob"]))
+    assert result["pf1_breast"] == pytest.approx(metrics.pf1(breasts["label"], breasts["prob"]))
+    sens, spec = metrics.sens_spec_at(frame["label"], frame["prob"], result["threshold@youden"])
+    assert (result["sensitivity@youden"], result["specificity@youden"]) == pytest.approx((sens, spec))
+    assert isinstance(result["n_images"], int) and result["n_positive"] == int(frame["label"].sum())
+
+
+def test_compute_metrics_by_dataset(frame: pd.DataFrame) -> None:
+    mixed = frame.copy()
+    mixed.loc[mixed["dataset"] == "CSAW", "label"] = 0  # CSAW now has no cancers
+    result = metrics.compute_metrics(mixed)
+    assert set(result["by_dataset"]) == {"CSAW", "EMBED"}
+    embed = mixed[mixed["dataset"] == "EMBED"]
+    assert result["by_dataset"]["EMBED"] == metrics.compute_split_metrics(embed)
+    csaw = result["by_dataset"]["CSAW"]
+    n_csaw = int((mixed["dataset"] == "CSAW").sum())
+    assert csaw["auc"] is None
+    assert csaw["auc_reason"] == f"undefined: no positive cases in dataset CSAW (n_images={n_csaw})"
+    assert "auc_ci95" not in result  # only with bootstrap
+    json.dumps(result, allow_nan=False)
+
+
+def test_custom_threshold_and_specificities_name_their_keys(frame: pd.DataFrame) -> None:
+    result = metrics.compute_split_metrics(frame, threshold=0.5, specificities=(0.95,))
+    assert "sensitivity@0.5" in result and "specificity@0.5" in result and "sensitivity@spec0.95" in result
+
+
+def test_thresholds_table(frame: pd.DataFrame) -> None:
+    table = metrics.thresholds_table(frame)
+    assert list(table) == ["0.3", "youden", "spec0.90", "spec0.987"]
+    split = metrics.compute_split_metrics(frame)
+    assert table["youden"]["threshold"] == split["threshold@youden"]
+    assert table["0.3"]["sensitivity"] == split["sensitivity@0.3"]
+    assert table["spec0.90"]["sensitivity"] == split["sensitivity@spec0.90"]
+    assert table["spec0.90"]["specificity"] >= 0.90
+    assert table["spec0.987"]["specificity"] >= 0.987
+    positives_only = metrics.thresholds_table(frame[frame["label"] == 1])
+    assert positives_only["spec0.90"]["threshold"] is None
+    assert "no negative cases" in positives_only["spec0.90"]["reason"]
+    json.dumps(positives_only, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_is_deterministic_and_seeded(frame: pd.DataFrame) -> None:
+    first = metrics.compute_metrics(frame, bootstrap=200, seed=7)
+    again = metrics.compute_metrics(frame.sample(frac=1.0, random_state=1), bootstrap=200, seed=7)  # row order too
+    other = metrics.compute_metrics(frame, bootstrap=200, seed=8)
+    for key in ("auc_ci95", "pr_auc_ci95", "auc_breast_ci95"):
+        assert first[key] == pytest.approx(again[key])
+        low, high = first[key]
+        assert low <= first[key.removesuffix("_ci95")] <= high
+    assert first["auc_ci95"] != other["auc_ci95"]
+    assert first["bootstrap"]["resampling_unit"] == "patient_id"
+    assert set(first["by_dataset"]["CSAW"]) >= {"auc_ci95", "pr_auc_ci95", "auc_breast_ci95", "bootstrap"}
+    json.dumps(first, allow_nan=False)
+
+
+def test_bootstrap_ci_matches_compute_metrics(frame: pd.DataFrame) -> None:
+    """The generic frame-based bootstrap and the fast array path draw the same patients."""
+    fast = metrics.compute_metrics(frame, bootstrap=100, seed=3)
+    auc = metrics.bootstrap_ci(frame, lambda f: metrics.roc_auc(f["label"], f["prob"]), n=100, seed=3)
+
+    def breast_auc(f: pd.DataFrame) -> float:
+        breasts = metrics.breast_level(f)
+        return metrics.roc_auc(breasts["label"], breasts["prob"])
+
+    assert auc == pytest.approx(fast["auc_ci95"], abs=1e-12)
+    assert metrics.bootstrap_ci(frame, breast_auc, n=100, seed=3) == pytest.approx(fast["auc_breast_ci95"], abs=1e-12)
+
+
+def test_bootstrap_resamples_patients_as_units() -> None:
+    # Patient "BIG" has 20 images; the 10 others have 1 image each.
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"BIG_{i}" for i in range(20)] + [f"S{i}_0" for i in range(10)],
+            "patient_id": ["BIG"] * 20 + [f"S{i}" for i in range(10)],
+            "label": [1] * 20 + [0] * 10,
+            "prob": np.linspace(0, 1, 30),
+        }
+    )
+    seen_sizes = set()
+
+    def inspect(resample: pd.DataFrame) -> float:
+        big = resample[resample["image_id"].str.startswith("BIG")]
+        assert len(big) % 20 == 0  # all of the patient's images, or none, per draw
+        for _, rows in big.groupby("patient_id"):  # each copy gets its own cluster id...
+            assert len(rows) == 20 and rows["image_id"].nunique() == 20  # ...holding all 20 images once
+        assert resample["patient_id"].nunique() == 11  # as many draws as patients
+        seen_sizes.add(len(resample))
+        return float(len(big))
+
+    low, high = metrics.bootstrap_ci(frame, inspect, n=200, seed=0)
+    assert len(seen_sizes) > 1  # image count varies: patients, not images, are drawn
+    assert 0 <= low <= high <= 11 * 20
+
+
+def test_bootstrap_skips_and_counts_one_class_resamples() -> None:
+    # One positive patient out of 5: about (4/5)^5 = 33% of resamples have no positive.
+    frame = pd.DataFrame(
+        {
+            **_breast_cols(5),
+            "label": [1, 0, 0, 0, 0],
+            "prob": [0.9, 0.2, 0.4, 0.6, 0.1],
+        }
+    )
+    result = metrics.compute_metrics(frame, bootstrap=300, seed=0)
+    skipped = result["bootstrap"]["skipped"]["auc"]
+    assert 50 < skipped < 150
+    assert result["auc_ci95"] == [1.0, 1.0]
+    single = metrics.compute_metrics(frame.iloc[1:], bootstrap=20)
+    assert single["auc_ci95"] is None and single["auc_ci95_reason"].startswith("undefined: no positive cases")
+
+
+# ------------------------------------------------------------------------------------------- referral
+
+
+def test_referral_curve() -> None:
+    labels = np.array([1, 1, 0, 0, 0, 0, 1, 0])
+    probs = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.85, 0.15, 0.05])  # two errors: 0.85 (neg), 0.15 (pos)
+    uncertainty = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.8, 0.1])  # and they are the uncertain ones
+    curve = metrics.referral_curve(labels, probs, uncertainty, fractions=[0.0, 0.25, 1.0])
+    assert curve["auc"].iloc[0] == pytest.approx(roc_auc_score(labels, probs))
+    assert curve["auc"].iloc[1] == pytest.approx(1.0)
+    assert curve["n_deferred"].tolist() == [0, 2, 8]
+    assert math.isnan(curve["auc"].iloc[2])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.referral_curve(labels, probs, np.full(8, np.nan), fractions=[0.1])
+
+
+# -------------------------------------------------------------------------------------------- gather
+
+
+def test_gather_predictions_without_process_group_sorts_and_dedups(frame: pd.DataFrame) -> None:
+    shuffled = pd.concat([frame.iloc[::-1], frame.iloc[:3]], ignore_index=True)  # 3 padded repeats
+    gathered = metrics.gather_predictions(shuffled)
+    assert len(gathered) == len(frame)
+    assert gathered["image_id"].is_monotonic_increasing and gathered["image_id"].is_unique
+
+
+def _gather_worker(rank: int, world_size: int, init_file: str, shards: list[pd.DataFrame], out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        gathered = metrics.gather_predictions(shards[rank])
+        result = metrics.compute_metrics(gathered, bootstrap=50, seed=0)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_predictions_across_gloo_ranks(frame: pd.DataFrame, tmp_path: Path) -> None:
+    torch_mp = pytest.importorskip("torch.multiprocessing")
+    # Rank 0 gets the even rows plus one padded repeat of an odd row, as a DistributedSampler would pad.
+    shards = [pd.concat([frame.iloc[0::2], frame.iloc[[1]]]), frame.iloc[1::2]]
+    context = torch_mp.start_processes(
+        _gather_worker,
+        args=(2, str(tmp_path / "pg_init"), shards, str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("gloo workers did not finish within 90 s")
+    expected = metrics.compute_metrics(frame, bootstrap=50, seed=0)
+    for rank in range(2):
+        _assert_close(json.loads((tmp_path / f"rank{rank}.json").read_text()), expected)
+
+
+def _assert_close(actual: object, expected: object, where: str = "") -> None:
+    """Nested equality with a float tolerance: summation order may differ after gathering."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), where
+        for key in expected:
+            _assert_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            _assert_close(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-12, abs=1e-12), where
+    else:
+        assert actual == expected, where

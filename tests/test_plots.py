@@ -1,0 +1,223 @@
+"""Tests for mammo_ray.plots: every plot writes a real PNG, for normal and degenerate inputs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from mammo_ray import metrics, plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 1024
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by group and others, not mkstemp's 0600
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def predictions(n_patients: int = 80, *, seed: int = 0, datasets: tuple[str, ...] = ("EMBED", "CSAW")) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for side in ("L", "R"):
+            label = int(rng.random() < 0.15)
+            for view in ("CC", "MLO"):
+                prob = float(np.clip(rng.normal(0.25 + 0.35 * label, 0.18), 0, 1))
+                error = abs(label - prob)
+                rows.append(
+                    {
+                        "image_id": f"P{p:03d}_{side}_{view}",
+                        "patient_id": f"P{p:03d}",
+                        "exam_id": f"P{p:03d}_E0",
+                        "laterality": side,
+                        "view": view,
+                        "dataset": datasets[p % len(datasets)],
+                        "label": label,
+                        "prob": prob,
+                        "aleatoric": float(abs(rng.normal(0.3 + error, 0.1))),
+                        "epistemic": float(abs(rng.normal(0.05 + 0.1 * error, 0.02))),
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(metrics.PREDICTION_COLUMNS))
+
+
+def _frames() -> dict[str, pd.DataFrame]:
+    normal = predictions()
+    no_positives = normal[normal["label"] == 0].reset_index(drop=True)
+    nan_uncertainty = normal.assign(aleatoric=np.nan, epistemic=np.nan)
+    constant = normal.assign(prob=0.4, aleatoric=0.2, epistemic=0.2)  # all-equal scores and uncertainties
+    return {
+        "normal": normal,
+        "one-class": no_positives,
+        "one-dataset": predictions(datasets=("EMBED",), seed=1),
+        "nan-uncertainty": nan_uncertainty,
+        "constant": constant,
+        "empty": normal.iloc[:0],
+    }
+
+
+FRAMES = _frames()
+
+
+def _histories() -> dict[str, pd.DataFrame | None]:
+    epochs = np.arange(1, 6)
+    full = pd.DataFrame(
+        {
+            "epoch": epochs,
+            "train_loss": 0.7 / epochs,
+            "val_loss": 0.75 / epochs + 0.05,
+            "train_auc": 0.6 + 0.07 * epochs,
+            "val_auc": [0.55, 0.62, np.nan, 0.7, 0.69],
+            "sensitivity@0.3": [0.9, 0.85, 0.8, 0.82, 0.8],
+            "specificity@0.3": [0.3, 0.45, 0.5, 0.55, 0.6],
+        }
+    )
+    return {
+        "full": full,
+        "one-epoch-no-train-auc": pd.DataFrame(
+            {"epoch": [1], "train_loss": [0.6], "val_loss": [0.65], "val_auc": [0.5]}
+        ),
+        "undefined-auc": pd.DataFrame(
+            {"epoch": [1, 2], "train_loss": [0.6, 0.5], "val_loss": [0.6, 0.55], "val_auc": [None, None]}
+        ),
+        "empty": pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_auc"]),
+        "none": None,
+    }
+
+
+HISTORIES = _histories()
+
+
+def _objective(trial: optuna.Trial) -> float:
+    lr = trial.suggest_float("train.lr", 1e-5, 1e-2, log=True)
+    dropout = trial.suggest_float("model.dropout", 0.0, 0.5)
+    sampler = trial.suggest_categorical("train.sampler", ["weighted", "balanced", "simple"])
+    freeze = trial.suggest_int("model.freeze_units", 0, 42)
+    if trial.number == 3:
+        trial.report(0.52, 0)
+        trial.report(0.55, 1)
+        raise optuna.TrialPruned()
+    if trial.number == 5:
+        raise ValueError("simulated trial failure")
+    return 0.7 + 0.05 * math.log10(lr / 1e-5) / 3 - 0.1 * dropout + 0.02 * (sampler == "balanced") - 0.001 * freeze
+
+
+def _studies() -> dict[str, optuna.Study]:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    normal = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        normal.set_metric_names(["val_auc"])
+    normal.optimize(_objective, n_trials=10, catch=(ValueError,))
+
+    minimize = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=1))
+    minimize.optimize(lambda t: (t.suggest_float("x", -2, 2) - 0.5) ** 2, n_trials=6)
+
+    def fail(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        raise ValueError("always fails")
+
+    failed_only = optuna.create_study()
+    failed_only.optimize(fail, n_trials=2, catch=(ValueError,))
+
+    one_complete = optuna.create_study()
+    one_complete.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+    no_params = optuna.create_study()  # nothing searched: importance cannot be computed
+    no_params.optimize(lambda t: float(t.number), n_trials=3)
+    return {
+        "normal": normal,
+        "minimize": minimize,
+        "failed-only": failed_only,
+        "one-complete": one_complete,
+        "no-params": no_params,
+        "empty": optuna.create_study(),
+    }
+
+
+@pytest.fixture(scope="module")
+def studies() -> dict[str, optuna.Study]:
+    return _studies()
+
+
+FRAME_PLOTS: list[Callable[..., Path]] = [
+    plots.plot_roc,
+    plots.plot_score_distributions,
+    plots.plot_uncertainty_hist,
+    plots.plot_reliability,
+    plots.plot_uncertainty_vs_error,
+    plots.plot_referral,
+]
+
+
+@pytest.mark.parametrize("frame_name", list(FRAMES))
+@pytest.mark.parametrize("plot", FRAME_PLOTS, ids=lambda f: f.__name__)
+def test_frame_plots(plot: Callable[..., Path], frame_name: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{plot.__name__}.png"
+    assert plot(FRAMES[frame_name], path) == path
+    assert_png(path)
+
+
+@pytest.mark.parametrize("history_name", list(HISTORIES))
+@pytest.mark.parametrize("plot", [plots.plot_curves, plots.plot_sens_spec], ids=lambda f: f.__name__)
+def test_history_plots(plot: Callable[..., Path], history_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "nested" / f"{plot.__name__}.png"  # the folder is created
+    assert plot(HISTORIES[history_name], path) == path
+    assert_png(path)
+
+
+@pytest.mark.parametrize("study_name", ["normal", "minimize", "failed-only", "one-complete", "no-params", "empty"])
+@pytest.mark.parametrize(
+    "plot",
+    [plots.plot_sweep_history, plots.plot_param_importance, plots.plot_parallel_coordinates],
+    ids=lambda f: f.__name__,
+)
+def test_sweep_plots(
+    plot: Callable[..., Path], study_name: str, studies: dict[str, optuna.Study], tmp_path: Path
+) -> None:
+    path = tmp_path / f"{plot.__name__}.png"
+    assert plot(studies[study_name], path) == path
+    assert_png(path)
+
+
+def test_normal_study_has_pruned_and_failed_trials(studies: dict[str, optuna.Study]) -> None:
+    states = {t.state for t in studies["normal"].trials}
+    assert {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL} <= states
+
+
+def test_plot_overwrites_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "roc.png"
+    path.write_bytes(b"stale")
+    plots.plot_roc(FRAMES["normal"], path)
+    assert_png(path)
+
+
+def test_plot_all_bundle(tmp_path: Path) -> None:
+    written = plots.plot_all_bundle(FRAMES["normal"], HISTORIES["full"], tmp_path / "plots")
+    assert [p.name for p in written] == list(plots.BUNDLE_PLOTS)
+    for path in written:
+        assert_png(path)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(plots.BUNDLE_PLOTS)
+
+
+def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> None:
+    written = plots.plot_all_sweep(studies["normal"], tmp_path)
+    assert [p.name for p in written] == list(plots.SWEEP_PLOTS)
+    for path in written:
+        assert_png(path)
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prob"):
+        plots.plot_roc(FRAMES["normal"].drop(columns=["prob"]), tmp_path / "roc.png")

@@ -260,6 +260,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept any plain number written that way.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         if not math.isfinite(float(value)):
@@ -358,6 +364,11 @@ def _check_space(space: dict[str, Any], source: str) -> None:
             if "low" not in spec or "high" not in spec:
                 raise ConfigError(f"{source}: {where}: a {kind} distribution needs 'low' and 'high'")
             low, high = spec["low"], spec["high"]
+            try:
+                low, high = (float(b) if isinstance(b, str) else b for b in (low, high))
+            except ValueError:
+                raise ConfigError(f"{source}: {where}: bounds must be numbers, got {spec['low']!r}, {spec['high']!r}")
+            spec["low"], spec["high"] = low, high
             for bound in (low, high):
                 if isinstance(bound, bool) or not isinstance(bound, int | float):
                     raise ConfigError(f"{source}: {where}: bounds must be numbers, got {bound!r}")

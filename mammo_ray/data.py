@@ -72,6 +72,9 @@ def load_batch(
     positive_strength: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """The ``map_batches`` function: metadata rows in, model-ready images plus metadata out."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one Ray Data task per CPU: OpenCV's own thread pool would oversubscribe it
     images = decode_rows(batch, image_size, use_cache)
     labels = batch["label"].astype(np.int64)
     if augment_images:

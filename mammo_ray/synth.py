@@ -204,12 +204,11 @@ _CALC_COUNT = (5, 21)
 # Diameter of masses as a fraction of the breast height (CC view).
 _MASS_DIAMETER = (0.06, 0.15)
 _MASS_CONTRAST = (0.12, 0.30)
-_CALC_AMPLITUDE = (0.30, 0.60)
+_CALC_AMPLITUDE = (0.45, 0.85)
 # Calcification sigma in pixels at 512 rows; scaled with the image so a calcification has a physical size.
 # Larger than most real calcifications (0.1-0.5 mm) so that a cluster survives downsampling to the demo's 128 rows.
-# Benign ones (round, often coarse) run larger, so the brightest speck of a breast is usually a benign one.
+# Benign and malignant ones share size and brightness; malignant ones are more elongated (pleomorphic).
 _CALC_SIGMA_512 = (0.8, 1.6)
-_BENIGN_CALC_SIGMA_512 = (0.8, 2.0)
 _NOISE_SD = (0.006, 0.012)
 # Gland-field threshold per BI-RADS density (1-4 = a-d), calibrated so that the mean glandular share of the
 # breast is about 14%, 34%, 56% and 77%; and the strength of the radial bias towards the centre.
@@ -451,8 +450,8 @@ class _Canvas:
         rng = _rng(seed, 0)
         bank_shape = (2 * rows, 2 * cols)
         # Low cut-off at about a third of the image height: glandular islands of centimetres, not one gradient;
-        # spectral exponent 2.9 leaves enough fine structure for wispy island edges. Stretched along the rows' direction (x): ducts and ligaments run from the chest wall to the nipple.
-        self.texture = _power_law_bank(rng, bank_size, bank_shape, beta=2.9, cutoff=3.0 / rows, stretch=1.8)
+        # spectral exponent 3.1 leaves enough fine structure for wispy island edges. Stretched along the rows' direction (x): ducts and ligaments run from the chest wall to the nipple.
+        self.texture = _power_law_bank(rng, bank_size, bank_shape, beta=3.1, cutoff=3.0 / rows, stretch=1.8)
         self.white = rng.standard_normal((1, *bank_shape), dtype=np.float32)
         # Full-size temporaries allocated once: fresh arrays of this size cost page faults on every image.
         self.buffers = np.empty((5, rows, cols), dtype=np.float32)
@@ -541,20 +540,25 @@ def _spiculated_mass(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r
     rr = np.sqrt(dy**2 + dx**2)
     theta = np.arctan2(dy, dx)
     phases = rng.uniform(0, 2 * np.pi, 3)
-    edge = radius * (1 + 0.14 * np.sin(3 * theta + phases[0]) + 0.09 * np.sin(5 * theta + phases[1]))
+    # Irregular, lobulated outline.
+    edge = radius * (
+        1 + 0.18 * np.sin(3 * theta + phases[0]) + 0.10 * np.sin(5 * theta + phases[1]) + 0.06 * np.sin(7 * theta)
+    )
     # Ill-defined margin: the density ramps down over a third of the radius instead of stopping at an edge.
     core = np.clip((edge - rr) / (0.35 * radius) + 0.5, 0, 1)
     dome = np.sqrt(np.clip(1 - (rr / (edge + 1e-3)) ** 2, 0, 1))
     profile = 0.75 * core + 0.35 * dome  # dense core, densest in the middle
-    n_spicules = int(rng.integers(8, 19))
-    angles = rng.uniform(0, 2 * np.pi, n_spicules).astype(np.float32)[:, None, None]
-    lengths = (radius * rng.uniform(1.5, 2.8, n_spicules)).astype(np.float32)[:, None, None]
-    widths = np.maximum(radius * rng.uniform(0.06, 0.12, n_spicules), 0.7).astype(np.float32)[:, None, None]
+    # Spicules all around, thick and long enough to stay visible at the demo's 128 rows.
+    n_spicules = int(rng.integers(6, 15))
+    angles = np.linspace(0, 2 * np.pi, n_spicules, endpoint=False) + rng.uniform(0, 2 * np.pi)
+    angles = (angles + rng.normal(0, 0.6 * np.pi / n_spicules, n_spicules)).astype(np.float32)[:, None, None]
+    lengths = (radius * rng.uniform(1.8, 3.2, n_spicules)).astype(np.float32)[:, None, None]
+    widths = np.maximum(radius * rng.uniform(0.10, 0.18, n_spicules), 0.8).astype(np.float32)[:, None, None]
     along = dx * np.cos(angles) + dy * np.sin(angles)
     across = np.abs(dx * np.sin(angles) - dy * np.cos(angles))
     taper = np.clip(1 - along / lengths, 0, 1)
-    spicules = np.exp(-((across / (widths * (0.5 + taper))) ** 2)) * taper * (along > 0.3 * radius)
-    return np.maximum(profile, 0.9 * spicules.max(axis=0))
+    spicules = np.exp(-((across / (widths * (0.4 + taper))) ** 2)) * np.sqrt(taper) * (along > 0.3 * radius)
+    return np.maximum(profile, 0.85 * spicules.max(axis=0))
 
 
 def _benign_mass(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
@@ -576,7 +580,7 @@ def _calcifications(
 ) -> np.ndarray:
     """Sum of small elongated Gaussians; sub-pixel ones keep their integrated brightness (partial volume)."""
     n = len(centers)
-    sigma = rng.uniform(*(_CALC_SIGMA_512 if pleomorphic else _BENIGN_CALC_SIGMA_512), n) * sigma_scale
+    sigma = rng.uniform(*_CALC_SIGMA_512, n) * sigma_scale
     drawn = np.maximum(sigma, 0.55)
     weight = (sigma / drawn) ** 2 * rng.uniform(0.6, 1.0, n)
     aspect = rng.uniform(1.0, 2.5 if pleomorphic else 1.4, n)
@@ -623,7 +627,7 @@ def _draw_finding(
         picks = rng.choice(candidates, size=min(finding.count, len(candidates)), replace=False)
         for pick in picks:
             y, x = divmod(int(pick), canvas.cols)
-            box = _patch(canvas, x, y, 3.0 + 3.5 * _BENIGN_CALC_SIGMA_512[1] * sigma_scale)
+            box = _patch(canvas, x, y, 3.0 + 3.5 * _CALC_SIGMA_512[1] * sigma_scale)
             if box is None:
                 continue
             rows, cols, dy, dx = box
@@ -985,7 +989,9 @@ def _existing(out_dir: Path, params: dict) -> dict | None:
             "remove it or choose another --out"
         )
     summary = _summary(out_dir, marker["counts"])
-    missing = [name for name in ("manifest_csv", "embed_csv", "reference_csv", "dicom_dir") if not Path(summary[name]).exists()]
+    missing = [
+        name for name in ("manifest_csv", "embed_csv", "reference_csv", "dicom_dir") if not Path(summary[name]).exists()
+    ]
     if missing:
         raise FileExistsError(f"{out_dir} is marked complete but lacks {', '.join(missing)}; remove it and rerun")
     return summary
@@ -1025,7 +1031,9 @@ class _Progress:
         self.next_report = done / self.total + (0.02 if self.tty else 0.1)
         elapsed = time.perf_counter() - self.start
         line = f"synth: {done}/{self.total} images, {elapsed:.1f} s"
-        print(("\r" + line) if self.tty else line, end="\n" if not self.tty or done == self.total else "", file=sys.stderr)
+        print(
+            ("\r" + line) if self.tty else line, end="\n" if not self.tty or done == self.total else "", file=sys.stderr
+        )
         sys.stderr.flush()
 
 
@@ -1212,7 +1220,10 @@ def generate(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if progress:
-        print(f"synth: wrote {counts['n_images']} images to {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(
+            f"synth: wrote {counts['n_images']} images to {out_dir} in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
     return _summary(out_dir, counts)
 
 

@@ -130,7 +130,8 @@ def make_tuner(cfg: config_mod.Config, manifests: dict[str, str | None], results
             search_alg=make_searcher(cfg, experiment_dir),
             scheduler=make_scheduler(cfg),
             num_samples=cfg.search.num_samples,
-            max_concurrent_trials=cfg.resources.max_concurrent_trials,
+            # Optuna's ConcurrencyLimiter already holds the limit; the random searcher takes it here.
+            max_concurrent_trials=cfg.resources.max_concurrent_trials if cfg.search.searcher == "random" else None,
         ),
         run_config=tune.RunConfig(
             name=cfg.name,
@@ -280,15 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = Path(args.results)
     experiment_dir = experiment_path(cfg, results, args.storage)
-    if experiment_dir.exists() and not args.resume:
-        if not args.overwrite:
-            print(
-                f"error: {experiment_dir} already holds a sweep named {cfg.name!r}; pass --resume to continue it, "
-                "--overwrite to replace it, or --name for a new one",
-                file=sys.stderr,
-            )
-            return 2
-        shutil.rmtree(experiment_dir)
+    if experiment_dir.exists() and not (args.resume or args.overwrite):
+        print(
+            f"error: {experiment_dir} already holds a sweep named {cfg.name!r}; pass --resume to continue it, "
+            "--overwrite to replace it, or --name for a new one",
+            file=sys.stderr,
+        )
+        return 2
     return run_sweep(cfg, args, results, experiment_dir)
 
 
@@ -299,13 +298,18 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
 
     started = time.perf_counter()
     try:
+        # Given manifests are validated before any Ray resource is taken; the synthetic set needs Ray to prepare.
+        frames = None if cli.needs_synthetic(cfg, args) else cli.resolve_data(cfg, args)
         ray_info = cli.start_ray(address=args.address, dashboard_host=args.dashboard_host, verbose=args.verbose)
         check_storage(args)
-        frames = cli.resolve_data(cfg, args)
+        if frames is None:
+            frames = cli.resolve_data(cfg, args)
     except (manifest.ManifestError, cli.DataMissingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     manifests = {role: frame.attrs.get("path") for role, frame in frames.items()}
+    if args.overwrite and not args.resume and experiment_dir.exists():
+        shutil.rmtree(experiment_dir)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, experiment_dir / "config.yaml")
     io.atomic_write_json(experiment_dir / "manifests.json", manifests)

@@ -1,0 +1,38 @@
+"""Shared fixtures: one Ray session for the whole test run, and the shared DICOM test data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Quiet, fast Ray for tests; set before Ray starts so that every worker process inherits them.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once per test session (2 CPUs, like CI) with the dashboard, and shut it down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A small synthetic DICOM set, generated once per session."""
+    from mammo_ray import synth
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    info = synth.generate(out, patients=24, prevalence=0.25, size=(128, 104), seed=3, progress=False)
+    return info

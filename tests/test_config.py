@@ -1,0 +1,429 @@
+"""Tests for mammo_ray.config: space-file lookup, loading, ``--set`` overrides, validation errors that name the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mammo_ray import config
+from mammo_ray.config import SPACES_DIR, ConfigError
+
+SHIPPED = ("demo", "adamw", "sgd", "focal", "uncertainty")
+
+# A small valid space file used as the base of the error cases.
+BASE: dict[str, Any] = {
+    "name": "base",
+    "data": {"image_size": [64, 48]},
+    "model": {"backbone": "convnext_atto", "dropout": 0.1},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "sampler": "weighted"},
+    "resources": {"num_workers": 1},
+    "search": {"metric": "val_auc", "mode": "max", "num_samples": 2, "searcher": "optuna"},
+    "space": {
+        "train.lr": {"type": "loguniform", "low": 0.0001, "high": 0.01},
+        "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
+        "train.sampler": {"type": "choice", "values": ["weighted", "balanced"]},
+        "model.freeze_units": {"type": "int", "low": 0, "high": 2},
+    },
+}
+
+
+def _write(tmp_path: Path, data: Any, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _with(section: str, key: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data.setdefault(section, {})[key] = value
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# resolve_space_path
+
+
+@pytest.mark.parametrize("given", ["spaces/adamw.yaml", "adamw.yaml", "adamw", "search_spaces/adamw.yaml"])
+def test_resolve_space_path_finds_shipped_file(given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing named like the argument exists here, so the lookup must be used
+    assert config.resolve_space_path(given) == SPACES_DIR / "adamw.yaml"
+
+
+def test_resolve_space_path_returns_an_existing_path_itself(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE, "adamw.yaml")  # same file name as a shipped one: the real path wins
+    assert config.resolve_space_path(path) == path
+    assert config.resolve_space_path(str(path)) == path
+
+
+@pytest.mark.parametrize("given", ["nosuch", "nosuch.yaml", "spaces/nosuch.yaml"])
+def test_resolve_space_path_unknown_lists_available(
+    given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        config.resolve_space_path(given)
+    message = str(err.value)
+    assert "nosuch" in message
+    for name in SHIPPED:
+        assert name in message, f"the error should list the shipped space {name!r}: {message}"
+
+
+# --------------------------------------------------------------------------------------------------
+# load of the shipped files
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_load_every_shipped_space(name: str) -> None:
+    cfg = config.load(name)
+    assert cfg.name == name
+    assert cfg.space, f"{name}.yaml should search something"
+    # The core four dimensions of the card are searched by every shipped file.
+    for key in ("train.lr", "model.dropout", "train.sampler", "model.freeze_units"):
+        assert key in cfg.space, f"{name}.yaml does not search {key}"
+
+
+def test_shipped_files_are_all_tested() -> None:
+    assert sorted(p.stem for p in SPACES_DIR.glob("*.yaml")) == sorted(SHIPPED)
+
+
+def test_load_without_name_uses_the_file_stem(tmp_path: Path) -> None:
+    data = copy.deepcopy(BASE)
+    del data["name"]
+    assert config.load(_write(tmp_path, data, "my-sweep.yaml")).name == "my-sweep"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_load_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    cfg = config.load(path)
+    assert cfg.name == "empty"
+    assert cfg.to_dict() | {"name": "sweep"} == config.Config().to_dict()
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "train: [unclosed\n"])
+def test_load_rejects_non_mapping_or_bad_yaml(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        config.load(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# --set overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("train.lr=0.0003", "train.lr", 0.0003),
+        ("train.lr=3.0e-4", "train.lr", 0.0003),
+        ("train.epochs=5", "train.epochs", 5),
+        ("data.image_size=[256,192]", "data.image_size", [256, 192]),
+        ("data.image_size=[256, 192]", "data.image_size", [256, 192]),
+        ("train.amp=false", "train.amp", False),
+        ("train.amp=true", "train.amp", True),
+        ("train.pos_weight=null", "train.pos_weight", None),
+        ("train.pos_weight=", "train.pos_weight", None),
+        ("train.sampler=balanced", "train.sampler", "balanced"),
+        (" name = my run", "name", "my run"),
+        ("data.train=a=b.parquet", "data.train", "a=b.parquet"),  # only the first '=' splits
+    ],
+)
+def test_parse_override(text: str, key: str, value: Any) -> None:
+    assert config.parse_override(text) == (key, value)
+
+
+@pytest.mark.parametrize("text", ["train.lr", "", "train.lr=[1, 2"])
+def test_parse_override_rejects(text: str) -> None:
+    with pytest.raises(ConfigError):
+        config.parse_override(text)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value"),
+    [
+        (["train.lr=0.0003"], "train.lr", 0.0003),
+        (["train.epochs=3"], "train.epochs", 3),
+        (["train.lr=1"], "train.lr", 1.0),  # an int where a float is expected
+        (["data.image_size=[256,192]"], "data.image_size", [256, 192]),
+        (["train.amp=true"], "train.amp", True),
+        (["train.pos_weight=3"], "train.pos_weight", 3.0),
+        (["train.pos_weight=null"], "train.pos_weight", None),
+        (["data.synthetic.patients=40"], "data.synthetic.patients", 40),
+        (["name=other"], "name", "other"),
+        ({"train.lr": 0.0003}, "train.lr", 0.0003),
+    ],
+)
+def test_load_applies_overrides(tmp_path: Path, overrides: Any, key: str, value: Any) -> None:
+    cfg = config.load(_write(tmp_path, BASE), overrides)
+    assert cfg.get(key) == value
+    assert type(cfg.get(key)) is type(value)
+
+
+def test_later_override_wins(tmp_path: Path) -> None:
+    assert config.load(_write(tmp_path, BASE), ["train.lr=0.1", "train.lr=0.2"]).train.lr == 0.2
+
+
+def test_override_replaces_whole_space(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, BASE), ["space={train.lr: {type: uniform, low: 0.001, high: 0.002}}"])
+    assert cfg.space == {"train.lr": {"type": "uniform", "low": 0.001, "high": 0.002}}
+
+
+def test_override_one_space_entry(tmp_path: Path) -> None:
+    # from_dict accepts keys starting with "space." on purpose, but _nest splits the dotted config key inside the
+    # space ("space.train.lr" -> space -> train -> lr), and _merge then replaces the whole space with {"train": ...}.
+    spec = {"type": "uniform", "low": 0.001, "high": 0.002}
+    try:
+        cfg = config.load(_write(tmp_path, BASE), {"space.train.lr": spec})
+    except ConfigError as err:
+        pytest.fail(f"BUG config.from_dict: '--set space.train.lr=...' should replace one space entry, got: {err}")
+    assert cfg.space["train.lr"] == spec
+    assert cfg.space["model.dropout"] == BASE["space"]["model.dropout"], "the other space entries must stay"
+
+
+def test_override_scientific_notation(tmp_path: Path) -> None:
+    # The brief's and parse_override's own docstring example. PyYAML follows YAML 1.1, which reads "3e-4" (no dot)
+    # as a string, so the float field refuses it.
+    try:
+        cfg = config.load(_write(tmp_path, BASE), ["train.lr=3e-4"])
+    except ConfigError as err:
+        pytest.fail(f"BUG config.parse_override: '--set train.lr=3e-4' must give 0.0003, got: {err}")
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_space_file_scientific_notation(tmp_path: Path) -> None:
+    text = yaml.safe_dump(BASE, sort_keys=False) + "\n"
+    text = text.replace("lr: 0.001", "lr: 1e-3")
+    path = tmp_path / "sci.yaml"
+    path.write_text(text)
+    try:
+        cfg = config.load(path)
+    except ConfigError as err:
+        pytest.fail(f"BUG config.load: 'lr: 1e-3' in a space file must be a number, got: {err}")
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors that name the key
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "names"),
+    [
+        # Unknown keys, with a did-you-mean.
+        (_with("train", "learning_rate", 0.1), None, ["train.learning_rate", "Known keys", "lr"]),
+        (_with("model", "dropuot", 0.1), None, ["model.dropuot", "did you mean", "dropout"]),
+        (_with("data", "synthetic", {"patiens": 10}), None, ["data.synthetic.patiens", "did you mean", "patients"]),
+        (BASE, ["train.lrr=0.1"], ["train.lrr", "train.lr"]),
+        (BASE, ["model.dropot=0.1"], ["model.dropot", "model.dropout"]),
+        # Unknown section.
+        ({**BASE, "trian": {"lr": 0.1}}, None, ["trian", "train"]),
+        ({**BASE, "optimizer": {"lr": 0.1}}, None, ["optimizer"]),
+        ({**BASE, "train": 5}, None, ["train"]),
+        # Wrong types.
+        (_with("train", "lr", "fast"), None, ["train.lr", "number"]),
+        (BASE, ["train.lr=fast"], ["train.lr", "number"]),
+        (BASE, ["train.lr=null"], ["train.lr"]),
+        (BASE, ["train.lr=.nan"], ["train.lr", "finite"]),
+        (BASE, ["train.epochs=2.5"], ["train.epochs", "integer"]),
+        (BASE, ["train.epochs=true"], ["train.epochs", "integer"]),
+        (BASE, ["train.amp=yes please"], ["train.amp", "true or false"]),
+        (BASE, ["train.sampler=1"], ["train.sampler", "string"]),
+        (BASE, ["data.image_size=256"], ["data.image_size", "list"]),
+        (BASE, ["data.image_size=[256, x]"], ["data.image_size[1]"]),
+        # Out of range or not one of the choices.
+        (BASE, ["model.dropout=1.5"], ["model.dropout", "1.5"]),
+        (BASE, ["model.dropout=-0.1"], ["model.dropout"]),
+        (BASE, ["train.sampler=foo"], ["train.sampler", "foo", "weighted"]),
+        (BASE, ["train.optimizer=lamb"], ["train.optimizer", "lamb"]),
+        (BASE, ["train.epochs=0"], ["train.epochs"]),
+        (BASE, ["train.batch_size=1"], ["train.batch_size"]),
+        (BASE, ["train.lr=-0.001"], ["train.lr"]),
+        (BASE, ["train.positive_fraction=1.2"], ["train.positive_fraction"]),
+        (BASE, ["resources.num_workers=0"], ["resources.num_workers"]),
+        (BASE, ["data.image_size=[8, 8]"], ["data.image_size"]),
+        (BASE, ["data.image_size=[64, 48, 3]"], ["data.image_size"]),
+        (BASE, ["data.synthetic.split=[0.5, 0.5, 0.5]"], ["data.synthetic.split"]),
+        (BASE, ["model.attenuation=true", "train.loss=focal"], ["model.attenuation", "train.loss"]),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, data: dict, overrides: list[str] | None, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(_write(tmp_path, data), overrides)
+    for name in names:
+        assert name in str(err.value), f"{name!r} missing from the error: {err.value}"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "suggestion"),
+    [
+        ("model", "dropuot", "model.dropout"),
+        ("train", "optimiser", "train.optimizer"),
+        ("data", "use_cach", "data.use_cache"),
+    ],
+)
+def test_unknown_key_did_you_mean_names_the_dotted_key(tmp_path: Path, section: str, key: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(_write(tmp_path, _with(section, key, 1)))
+    assert f"did you mean {suggestion!r}" in str(err.value), (
+        f"BUG config._build: the did-you-mean should quote the whole dotted key {suggestion!r}; got: {err.value}"
+    )
+
+
+def _space(key: str, spec: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data["space"] = {key: spec}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "names"),
+    [
+        (_space("train.lr", {"type": "gaussian", "low": 0.1, "high": 0.2}), ["space.train.lr", "gaussian"]),
+        (_space("train.lr", {"low": 0.1, "high": 0.2}), ["space.train.lr", "type"]),
+        (_space("train.lr", [0.1, 0.2]), ["space.train.lr"]),
+        (_space("train.lr", {"type": "uniform", "low": 0.2, "high": 0.1}), ["space.train.lr", "low"]),
+        (_space("train.lr", {"type": "uniform", "low": 0.1, "high": 0.1}), ["space.train.lr", "low"]),
+        (_space("train.lr", {"type": "uniform", "low": 0.1}), ["space.train.lr", "high"]),
+        (_space("train.lr", {"type": "uniform", "low": "a", "high": 0.1}), ["space.train.lr", "numbers"]),
+        (_space("train.lr", {"type": "loguniform", "low": 0.0, "high": 0.1}), ["space.train.lr", "loguniform"]),
+        (_space("train.lr", {"type": "loguniform", "low": -1.0, "high": 0.1}), ["space.train.lr", "loguniform"]),
+        (_space("train.lr", {"type": "uniform", "low": 0.1, "high": 0.2, "log": True}), ["space.train.lr", "log"]),
+        (_space("model.freeze_units", {"type": "int", "low": 0.5, "high": 3}), ["space.model.freeze_units", "int"]),
+        (_space("model.freeze_units", {"type": "int", "low": 0, "high": 2.5}), ["space.model.freeze_units", "int"]),
+        (_space("train.sampler", {"type": "choice", "values": []}), ["space.train.sampler", "values"]),
+        (_space("train.sampler", {"type": "choice"}), ["space.train.sampler", "values"]),
+        (_space("train.sampler", {"type": "choice", "values": "weighted"}), ["space.train.sampler", "values"]),
+        (_space("train.sampler", {"type": "choice", "values": ["weighted", "foo"]}), ["train.sampler", "foo"]),
+        (_space("model.dropout", {"type": "uniform", "low": 0.0, "high": 1.5}), ["model.dropout", "1.5"]),
+        (_space("train.learning_rate", {"type": "loguniform", "low": 0.1, "high": 1}), ["train.learning_rate"]),
+        (_space("train", {"type": "choice", "values": [1]}), ["space.train"]),
+        (_space("search.num_samples", {"type": "int", "low": 1, "high": 4}), ["search.num_samples"]),
+        (_space("resources.num_workers", {"type": "int", "low": 1, "high": 4}), ["resources.num_workers"]),
+        (_space("name", {"type": "choice", "values": ["a", "b"]}), ["name"]),
+        (_space("train.sampler", {"type": "grid", "values": ["weighted", "simple"]}), ["space.train.sampler", "grid"]),
+    ],
+)
+def test_bad_space_names_the_key(tmp_path: Path, data: dict, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(_write(tmp_path, data))
+    for name in names:
+        assert name in str(err.value), f"{name!r} missing from the error: {err.value}"
+
+
+def test_space_unknown_key_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        config.load(_write(tmp_path, _space("train.lrr", {"type": "loguniform", "low": 0.001, "high": 0.1})))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "grid", "values": ["weighted", "simple"]},
+        {"type": "choice", "values": ["balanced"]},  # a one-value choice is degenerate but legal
+    ],
+)
+def test_space_accepted_with_random_searcher(tmp_path: Path, spec: dict) -> None:
+    data = _space("train.sampler", spec)
+    data["search"]["searcher"] = "random"
+    assert config.load(_write(tmp_path, data)).space["train.sampler"] == spec
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "loguniform", "low": 1, "high": 10},  # ints as float bounds
+        {"type": "uniform", "low": 0.0, "high": 0.5, "step": 0.1},
+        {"type": "int", "low": 0.0, "high": 4.0},  # integral floats are fine for int
+    ],
+)
+def test_space_accepted_bounds(tmp_path: Path, spec: dict) -> None:
+    key = "model.freeze_units" if spec["type"] == "int" else "train.lr"
+    assert config.load(_write(tmp_path, _space(key, spec))).space[key] == spec
+
+
+# --------------------------------------------------------------------------------------------------
+# with_params
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"train.lr": 0.005},
+        {"train.lr": 0.005, "model.dropout": 0.25, "train.sampler": "balanced", "model.freeze_units": 2},
+        {"model.freeze_units": 2.0},  # an integral float from a sampler becomes an int
+        {"data.synthetic.patients": 10},
+        {},
+    ],
+)
+def test_with_params_applies_dotted_keys(tmp_path: Path, params: dict) -> None:
+    cfg = config.load(_write(tmp_path, BASE))
+    before = cfg.to_dict()
+    trial = config.with_params(cfg, params)
+    for key, value in params.items():
+        assert trial.get(key) == value
+    assert cfg.to_dict() == before, "with_params must not change the config it was given"
+    assert trial.name == cfg.name
+    assert trial.space == cfg.space
+    assert type(trial.model.freeze_units) is int
+
+
+@pytest.mark.parametrize(
+    ("params", "names"),
+    [
+        ({"model.dropout": 1.5}, ["model.dropout"]),
+        ({"train.sampler": "foo"}, ["train.sampler"]),
+        ({"train.lrr": 0.1}, ["train.lrr", "train.lr"]),
+        ({"model.freeze_units": 2.5}, ["model.freeze_units"]),
+        ({"train.lr": "fast"}, ["train.lr"]),
+    ],
+)
+def test_with_params_validates(tmp_path: Path, params: dict, names: list[str]) -> None:
+    cfg = config.load(_write(tmp_path, BASE))
+    with pytest.raises(ConfigError) as err:
+        config.with_params(cfg, params)
+    for name in names:
+        assert name in str(err.value), f"{name!r} missing from the error: {err.value}"
+
+
+# --------------------------------------------------------------------------------------------------
+# dump / save
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_save_then_load_round_trips(tmp_path: Path, name: str) -> None:
+    cfg = config.load(name, ["train.pos_weight=2.5", "data.train=manifests/train.parquet"])
+    path = tmp_path / "out" / "config.yaml"  # the folder does not exist yet
+    config.save(cfg, path)
+    assert config.load(path).to_dict() == cfg.to_dict()
+    assert yaml.safe_load(config.dump(cfg)) == cfg.to_dict()
+
+
+def test_save_is_atomic_and_overwrites(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, BASE))
+    target = tmp_path / "saved" / "config.yaml"
+    config.save(cfg, target)
+    config.save(config.with_params(cfg, {"train.lr": 0.002}), target)
+    assert [p.name for p in target.parent.iterdir()] == ["config.yaml"], "a temporary file was left behind"
+    assert config.load(target).train.lr == 0.002
+
+
+def test_save_leaves_no_temp_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config.load(_write(tmp_path, BASE))
+    target = tmp_path / "saved" / "config.yaml"
+    config.save(cfg, target)
+    old = target.read_text()
+
+    def broken_dump(_: config.Config) -> str:
+        return 42  # type: ignore[return-value]  # write_text refuses a non-string half-way through the write
+
+    monkeypatch.setattr(config, "dump", broken_dump)
+    with pytest.raises(TypeError):
+        config.save(cfg, target)
+    assert [p.name for p in target.parent.iterdir()] == ["config.yaml"]
+    assert target.read_text() == old, "a failed save must leave the previous file intact"

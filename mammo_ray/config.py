@@ -367,7 +367,9 @@ def _check_space(space: dict[str, Any], source: str) -> None:
             try:
                 low, high = (float(b) if isinstance(b, str) else b for b in (low, high))
             except ValueError:
-                raise ConfigError(f"{source}: {where}: bounds must be numbers, got {spec['low']!r}, {spec['high']!r}")
+                raise ConfigError(
+                    f"{source}: {where}: bounds must be numbers, got {spec['low']!r}, {spec['high']!r}"
+                ) from None
             spec["low"], spec["high"] = low, high
             for bound in (low, high):
                 if isinstance(bound, bool) or not isinstance(bound, int | float):

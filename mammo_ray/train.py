@@ -183,13 +183,13 @@ def _to_tensor(batch: dict[str, np.ndarray], device, channels_last: bool):
     return images, labels
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
+def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return tensor.tolist()
 
 
@@ -307,6 +307,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 for n in plan.tolist()
             )
         loss_sum, seen, positives, nonfinite = 0.0, 0, 0, 0.0
+        batch_share_min, batch_share_max = 1.0, 0.0
         for step_in_epoch, batch in enumerate(batches):
             images, labels = _to_tensor(batch, device, channels_last)
             set_lr(epoch * steps + step_in_epoch)
@@ -327,8 +328,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * len(labels)
             seen += len(labels)
             positives += int(labels.sum().item())
+            share = float(labels.mean())
+            batch_share_min, batch_share_max = min(batch_share_min, share), max(batch_share_max, share)
         # A rank that met a non-finite loss stops; all ranks learn of it here and stop together.
-        totals = _all_reduce_sum([loss_sum, seen, positives, nonfinite], device)
+        totals = _all_reduce([loss_sum, seen, positives, nonfinite], device)
+        share_min = _all_reduce([batch_share_min], device, "min")[0]
+        share_max = _all_reduce([batch_share_max], device, "max")[0]
         train_time = time.perf_counter() - started
         if totals[3] > 0:
             report = {"epoch": epoch_number, "nonfinite_loss": 1.0, "train_loss": float("nan"), "val_auc": float("nan")}
@@ -349,7 +354,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 channels_last=channels_last,
                 use_amp=use_amp,
             )
-        val_totals = _all_reduce_sum([val_loss_sum, len(local_predictions)], device)
+        val_totals = _all_reduce([val_loss_sum, len(local_predictions)], device)
         predictions = metrics.gather_predictions(local_predictions)
         val_metrics = metrics.compute_split_metrics(predictions, threshold=cfg.train.threshold)
         epoch_time = time.perf_counter() - started
@@ -360,6 +365,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **_epoch_scalars(val_metrics),
             "train_positive_fraction": totals[2] / max(1, totals[1]),
             "train_images": int(totals[1]),
+            # Extremes of the per-batch positive share on any rank: the balanced sampler gives 0.5 and 0.5.
+            "train_batch_positive_min": share_min,
+            "train_batch_positive_max": share_max,
             "images_per_s": totals[1] / max(1e-9, train_time),
             "epoch_time_s": epoch_time,
             "lr": optimizer.param_groups[0]["lr"],

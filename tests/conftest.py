@@ -36,3 +36,15 @@ def synthetic_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
     info = synth.generate(out, patients=24, prevalence=0.25, size=(128, 104), seed=3, progress=False)
     return info
+
+
+@pytest.fixture(scope="session")
+def prepared_data(ray_session, synthetic_data, tmp_path_factory):
+    """The small synthetic set run through ``prepare`` (manifests + pixel cache at 64×48)."""
+    from mammo_ray import importers, prepare
+
+    root = Path(synthetic_data["manifest_csv"]).parent
+    table = importers.import_source("generic", [synthetic_data["manifest_csv"]], root)
+    out = tmp_path_factory.mktemp("prepared")
+    paths = prepare.run(table, out, size=(64, 48), fractions=(0.6, 0.2, 0.2), seed=1, progress=False)
+    return {role: str(path) for role, path in paths.items()}

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m mammo_ray.tune --space search_spaces/demo.yaml
+	$(PY) -m mammo_ray.tune --space search_spaces/demo.yaml --overwrite
 
 test: install
 	$(PY) -m pytest -m "not slow and not gpu" tests

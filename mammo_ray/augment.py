@@ -3,13 +3,15 @@
 The reference script augmented only positive images, which lets a model learn that "rotated or
 flipped means cancer". Here every transform is applied to both classes with the same probability;
 ``positive_strength`` > 1 only raises, for positives, the probability of the same transforms
-(never a transform that only positives see). Images arrive oriented with the chest wall on the
+(never a transform that only positives see); the vertical flip stays at 0.5 for both classes, since
+a class-dependent flip rate would itself be a label shortcut. Images arrive oriented with the chest wall on the
 left (``imaging.orient``), so horizontal flips are excluded: they would undo that convention.
 Validation and test data are never augmented.
 """
 
 from __future__ import annotations
 
+import random
 import zlib
 
 import albumentations as A
@@ -31,6 +33,10 @@ def build_transform(positive_strength: float = 1.0, positive: bool = False) -> A
     scale = positive_strength if positive else 1.0
 
     def p(name: str) -> float:
+        # The flip keeps p = 0.5 for both classes: any other rate for one class only would make image
+        # orientation predictive of the label, the very shortcut this module exists to prevent.
+        if name == "vertical_flip":
+            return BASE_PROBABILITIES[name]
         return min(1.0, BASE_PROBABILITIES[name] * scale)
 
     return A.Compose(
@@ -73,6 +79,9 @@ def augment_images(
     out = np.empty_like(images)
     for i in range(len(images)):
         transform = positive if labels[i] == 1 else negative
-        transform.set_random_seed(int(seeds[i]))
+        # One generator shared by all transforms of the pipeline: set_random_seed would seed each transform
+        # with the same value, so their "apply?" draws would coincide and fire together or not at all.
+        seed = int(seeds[i])
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out[i] = transform(image=images[i])["image"]
     return np.clip(out, 0.0, 1.0, out=out)

@@ -53,7 +53,9 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
         "address": address,
         "include_dashboard": True,
         "logging_level": logging.INFO if verbose else logging.WARNING,
-        "log_to_driver": True,
+        # Worker logs (per-step Train and Ray Data chatter) stay in the dashboard and in /tmp/ray unless -v;
+        # the terminal shows Tune's trial table, and failures reach leaderboard.csv with their reason.
+        "log_to_driver": verbose,
         "runtime_env": {"env_vars": {k: os.environ[k] for k in QUIET_ENV if k in os.environ}},
     }
     if address is None:

@@ -290,7 +290,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         dotted = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {dotted!r}{hint}. Known keys in this section: {', '.join(names)}")
         tp = hints[key]
         if _is_dataclass_type(tp):
@@ -450,7 +450,13 @@ def from_dict(data: dict[str, Any], source: str = "config", overrides: dict[str,
     """Build and validate a Config from nested dicts plus dotted-key overrides."""
     merged = copy.deepcopy(data or {})
     for key, value in (overrides or {}).items():
-        if key not in config_keys() and not key.startswith("space.") and key != "space":
+        if key.startswith("space."):
+            # Space keys are dotted config keys themselves: space.train.lr is the entry "train.lr".
+            space = dict(merged.get("space") or {})
+            space[key[len("space.") :]] = value
+            merged["space"] = space
+            continue
+        if key not in config_keys() and key != "space":
             close = difflib.get_close_matches(key, config_keys(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"--set: unknown key {key!r}{hint}")

@@ -58,7 +58,12 @@ def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
     try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+        if path.suffix.lower() == ".csv":
+            # Ids are text: read as numbers, "007" would become 7 and slip past the overlap check.
+            text = ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset", "path", "split")
+            frame = pd.read_csv(path, dtype={c: str for c in text})
+        else:
+            frame = pd.read_parquet(path)
     except Exception as err:  # pyarrow and pandas raise many types for a bad file
         raise ManifestError(f"manifest {path}: cannot read it ({type(err).__name__}: {err})") from err
     missing = [c for c in REQUIRED if c not in frame.columns]

@@ -81,8 +81,9 @@ def lr_multiplier(
 ) -> float:
     """Learning-rate factor at a step: linear warm-up, then cosine to 0, step decay or constant."""
     progress = step / max(1, steps_per_epoch)  # in epochs
-    if warmup_epochs > 0 and progress < warmup_epochs:
-        return (progress + 1.0 / max(1, steps_per_epoch)) / warmup_epochs
+    warmup_steps = math.ceil(warmup_epochs * steps_per_epoch) if warmup_epochs > 0 else 0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if schedule == "cosine":
         span = max(1e-9, epochs - warmup_epochs)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))

@@ -149,7 +149,7 @@ def test_read_images_keeps_input_order_across_shards(tmp_path: Path, order: list
 
 
 def test_read_images_empty_batch() -> None:
-    rows = {k: np.array([], dtype=object if k == "cache_file" else np.int64) for k in _rows({}, []).keys()}
+    rows = {k: np.array([], dtype=object if k == "cache_file" else np.int64) for k in _rows({}, [])}
     assert cache.read_images(rows) == []
 
 

@@ -1,0 +1,320 @@
+"""Tests for the pure parts of mammo_ray.train (no Ray): schedule, optimiser, the reference CLI mapping, resources."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from mammo_ray import config, train
+
+
+def _lr(step: int, steps: int = 10, **kwargs: Any) -> float:
+    kwargs.setdefault("epochs", 5)
+    kwargs.setdefault("schedule", "cosine")
+    return train.lr_multiplier(step, steps, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# lr_multiplier
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(10, 1.0), (10, 2.0), (4, 0.5), (1, 1.0), (100, 0.3)])
+def test_warmup_ramps_up_to_one(steps: int, warmup: float) -> None:
+    warmup_steps = round(warmup * steps)
+    factors = [_lr(s, steps, warmup_epochs=warmup, epochs=10) for s in range(warmup_steps + 1)]
+    assert factors[0] > 0, "the first step must not have a zero learning rate"
+    assert all(b > a for a, b in zip(factors[:warmup_steps], factors[1:warmup_steps], strict=False))
+    assert factors[warmup_steps - 1] == pytest.approx(1.0)
+    assert factors[warmup_steps] == pytest.approx(1.0)  # the schedule proper starts at its peak
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(10, 1.0), (4, 0.5), (3, 0.5), (10, 0.05)])
+def test_multiplier_never_exceeds_one(steps: int, warmup: float) -> None:
+    epochs = 4
+    factors = [
+        _lr(s, steps, epochs=epochs, schedule=schedule, warmup_epochs=warmup, decay_every=1)
+        for schedule in ("cosine", "step", "constant")
+        for s in range(epochs * steps)
+    ]
+    worst = max(factors)
+    assert worst <= 1.0 + 1e-9, (
+        f"BUG train.lr_multiplier: warm-up gives a factor of {worst:.3f} > 1 with {steps} steps per epoch and "
+        f"warmup_epochs={warmup} (the demo uses 0.5): the ramp overshoots when warm-up is not a whole number of steps"
+    )
+
+
+@pytest.mark.parametrize(("epochs", "steps", "warmup"), [(5, 10, 0.0), (5, 10, 1.0), (1, 1, 0.0), (20, 3, 2.0)])
+def test_cosine_reaches_zero_at_the_end(epochs: int, steps: int, warmup: float) -> None:
+    factors = [_lr(s, steps, epochs=epochs, warmup_epochs=warmup) for s in range(epochs * steps + 1)]
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert factors[-2] < 0.1 or epochs * steps < 10
+    after_warmup = factors[round(warmup * steps) :]
+    assert all(b <= a + 1e-12 for a, b in zip(after_warmup, after_warmup[1:], strict=False)), "cosine must not rise"
+    assert max(factors) <= 1.0 + 1e-12
+
+
+def test_cosine_midpoint_is_one_half() -> None:
+    assert _lr(25, 10, epochs=5) == pytest.approx(0.5)
+
+
+def test_cosine_stays_at_zero_past_the_end() -> None:
+    assert _lr(80, 10, epochs=5) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("decay_every", "multiplier", "expected"),
+    [
+        (2, 0.5, [1, 1, 0.5, 0.5, 0.25, 0.25]),
+        (1, 0.1, [1, 0.1, 0.01, 0.001, 1e-4, 1e-5]),
+        (3, 0.5, [1, 1, 1, 0.5, 0.5, 0.5]),
+        (10, 0.5, [1, 1, 1, 1, 1, 1]),
+        (0, 0.5, [1, 1, 1, 1, 1, 1]),  # no decay period: constant
+    ],
+)
+def test_step_decay_multiplies_every_n_epochs(decay_every: int, multiplier: float, expected: list[float]) -> None:
+    steps = 4
+    for epoch, value in enumerate(expected):
+        for step_in_epoch in (0, steps - 1):
+            factor = _lr(
+                epoch * steps + step_in_epoch,
+                steps,
+                epochs=6,
+                schedule="step",
+                decay_every=decay_every,
+                decay_multiplier=multiplier,
+            )
+            assert factor == pytest.approx(value), (epoch, step_in_epoch)
+
+
+@pytest.mark.parametrize("step", [0, 1, 17, 49, 50, 1000])
+def test_constant_is_one(step: int) -> None:
+    assert _lr(step, 10, schedule="constant") == 1.0
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_zero_steps_per_epoch_does_not_divide_by_zero(steps: int) -> None:
+    assert math.isfinite(_lr(3, steps, warmup_epochs=1.0))
+    assert math.isfinite(_lr(3, steps))
+
+
+# --------------------------------------------------------------------------------------------------
+# build_optimizer
+
+
+def _groups() -> list[dict]:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    return [{"params": [layer.weight], "weight_decay": 0.05}, {"params": [layer.bias], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("adamw", torch.optim.AdamW),
+        ("AdamW", torch.optim.AdamW),
+        ("adam", torch.optim.Adam),
+        ("sgd", torch.optim.SGD),
+        ("SGD", torch.optim.SGD),
+    ],
+)
+def test_build_optimizer_types(name: str, cls: type) -> None:
+    optimizer = train.build_optimizer(name, _groups(), lr=0.01, momentum=0.9)
+    assert type(optimizer) is cls
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0], "groups keep their own weight decay"
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, True), (0.0, False)])
+def test_sgd_momentum(momentum: float, nesterov: bool) -> None:
+    optimizer = train.build_optimizer("sgd", _groups(), lr=0.1, momentum=momentum)
+    assert optimizer.param_groups[0]["momentum"] == momentum
+    assert optimizer.param_groups[0]["nesterov"] is nesterov
+
+
+def test_optimizer_steps() -> None:
+    groups = _groups()
+    weight = groups[0]["params"][0]
+    before = weight.detach().clone()
+    optimizer = train.build_optimizer("adamw", groups, lr=0.1)
+    weight.sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("name", ["lamb", "", "rmsprop", "adam_w"])
+def test_build_optimizer_unknown_name(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train.build_optimizer(name, _groups(), lr=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference script's flags
+
+
+def _overrides(*argv: str) -> dict[str, Any]:
+    return train.reference_overrides(train.build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        (["--sampler", "Weighted"], {"train.sampler": "weighted"}),
+        (["--sampler", "Balanced"], {"train.sampler": "balanced"}),
+        (["--sampler", "Simple"], {"train.sampler": "simple"}),
+        (["--loss_function", "BCELoss"], {"train.loss": "bce"}),
+        (["--loss_function", "BCELogitsLoss"], {"train.loss": "bce"}),
+        (["--loss_function", "FocalLoss"], {"train.loss": "focal"}),
+        (["--learned_loss_attenuation"], {"model.attenuation": True}),
+        (["--learned_loss_attnuation"], {"model.attenuation": True}),
+        (["--t_number", "30"], {"train.t_samples": 30}),
+        (["--fine_tuning", "partial", "--upto_freeze", "30"], {"model.freeze_units": 30}),
+        (["--fine_tuning", "full"], {"model.freeze_units": 0}),
+        (["--fine_tuning", "full", "--upto_freeze", "30"], {"model.freeze_units": 0}),
+        (["--upto_freeze", "12"], {"model.freeze_units": 12}),
+        (["--dropout_rate", "0.3"], {"model.dropout": 0.3}),
+        (["--optimizer", "adamW"], {"train.optimizer": "adamw"}),
+        (["--optimizer", "Adam"], {"train.optimizer": "adam"}),
+        (["--optimizer", "sgd"], {"train.optimizer": "sgd"}),
+        (["--decay_every_N_epoch", "5"], {"train.schedule": "step", "train.decay_every": 5}),
+        (["--decay_multiplier", "0.1"], {"train.decay_multiplier": 0.1}),
+        (["--start_learning_rate", "0.0001"], {"train.lr": 0.0001}),
+        (["--start_learning_rate", "1e-4"], {"train.lr": 0.0001}),
+        (["--weight_decay", "0.01"], {"train.weight_decay": 0.01}),
+        (["--batch_size", "16"], {"train.batch_size": 16}),
+        (["--num_epochs", "12"], {"train.epochs": 12}),
+        (["--random_state", "42"], {"train.seed": 42}),
+        (["--exp_name", "run1"], {"name": "run1"}),
+        (["--training_augment"], {"train.augment": True}),
+        (["--training_augment", "False"], {"train.augment": False}),
+        (["--training_augment", "yes"], {"train.augment": True}),
+    ],
+)
+def test_reference_flags_map_to_config_keys(argv: list[str], expected: dict[str, Any]) -> None:
+    assert _overrides(*argv) == expected
+
+
+def test_reference_flags_together_load_into_a_valid_config() -> None:
+    overrides = _overrides(
+        "--exp_name", "ref", "--sampler", "Balanced", "--loss_function", "BCELoss", "--learned_loss_attnuation",
+        "--fine_tuning", "partial", "--upto_freeze", "2", "--optimizer", "adamW", "--start_learning_rate", "0.0001",
+        "--num_epochs", "3", "--random_state", "7", "--decay_every_N_epoch", "5", "--decay_multiplier", "0.5",
+        "--dropout_rate", "0.2", "--batch_size", "8", "--t_number", "10",
+    )  # fmt: skip
+    cfg = config.load("demo", overrides)
+    assert cfg.name == "ref"
+    assert (cfg.train.sampler, cfg.train.loss, cfg.train.optimizer) == ("balanced", "bce", "adamw")
+    assert cfg.model.attenuation is True and cfg.model.freeze_units == 2
+    assert (cfg.train.schedule, cfg.train.decay_every, cfg.train.decay_multiplier) == ("step", 5, 0.5)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.seed) == (0.0001, 3, 7)
+    assert (cfg.model.dropout, cfg.train.batch_size, cfg.train.t_samples) == (0.2, 8, 10)
+
+
+def test_mapped_keys_are_config_keys() -> None:
+    everything = _overrides(
+        "--exp_name", "x", "--sampler", "Simple", "--loss_function", "FocalLoss", "--learned_loss_attenuation",
+        "--t_number", "5", "--fine_tuning", "partial", "--upto_freeze", "1", "--dropout_rate", "0.1",
+        "--optimizer", "sgd", "--start_learning_rate", "0.1", "--weight_decay", "0.0", "--batch_size", "4",
+        "--num_epochs", "1", "--training_augment", "true", "--decay_every_N_epoch", "2", "--decay_multiplier", "0.5",
+        "--random_state", "0",
+    )  # fmt: skip
+    keys = set(config.config_keys())
+    assert set(everything) <= keys, set(everything) - keys
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--sampler", "Random"],
+        ["--loss_function", "MSELoss"],
+        ["--optimizer", "lamb"],
+        ["--fine_tuning", "some"],
+        ["--training_augment", "maybe"],
+        ["--num_epochs", "two"],
+    ],
+)
+def test_reference_flags_refuse_bad_values(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# resources_plan, backend_for, steps_per_epoch
+
+
+def _cfg(**overrides: Any) -> config.Config:
+    return config.from_dict({}, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "backend"),
+    [
+        ({}, "gloo"),
+        ({"resources.gpus_per_worker": 1.0}, "nccl"),
+        ({"resources.gpus_per_worker": 0.25}, "nccl"),
+        ({"resources.gpus_per_worker": 1.0, "resources.backend": "gloo"}, "gloo"),
+        ({"resources.backend": "nccl"}, "nccl"),
+    ],
+)
+def test_backend_for(overrides: dict[str, Any], backend: str) -> None:
+    cfg = _cfg(**overrides)
+    assert train.backend_for(cfg) == backend
+    assert train.resources_plan(cfg)["backend"] == backend
+
+
+def test_resources_plan_cpu() -> None:
+    cfg = _cfg(**{"resources.num_workers": 2, "resources.cpus_per_worker": 0.5, "resources.trial_cpus": 0.1})
+    assert train.resources_plan(cfg) == {
+        "trial_actor": {"CPU": 0.1},
+        "workers": 2,
+        "per_worker": {"CPU": 0.5},
+        "backend": "gloo",
+        "trial_total": {"CPU": 1.1, "GPU": 0.0},
+        "max_concurrent_trials": 1,
+    }
+
+
+def test_resources_plan_gpu() -> None:
+    cfg = _cfg(
+        **{
+            "resources.num_workers": 4,
+            "resources.cpus_per_worker": 4,
+            "resources.gpus_per_worker": 1,
+            "resources.max_concurrent_trials": 2,
+        }
+    )
+    plan = train.resources_plan(cfg)
+    assert plan["per_worker"] == {"CPU": 4.0, "GPU": 1.0}
+    assert plan["trial_total"] == {"CPU": 16.1, "GPU": 4.0}
+    assert plan["backend"] == "nccl"
+    assert plan["max_concurrent_trials"] == 2
+
+
+@pytest.mark.parametrize("name", ["demo", "adamw"])
+def test_resources_plan_of_shipped_spaces(name: str) -> None:
+    cfg = config.load(name)
+    plan = train.resources_plan(cfg)
+    assert plan["workers"] == cfg.resources.num_workers
+    assert plan["backend"] == ("nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
+
+
+@pytest.mark.parametrize(
+    ("n_train", "batch_size", "workers", "epoch_length", "expected"),
+    [
+        (100, 10, 1, None, 10),
+        (101, 10, 1, None, 11),
+        (100, 10, 2, None, 5),
+        (100, 32, 4, None, 1),
+        (1, 32, 1, None, 1),
+        (0, 32, 1, None, 1),  # an empty manifest still takes one step rather than none
+        (100, 10, 1, 40, 4),  # epoch_length replaces the manifest size
+        (100, 10, 2, 1000, 50),
+    ],
+)
+def test_steps_per_epoch(n_train: int, batch_size: int, workers: int, epoch_length: int | None, expected: int) -> None:
+    cfg = _cfg(**{"train.batch_size": batch_size, "resources.num_workers": workers, "train.epoch_length": epoch_length})
+    assert train.steps_per_epoch(cfg, n_train) == expected

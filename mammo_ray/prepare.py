@@ -1,11 +1,27 @@
 """``prepare``: source tables → validated Parquet manifests plus the decode-once pixel cache.
 
-Steps: import the source's own tables (``importers``), split by patient (seeded, stratified),
-then decode and preprocess every image once, in parallel Ray tasks, one shard of images per task
-(``cache``). Files that cannot be used go to ``prepare_report.csv`` (path, error) and the run goes
-on, unless more than ``--max-bad-fraction`` of them fail. A second run skips the shards that are
-complete and redoes the rest; a cache built with other settings lives in another folder and is
-never reused. Inputs are only read: everything is written under ``--out``.
+Decoding a full-field mammogram costs 0.1–0.6 s of CPU while a GPU trains on hundreds of images per
+second (DESIGN.md "Data flow"), so every image is decoded and preprocessed here, once. Steps:
+
+1. import the source's own tables (``importers``; several ``--csv`` for sources that ship several);
+2. optionally take a seeded, patient-level, label-stratified subset (``--smoke-test`` on the whole
+   table; the reference's ``--dataset_partition``/``--finite_sample_rate``/``--rows_experiment`` on
+   the training split, as ``train`` does);
+3. split by patient (``importers.split_patients``) and refuse a patient or exam in two splits, before
+   any Ray resource is taken;
+4. preprocess the images in parallel Ray tasks, one cache shard (``--shard-size`` images) per task,
+   with a bounded number of tasks in flight so that the driver's memory stays flat however large the
+   data set is;
+5. refuse identical pixels (``pixel_hash``) in two splits, write the manifests, the report and a
+   summary.
+
+Files that cannot be used go to ``prepare_report.csv`` (path, error) and the run goes on, unless more
+than ``--max-bad-fraction`` of them fail. Shards are written to temporary names and renamed; a second
+run reuses every shard whose index and pixel file agree and redoes the rest. The cache folder is named
+by a hash of the preprocessing settings, so a cache built with another ``--size`` is never reused.
+Inputs are only read: everything is written under ``--out``, which may not lie inside an input folder.
+On a multi-node cluster ``--out`` must be storage that every node mounts at the same path, because the
+tasks write their shards directly.
 """
 
 from __future__ import annotations
@@ -16,6 +32,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -26,21 +45,234 @@ log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1  # bump when imaging changes what it writes, so old caches are not trusted
 REPORT = "prepare_report.csv"
+SUMMARY = "prepare_summary.json"
+SMOKE_TEST_PATIENTS = 16
+IN_FLIGHT_PER_CPU = 2  # enough queued work to keep every CPU busy while the driver collects results
+# What a task needs of a row: the shard name hashes the same columns, so a changed laterality is redone.
+SHARD_COLUMNS = ("image_id", "path", "laterality")
+_INT_COLUMNS = (
+    "cache_offset",
+    "cache_nbytes",
+    "cache_height",
+    "cache_width",
+    "prep_original_height",
+    "prep_original_width",
+    "prep_crop_y0",
+    "prep_crop_x0",
+    "prep_crop_y1",
+    "prep_crop_x1",
+)
+_BOOL_COLUMNS = ("prep_inverted", "prep_breast_found", "prep_flipped")
 
 
 class PrepareError(RuntimeError):
-    """Too many unusable files, or leaking splits; the message says how many and which."""
+    """Too many unusable files, leaking splits or an unsafe output folder; the message says how many and which."""
+
+
+@dataclass
+class PrepareResult:
+    """What one ``prepare`` run produced (also written to ``prepare_summary.json``).
+
+    Attributes:
+        paths: manifest path per non-empty split.
+        counts: per split, ``images``, ``positives``, ``patients`` and ``exams``.
+        n_input: images asked for.
+        n_failed: images that went to the report.
+        shards_total: shards in the cache for this table.
+        shards_reused: shards found complete and valid, not recomputed.
+        images_processed: images decoded by this run (the others came from reused shards).
+        seconds: wall time of the run.
+        cache_dir: the cache folder for these preprocessing settings.
+        cache_bytes: bytes of cached pixels referenced by the manifests.
+        report: the report file.
+        peak_in_flight: the most shard tasks that were running or queued at once.
+    """
+
+    paths: dict[str, Path]
+    counts: dict[str, dict[str, int]]
+    n_input: int
+    n_failed: int
+    shards_total: int
+    shards_reused: int
+    images_processed: int
+    seconds: float
+    cache_dir: Path
+    cache_bytes: int
+    report: Path
+    peak_in_flight: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_cached(self) -> int:
+        return sum(c["images"] for c in self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "counts": self.counts,
+            "n_input": self.n_input,
+            "n_failed": self.n_failed,
+            "shards_total": self.shards_total,
+            "shards_reused": self.shards_reused,
+            "images_processed": self.images_processed,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_processed / self.seconds, 2) if self.seconds > 0 else None,
+            "cache_dir": str(self.cache_dir),
+            "cache_bytes": self.cache_bytes,
+            "bytes_per_image": round(self.cache_bytes / self.n_cached) if self.n_cached else None,
+            "manifests": {role: str(path) for role, path in self.paths.items()},
+            "report": str(self.report),
+        }
+
+    def summary_lines(self) -> list[str]:
+        """The human summary printed at the end of ``main``."""
+        rate = (
+            f", {self.images_processed / self.seconds:.1f} images/s" if self.images_processed and self.seconds else ""
+        )
+        per_image = f", {self.cache_bytes / self.n_cached / 1024:.0f} KiB per image" if self.n_cached else ""
+        lines = [
+            f"prepared {self.n_cached} of {self.n_input} images in {self.seconds:.1f} s{rate}; "
+            f"{self.n_failed} failed; {self.shards_reused} of {self.shards_total} shard(s) reused",
+            f"  {'split':<6} {'images':>8} {'positives':>10} {'patients':>9}",
+        ]
+        for role, count in self.counts.items():
+            lines.append(f"  {role:<6} {count['images']:>8} {count['positives']:>10} {count['patients']:>9}")
+        for role, path in self.paths.items():
+            lines.append(f"  {role}: {path}")
+        lines.append(f"  cache: {self.cache_dir} ({self.cache_bytes / 2**20:.1f} MiB{per_image})")
+        lines.append(f"  report: {self.report} ({self.n_failed} file(s))")
+        return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# Planning: subsets, splits, leak and output checks (pure pandas, no Ray)
+
+
+def smoke_subset(table: pd.DataFrame, seed: int = 0, patients: int = SMOKE_TEST_PATIENTS) -> pd.DataFrame:
+    """A seeded random, label-stratified subset of about ``patients`` patients (never "the first N")."""
+    from mammo_ray import importers
+
+    total = table["patient_id"].nunique()
+    if total <= patients:
+        return table
+    return importers.subset_patients(table, fraction=patients / total, seed=seed)
+
+
+def assign_splits(table: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.DataFrame:
+    """Keep a complete ``split`` column (checked), else split by patient with ``importers.split_patients``.
+
+    Raises:
+        ValueError: split names outside train/valid/test, or bad fractions.
+    """
+    from mammo_ray import importers
+
+    if "split" in table.columns and table["split"].notna().all():
+        unknown = sorted(set(table["split"].astype(str)) - set(manifest.SPLITS))
+        if unknown:
+            raise ValueError(f"split column holds {', '.join(unknown)}; expected {', '.join(manifest.SPLITS)}")
+        return table
+    return importers.split_patients(table.drop(columns="split", errors="ignore"), fractions=fractions, seed=seed)
+
+
+def subset_training(
+    table: pd.DataFrame, *, fraction: float | None = None, n_rows: int | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """The reference's ``--dataset_partition``/``--finite_sample_rate`` (fraction of patients) or
+    ``--rows_experiment`` (about that many images): a seeded, patient-level, label-stratified subset of
+    the training split. Validation and test stay whole, so runs with different subsets stay comparable.
+    """
+    from mammo_ray import importers
+
+    if fraction is None and n_rows is None:
+        return table
+    is_train = table["split"] == "train"
+    if not is_train.any():
+        raise ValueError("no training rows to subset")
+    kept = importers.subset_patients(table[is_train], fraction=fraction, n_rows=n_rows, seed=seed)
+    return table[~is_train | table.index.isin(kept.index)]
+
+
+def leak_message(table: pd.DataFrame) -> str | None:
+    """Name the patients, exams and images (same id, file or pixels) found in more than one split, or None."""
+    from mammo_ray import importers
+
+    leaks = importers.find_leaks(table)
+    parts = []
+    for key, column, what in (("patients", "patient_id", "patient"), ("exams", "exam_id", "exam")):
+        ids = leaks[key]
+        if ids:
+            rows = table[table[column].astype(str).isin(ids)]
+            where = rows.groupby(rows[column].astype(str))["split"].agg(lambda s: "/".join(sorted(set(s))))
+            shown = ", ".join(f"{i} ({where[i]})" for i in ids[:10])
+            parts.append(f"{len(ids)} {what}(s) in more than one split: {shown}{' ...' if len(ids) > 10 else ''}")
+    if leaks["images"]:
+        rows = table[table["image_id"].astype(str).isin(leaks["images"])]
+        key = "pixel_hash" if "pixel_hash" in rows.columns and rows["pixel_hash"].notna().all() else "path"
+        groups = []
+        for value, group in rows.groupby(key, sort=True):
+            if group["split"].nunique() < 2:
+                continue
+            members = ", ".join(
+                f"{r.image_id} (patient {r.patient_id}, {r.dataset}, {r.split})" for r in group.itertuples(index=False)
+            )
+            groups.append(f"[{'pixels ' + str(value)[:12] if key == 'pixel_hash' else 'file ' + str(value)}] {members}")
+        what = "identical image(s) (same pixels)" if key == "pixel_hash" else "image file(s) listed"
+        parts.append(
+            f"{len(groups)} {what} in more than one split: {'; '.join(groups[:10])}{' ...' if len(groups) > 10 else ''}"
+        )
+    if not parts:
+        return None
+    return (
+        "; ".join(parts) + ". A patient-level split must keep every patient, exam and image in one split: give "
+        "duplicated images the same patient_id (or drop them). Refusing to go on."
+    )
+
+
+def check_output_folder(out: str | Path, images_root: str | Path | None = None, paths: Iterable[str] = ()) -> None:
+    """Refuse an output folder inside ``--images`` or inside any folder that holds an input image.
+
+    Raises:
+        PrepareError: naming both folders.
+    """
+    out_abs = Path(os.path.abspath(out))
+    ancestors = {str(p) for p in (out_abs, *out_abs.parents)}
+    ancestors |= {str(p) for p in (out_abs.resolve(), *out_abs.resolve().parents)}
+    if images_root is not None and not manifest.is_remote(str(images_root)):
+        for root in {os.path.abspath(images_root), str(Path(images_root).resolve())}:
+            if root in ancestors:
+                raise PrepareError(
+                    f"--out {out_abs} is inside --images {root}; prepare never writes into input folders. "
+                    "Choose an --out outside the image tree."
+                )
+    # String work only (no file-system calls): a million paths cost a second, not a crawl of the archive.
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and not manifest.is_remote(p)}
+    inside = sorted(folders & ancestors)
+    if inside:
+        raise PrepareError(
+            f"--out {out_abs} is inside {inside[0]}, a folder that holds input images; prepare never writes "
+            "into input folders. Choose an --out outside the image tree."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shards
 
 
 def _shard_name(index: int, rows: pd.DataFrame) -> str:
-    digest = hashlib.sha1("\n".join(rows["image_id"] + "\t" + rows["path"]).encode()).hexdigest()[:10]
-    return f"shard-{index:05d}-{digest}"
+    text = "\n".join(
+        rows["image_id"].astype(str) + "\t" + rows["path"].astype(str) + "\t" + rows["laterality"].astype(str)
+    )
+    return f"shard-{index:05d}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
 def process_shard(rows: pd.DataFrame, shard_path: str, size: tuple[int, int]) -> pd.DataFrame:
     """Preprocess one shard's images and write ``<shard>.bin`` plus ``<shard>.index.parquet``.
 
-    Returns the index: one row per input image with the cache location and provenance, or the error.
+    Both files go to temporary names first and are renamed, the index last, so a shard whose index
+    exists is complete. Runs inside a Ray task, or directly.
+
+    Returns:
+        The index: one row per input image with the cache location, ``pixel_hash`` and the ``prep_*``
+        provenance, or its ``error``.
     """
     from mammo_ray import imaging
 
@@ -65,6 +297,7 @@ def process_shard(rows: pd.DataFrame, shard_path: str, size: tuple[int, int]) ->
                 records.append(
                     {
                         "image_id": row.image_id,
+                        "path": row.path,
                         "cache_file": shard.name,
                         "cache_offset": offset,
                         "cache_nbytes": len(blob),
@@ -84,7 +317,15 @@ def process_shard(rows: pd.DataFrame, shard_path: str, size: tuple[int, int]) ->
     return index
 
 
-def _load_complete_shard(shard: Path) -> pd.DataFrame | None:
+def load_complete_shard(
+    shard: Path, image_ids: Sequence[str] | None = None, size: tuple[int, int] | None = None, *, verify: bool = True
+) -> pd.DataFrame | None:
+    """The index of a complete, valid shard, or None when it must be redone.
+
+    Valid means: the index reads; it lists exactly ``image_ids``; its images have ``size``; their
+    frames lie end to end from offset 0 and fill the pixel file exactly (a truncated or padded file is
+    redone); with ``verify``, the first and last frames decompress.
+    """
     index_path = shard.with_suffix(".index.parquet")
     if not (index_path.is_file() and shard.is_file()):
         return None
@@ -92,15 +333,86 @@ def _load_complete_shard(shard: Path) -> pd.DataFrame | None:
         index = pd.read_parquet(index_path)
     except Exception:  # a damaged index is redone, never trusted
         return None
-    good = index[index["error"].isna()] if "error" in index.columns else index
-    if len(good) and int(good["cache_offset"].max() + good.loc[good["cache_offset"].idxmax(), "cache_nbytes"]) != (
-        shard.stat().st_size
-    ):
+    if "image_id" not in index.columns or "error" not in index.columns:
         return None
+    if image_ids is not None and sorted(index["image_id"].astype(str)) != sorted(map(str, image_ids)):
+        return None
+    good = index[index["error"].isna()]
+    if good.empty:
+        return index if shard.stat().st_size == 0 else None
+    try:
+        good = good.sort_values("cache_offset")
+        offsets = good["cache_offset"].astype("int64").to_numpy()
+        nbytes = good["cache_nbytes"].astype("int64").to_numpy()
+        shapes = set(zip(good["cache_height"].astype(int), good["cache_width"].astype(int), strict=True))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if size is not None and shapes != {tuple(size)}:
+        return None
+    if offsets[0] != 0 or (offsets[1:] != offsets[:-1] + nbytes[:-1]).any():
+        return None
+    if int(offsets[-1] + nbytes[-1]) != shard.stat().st_size:
+        return None
+    if verify:
+        try:
+            for row in (good.iloc[0], good.iloc[-1]):
+                cache.read_image(str(shard), row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width)
+        except Exception:
+            return None
     return index
 
 
-def run(
+def _failed_shard(rows: pd.DataFrame, err: BaseException) -> pd.DataFrame:
+    """Every image of a shard whose task died (worker crash, out of memory, disk full) is reported, not lost."""
+    cause = getattr(err, "cause", None) or err
+    reason = " ".join(str(cause).split("\n")[0].split()) or type(cause).__name__
+    message = f"shard task failed ({type(cause).__name__}: {reason})"
+    return pd.DataFrame({"image_id": rows["image_id"], "path": rows["path"], "error": message})
+
+
+def _check_visible(shard: Path, index: pd.DataFrame) -> None:
+    good = index[index["error"].isna()] if "error" in index.columns else index
+    expected = int(good["cache_nbytes"].sum()) if len(good) else 0
+    if not shard.is_file() or shard.stat().st_size != expected:
+        raise PrepareError(
+            f"a Ray task wrote {shard.name}, but this driver does not see it at {shard}. On a multi-node cluster "
+            "--out must be storage that every node mounts at the same path (NFS, a shared volume)."
+        )
+
+
+def _default_in_flight() -> int:
+    import ray
+
+    return max(1, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _remove_stale_temporaries(folder: Path, older_than: float) -> None:
+    """Temporary files of interrupted runs are never read; remove those that predate this run."""
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime < older_than:
+                tmp.unlink()
+                log.debug("removed stale temporary file %s", tmp)
+        except OSError:
+            pass
+
+
+def _normalise_types(frame: pd.DataFrame) -> pd.DataFrame:
+    # Concatenating error-only indices with good ones turns integers into floats; restore the real types.
+    for column in _INT_COLUMNS:
+        if column in frame.columns:
+            frame[column] = frame[column].astype("int64")
+    for column in _BOOL_COLUMNS:
+        if column in frame.columns:
+            frame[column] = frame[column].astype(bool)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+
+
+def prepare_table(
     table: pd.DataFrame,
     out: str | Path,
     *,
@@ -110,77 +422,179 @@ def run(
     max_bad_fraction: float = 0.05,
     shard_size: int = 256,
     progress: bool = True,
-) -> dict[str, Path]:
-    """Split, preprocess and write manifests for an imported table. Ray must be initialised.
+    images_root: str | Path | None = None,
+    max_in_flight: int | None = None,
+    retry_failed: bool = False,
+) -> PrepareResult:
+    """Split (when ``table`` has no ``split``), preprocess and write the manifests. Ray must be initialised.
 
-    Returns:
-        ``{"train": path, "valid": path, "test": path}`` for the non-empty splits.
+    Args:
+        table: manifest rows from an importer, with or without ``split``.
+        out: output folder (manifests, ``cache/``, report, summary).
+        size: (H, W) of the cached images.
+        fractions: train/valid/test fractions of patients when ``table`` has no ``split``.
+        seed: seed of that split.
+        max_bad_fraction: the run fails when more than this share of the images cannot be used.
+        shard_size: images per shard (one Ray task each).
+        progress: show a tqdm bar.
+        images_root: the input image folder; ``out`` may not lie inside it.
+        max_in_flight: most shard tasks submitted at once; default ``2 × cluster CPUs``.
+        retry_failed: redo reused shards that hold failed images (e.g. after a network file system error).
+
+    Raises:
+        PrepareError: too many failures (the report is written first), leaking splits, an unsafe ``out``.
+        ManifestError: the written frames fail the manifest overlap check.
     """
     import ray
 
-    from mammo_ray import importers
+    started = time.perf_counter()
+    wall_start = time.time()
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    out = Path(os.path.abspath(out))
+    manifest.validate_manifest(table, "prepare input", check_files=False)
+    check_output_folder(out, images_root, table["path"])
+    table = assign_splits(table, fractions, seed).sort_values("image_id").reset_index(drop=True)
+    problem = leak_message(table)
+    if problem:
+        raise PrepareError(problem)
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    table = table.sort_values("image_id").reset_index(drop=True)
-    if "split" not in table.columns:
-        table = importers.split_patients(table, fractions=fractions, seed=seed)
-    key = cache.settings_key({"size": list(size), "preprocess": PREPROCESS_VERSION})
+    settings = {"size": [int(s) for s in size], "preprocess": PREPROCESS_VERSION}
+    key = cache.settings_key(settings)
     cache_dir = out / "cache" / key
     cache_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_json(cache_dir / "settings.json", {"size": list(size), "preprocess": PREPROCESS_VERSION})
+    io.atomic_write_json(
+        cache_dir / "settings.json", {**settings, "cache_format": cache.CACHE_FORMAT_VERSION, "dtype": "uint16"}
+    )
 
-    chunks = [table.iloc[i : i + shard_size] for i in range(0, len(table), shard_size)]
-    indices, pending = [], []
-    remote = ray.remote(num_cpus=1, max_retries=2)(process_shard)
-    for number, rows in enumerate(chunks):
+    indices: list[pd.DataFrame] = []
+    queue: deque[tuple[Path, pd.DataFrame]] = deque()
+    n_shards = 0
+    for number, start in enumerate(range(0, len(table), shard_size)):
+        rows = table.iloc[start : start + shard_size][list(SHARD_COLUMNS)].reset_index(drop=True)
         shard = cache_dir / f"{_shard_name(number, rows)}.bin"
-        done = _load_complete_shard(shard)
-        if done is not None:
+        n_shards += 1
+        done = load_complete_shard(shard, rows["image_id"].tolist(), tuple(size))
+        if done is not None and not (retry_failed and done["error"].notna().any()):
             indices.append(done)
-            continue
-        columns = rows[["image_id", "path", "laterality"]].copy()
-        pending.append(remote.remote(columns, str(shard), tuple(size)))
-    skipped = len(indices)
+        else:
+            queue.append((shard, rows))
+    reused = len(indices)
+    to_process = sum(len(rows) for _, rows in queue)
+    log.info("prepare: %d image(s) in %d shard(s), %d reused, cache %s", len(table), n_shards, reused, cache_dir)
+
     bar = None
-    if progress and pending:
+    if progress and queue:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc=f"prepare ({skipped} shard(s) already done)", unit="shard")
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        indices.append(ray.get(ready[0]))
+        bar = tqdm(total=to_process, unit="img", desc="prepare", file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix(reused_shards=reused, failed=0)
+    remote = ray.remote(num_cpus=1, max_retries=2)(process_shard)
+    in_flight: dict = {}
+    peak_in_flight = 0
+    failed_so_far = 0
+    try:
+        while queue or in_flight:
+            limit = max_in_flight or _default_in_flight()  # re-read: an autoscaling cluster grows while we run
+            while queue and len(in_flight) < limit:
+                shard, rows = queue.popleft()
+                in_flight[remote.remote(rows, str(shard), tuple(size))] = (shard, rows)
+            peak_in_flight = max(peak_in_flight, len(in_flight))
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, rows = in_flight.pop(ready[0])
+            try:
+                index = ray.get(ready[0])
+            except Exception as err:  # a dead worker loses its shard, not the run; the images are reported
+                log.warning("shard %s failed: %s", shard.name, err)
+                index = _failed_shard(rows, err)
+            else:
+                _check_visible(shard, index)
+            indices.append(index)
+            failed_so_far += int(index["error"].notna().sum())
+            if bar is not None:
+                bar.update(len(rows))
+                bar.set_postfix(reused_shards=reused, failed=failed_so_far)
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
-    index = pd.concat(indices, ignore_index=True) if indices else pd.DataFrame(columns=["image_id", "error"])
+    index = pd.concat(indices, ignore_index=True)
     failed = index[index["error"].notna()]
-    report = table[["image_id", "path"]].merge(failed[["image_id", "error"]], on="image_id", how="inner")
-    io.atomic_write_csv(out / REPORT, report[["path", "error", "image_id"]])
+    report = (
+        table[["image_id", "path"]]
+        .merge(failed[["image_id", "error"]], on="image_id", how="inner")
+        .sort_values("image_id")[["path", "error", "image_id"]]
+    )
+    report_path = io.atomic_write_csv(out / REPORT, report)
     bad_fraction = len(report) / max(1, len(table))
     if bad_fraction > max_bad_fraction:
+        examples = "; ".join(f"{p}: {e}" for p, e in report[["path", "error"]].head(3).itertuples(index=False))
         raise PrepareError(
             f"{len(report)} of {len(table)} files ({bad_fraction:.1%}) could not be used, more than "
-            f"--max-bad-fraction {max_bad_fraction:.1%}; see {out / REPORT}. First: "
-            + "; ".join(f"{p}: {e}" for p, e in report[["path", "error"]].head(3).itertuples(index=False))
+            f"--max-bad-fraction {max_bad_fraction:.1%}; see {report_path}. First: {examples}"
         )
-    good = index[index["error"].isna()].drop(columns=["error"])
+
+    good = _normalise_types(index[index["error"].isna()].drop(columns=["error", "path"], errors="ignore").copy())
     merged = table.merge(good, on="image_id", how="inner")
-    merged["cache_file"] = [str(Path("cache") / key / name) for name in merged["cache_file"]]
+    merged["cache_file"] = [f"cache/{key}/{name}" for name in merged["cache_file"]]
     # Image paths stay absolute (the images live outside --out); cache paths are relative to the manifests.
-    merged["path"] = [p if manifest.is_remote(p) else str(Path(p).resolve()) for p in merged["path"]]
+    merged["path"] = [p if manifest.is_remote(p) else os.path.abspath(p) for p in merged["path"]]
+    problem = leak_message(merged)
+    if problem:
+        raise PrepareError(problem)
+    duplicates = int(merged["pixel_hash"].duplicated().sum())
+    if duplicates:
+        log.warning("prepare: %d image(s) have the same pixels as another image of the same split", duplicates)
     frames = {role: merged[merged["split"] == role].reset_index(drop=True) for role in manifest.SPLITS}
     frames = {role: frame for role, frame in frames.items() if not frame.empty}
     for role, frame in frames.items():
         frame.attrs["source"] = role
     manifest.check_overlap(frames)
-    paths = {}
-    for role, frame in frames.items():
-        paths[role] = io.atomic_write_parquet(out / f"{role}.parquet", frame)
-    log.info("prepare: %d images cached, %d failed, %d shard(s) reused", len(merged), len(report), skipped)
-    return paths
+
+    paths = {role: io.atomic_write_parquet(out / f"{role}.parquet", frame) for role, frame in frames.items()}
+    for role in manifest.SPLITS:
+        stale = out / f"{role}.parquet"
+        if role not in paths and stale.is_file():
+            stale.unlink()  # an older run's manifest for a split that is now empty would mix two preparations
+            log.info("prepare: removed %s (the %s split is empty in this run)", stale, role)
+    _remove_stale_temporaries(cache_dir, wall_start)
+    result = PrepareResult(
+        paths=paths,
+        counts={
+            role: {
+                "images": len(frame),
+                "positives": int(frame["label"].sum()),
+                "patients": int(frame["patient_id"].nunique()),
+                "exams": int(frame["exam_id"].nunique()),
+            }
+            for role, frame in frames.items()
+        },
+        n_input=len(table),
+        n_failed=len(report),
+        shards_total=n_shards,
+        shards_reused=reused,
+        images_processed=to_process,
+        seconds=time.perf_counter() - started,
+        cache_dir=cache_dir,
+        cache_bytes=int(merged["cache_nbytes"].sum()),
+        report=report_path,
+        peak_in_flight=peak_in_flight,
+        failures=list(report[["path", "error"]].itertuples(index=False, name=None)),
+    )
+    io.atomic_write_json(out / SUMMARY, result.as_dict())
+    log.info("prepare: %d images cached, %d failed, %d shard(s) reused", result.n_cached, len(report), reused)
+    return result
+
+
+def run(table: pd.DataFrame, out: str | Path, **kwargs) -> dict[str, Path]:
+    """:func:`prepare_table`, returning ``{"train": path, "valid": path, "test": path}`` for the non-empty splits."""
+    return prepare_table(table, out, **kwargs).paths
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,17 +603,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammo-ray prepare", description="Build manifests and the pixel cache.")
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--csv", action="append", required=True, help="source table (repeat for several)")
-    parser.add_argument("--images", required=True, help="root folder of the images")
-    parser.add_argument("--out", required=True, help="output folder (manifests, cache, report)")
-    parser.add_argument("--size", nargs=2, type=int, default=[1024, 512], metavar=("H", "W"))
-    parser.add_argument("--split", nargs=3, type=float, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VALID", "TEST"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05)
-    parser.add_argument("--shard-size", type=int, default=256, help="images per cache shard")
-    parser.add_argument("--address", help="join an existing Ray cluster")
-    parser.add_argument("--smoke-test", action="store_true", help="only the first 16 patients")
+    parser.add_argument("--images", required=True, help="root folder of the images (only read)")
+    parser.add_argument("--out", required=True, help="output folder (manifests, cache, report); not inside --images")
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        default=[1024, 512],
+        metavar=("H", "W"),
+        help="cached image size (default 1024 512)",
+    )
+    parser.add_argument(
+        "--split",
+        nargs=3,
+        type=float,
+        default=[0.7, 0.15, 0.15],
+        metavar=("TRAIN", "VALID", "TEST"),
+        help="patient-level fractions (default 0.7 0.15 0.15)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of every subset")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail above this share of bad files")
+    parser.add_argument("--shard-size", type=int, default=256, help="images per cache shard (one Ray task)")
+    parser.add_argument("--address", help="join an existing Ray cluster (e.g. auto); --out must be shared storage")
+    subset = parser.add_argument_group("subsets (seeded, patient-level, label-stratified; of the training split)")
+    subset.add_argument(
+        "--dataset_partition", "--dataset-partition", type=float, help="keep this fraction of training patients"
+    )
+    subset.add_argument("--finite_sample_rate", "--finite-sample-rate", type=float, help="same as --dataset_partition")
+    subset.add_argument(
+        "--rows_experiment", "--rows-experiment", type=int, help="keep whole patients up to about this many images"
+    )
+    parser.add_argument("--retry-failed", action="store_true", help="redo reused shards that hold failed images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--smoke-test", action="store_true", help=f"a seeded random subset of {SMOKE_TEST_PATIENTS} patients"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _training_subset_args(args: argparse.Namespace) -> tuple[float | None, int | None]:
+    fractions = {v for v in (args.dataset_partition, args.finite_sample_rate) if v is not None}
+    if len(fractions) > 1:
+        raise ValueError(
+            f"--dataset_partition {args.dataset_partition} and --finite_sample_rate {args.finite_sample_rate} "
+            "disagree; they mean the same thing, give one"
+        )
+    fraction = fractions.pop() if fractions else None
+    if fraction is not None and args.rows_experiment is not None:
+        raise ValueError("give either a fraction (--dataset_partition/--finite_sample_rate) or --rows_experiment")
+    return fraction, args.rows_experiment
+
+
+def plan(table: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """Everything ``main`` decides before Ray starts: subsets, split, validation, leak and output checks.
+
+    Raises:
+        ValueError, ManifestError, PrepareError: with the reason.
+    """
+    size = tuple(args.size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"--size must be two positive integers, got {' '.join(map(str, args.size))}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
+    fraction, n_rows = _training_subset_args(args)
+    if args.smoke_test:
+        table = smoke_subset(table, seed=args.seed)
+    manifest.validate_manifest(table.assign(split="all"), ", ".join(map(str, args.csv)), check_files=False)
+    table = assign_splits(table, tuple(args.split), args.seed)
+    table = subset_training(table, fraction=fraction, n_rows=n_rows, seed=args.seed)
+    check_output_folder(args.out, args.images, table["path"])
+    problem = leak_message(table)
+    if problem:
+        raise PrepareError(problem)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,46 +686,29 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    out = Path(args.out).resolve()
-    images = Path(args.images).resolve()
-    if out == images or images in out.parents:
-        print(
-            f"error: --out {out} is inside --images {images}; prepare never writes into input folders", file=sys.stderr
-        )
-        return 2
     try:
+        check_output_folder(args.out, args.images)  # before reading a single table
         table = importers.import_source(args.source, args.csv, args.images)
-        if args.smoke_test:
-            keep = sorted(table["patient_id"].unique())[:16]
-            table = table[table["patient_id"].isin(keep)]
-        manifest.validate_manifest(table.assign(split="all"), ", ".join(args.csv), check_files=False)
-    except (ValueError, manifest.ManifestError) as err:
+        table = plan(table, args)
+    except (ValueError, manifest.ManifestError, PrepareError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    cli.start_ray(address=args.address)
+    cli.start_ray(address=args.address, verbose=args.verbose)
     try:
-        paths = run(
+        result = prepare_table(
             table,
-            out,
+            args.out,
             size=tuple(args.size),
-            fractions=tuple(args.split),
-            seed=args.seed,
             max_bad_fraction=args.max_bad_fraction,
             shard_size=args.shard_size,
+            progress=not args.no_progress,
+            images_root=args.images,
+            retry_failed=args.retry_failed,
         )
     except (PrepareError, manifest.ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    elapsed = time.perf_counter() - started
-    counts = {role: len(pd.read_parquet(path)) for role, path in paths.items()}
-    print(
-        f"prepared {sum(counts.values())} images in {elapsed:.1f} s: "
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
-    )
-    for role, path in paths.items():
-        print(f"  {role}: {path}")
-    print(f"  report: {out / REPORT}")
+    print("\n".join(result.summary_lines()))
     return 0
 
 

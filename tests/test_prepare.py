@@ -1,0 +1,489 @@
+"""``prepare`` end to end on tiny synthetic DICOMs and the real test files: manifests, cache, report, resume,
+leak refusal, subsets, and bounded driver memory. Ray runs once per session (``ray_session``, 2 CPUs)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import resource
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mammo_ray import cache, imaging, importers, manifest, prepare, synth
+from mammo_ray.prepare import PrepareError
+
+SIZE = (32, 24)  # tiny cached images keep every Ray run to a second or two on 2 shared cores
+
+PREP_COLUMNS = {f"prep_{f.name}" for f in dataclasses.fields(imaging.Provenance) if f.name != "crop_box"} | {
+    "prep_crop_y0",
+    "prep_crop_x0",
+    "prep_crop_y1",
+    "prep_crop_x1",
+}
+CACHE_COLUMNS = {"cache_file", "cache_offset", "cache_nbytes", "cache_height", "cache_width", "pixel_hash"}
+MANIFEST_COLUMNS = set(manifest.REQUIRED) | {"split", "age", "density", "manufacturer", "birads"}
+
+
+def _testdata_dir() -> Path:
+    override = os.environ.get("MAMMO_RAY_TESTDATA")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dicom"
+
+
+@pytest.fixture(scope="module")
+def testdata() -> Path:
+    folder = _testdata_dir()
+    if not (folder / "MG1_JPLY.dcm").is_file() or not (folder / "MG1_J2KI.dcm").is_file():
+        pytest.fail(
+            f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
+            "set MAMMO_RAY_TESTDATA to its folder."
+        )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """6 patients, 60 DICOMs at 128×104 (a few seconds to write)."""
+    root = tmp_path_factory.mktemp("prepare-synth") / "data"
+    return synth.generate(root, patients=6, prevalence=0.25, size=(128, 104), seed=3, progress=False)
+
+
+def _root(info: dict) -> Path:
+    return Path(info["manifest_csv"]).parent
+
+
+def _table(info: dict, n: int | None = None) -> pd.DataFrame:
+    table = importers.import_source("generic", [info["manifest_csv"]], _root(info))
+    return table if n is None else table.iloc[:n].reset_index(drop=True)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) → SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _load(out: Path) -> dict[str, pd.DataFrame]:
+    paths = {role: out / f"{role}.parquet" for role in manifest.SPLITS}
+    return manifest.load_manifests({role: path for role, path in paths.items() if path.is_file()})
+
+
+def _assert_cache_matches_source(frame: pd.DataFrame, size: tuple[int, int], rows: int = 4) -> None:
+    for row in frame.head(rows).itertuples(index=False):
+        cached = cache.read_image(row.cache_file, row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width)
+        side = row.laterality if row.laterality in ("L", "R") else None
+        expected, _ = imaging.preprocess_file(row.path, size=size, laterality=side)
+        np.testing.assert_array_equal(cached, expected)
+        assert imaging.pixel_hash(cached) == row.pixel_hash
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end through main()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["generic", "seed"])
+def test_main_end_to_end(ray_session, synth_set, tmp_path, capsys, source) -> None:
+    root = _root(synth_set)
+    before = _tree_digest(root)
+    csv = synth_set["manifest_csv"] if source == "generic" else synth_set["reference_csv"]
+    out = tmp_path / "prepared"
+    argv = ["--source", source, "--csv", csv, "--images", str(root), "--out", str(out)]
+    rc = prepare.main([*argv, "--size", *map(str, SIZE), "--shard-size", "16", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+
+    frames = _load(out)  # the manifest loader accepts what prepare wrote
+    assert set(frames) == set(manifest.SPLITS)
+    assert sum(len(f) for f in frames.values()) == synth_set["n_images"]
+    extra = {"ethnicity"} if source == "seed" else set()
+    for frame in frames.values():
+        assert set(frame.columns) == MANIFEST_COLUMNS | CACHE_COLUMNS | PREP_COLUMNS | extra
+        assert (frame["cache_height"] == SIZE[0]).all() and (frame["cache_width"] == SIZE[1]).all()
+        assert frame["cache_file"].map(lambda p: Path(p).is_file()).all()
+    raw = pd.read_parquet(out / "train.parquet")
+    assert raw["cache_file"].str.startswith("cache/").all()  # relative: the prepared folder moves as one piece
+    assert all(Path(p).is_absolute() for p in raw["path"])
+    _assert_cache_matches_source(frames["valid"], SIZE)
+    _assert_cache_matches_source(frames["train"], SIZE)
+
+    for role, frame in frames.items():
+        assert re.search(
+            rf"^\s+{role}\s+{len(frame)}\s+{int(frame['label'].sum())}\s+{frame['patient_id'].nunique()}$",
+            printed,
+            re.M,
+        )
+    assert f"prepared {synth_set['n_images']} of {synth_set['n_images']} images" in printed
+    assert "0 failed" in printed and "0 of 4 shard(s) reused" in printed
+    assert pd.read_csv(out / prepare.REPORT).empty
+    assert _tree_digest(root) == before  # the input folder is byte-for-byte unchanged
+
+
+@pytest.mark.slow
+def test_several_csv_files_are_passed_to_the_importer(ray_session, synth_set, tmp_path) -> None:
+    full = pd.read_csv(synth_set["manifest_csv"])
+    patients = sorted(full["patient_id"].unique())[:3]
+    part = full[full["patient_id"].isin(patients)]
+    first = _write_csv(tmp_path / "tables" / "a.csv", part[part["patient_id"].isin(patients[:2])])
+    second = _write_csv(tmp_path / "tables" / "b.csv", part[part["patient_id"] == patients[2]])
+    out = tmp_path / "prepared"
+    argv = ["--source", "generic", "--csv", first, "--csv", second, "--images", str(_root(synth_set))]
+    assert prepare.main([*argv, "--out", str(out), "--size", *map(str, SIZE), "--no-progress"]) == 0
+    frames = _load(out)
+    assert sorted(pd.concat(frames.values())["image_id"]) == sorted(part["image_id"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Failures: the real malformed file goes to the report; too many failures stop the run
+
+
+@pytest.mark.slow
+def test_malformed_file_is_reported_and_the_threshold_stops_the_run(ray_session, synth_set, testdata, tmp_path, capsys):
+    good = pd.read_csv(synth_set["manifest_csv"]).head(12)
+    real = [
+        {"image_id": name, "path": str(testdata / f"{name}.dcm"), "label": 1, "patient_id": "MG1_" + name}
+        for name in ("MG1_J2KI", "MG1_JPLY")
+    ]
+    table = pd.concat([good, pd.DataFrame(real)], ignore_index=True)
+    table.loc[table["image_id"].str.startswith("MG1"), ["laterality", "view", "dataset", "exam_id"]] = [
+        ["L", "MLO", "NEMA", "MG1_J2KI"],
+        ["L", "MLO", "NEMA", "MG1_JPLY"],
+    ]
+    csv = _write_csv(tmp_path / "tables" / "mixed.csv", table)
+    before = _tree_digest(testdata)
+    out = tmp_path / "prepared"
+    argv = ["--source", "generic", "--csv", csv, "--images", str(_root(synth_set)), "--out", str(out)]
+    argv += ["--size", *map(str, SIZE), "--shard-size", "4", "--no-progress"]
+
+    # 1 of 14 files is 7.1 %, more than the default 5 %: a clear error that says how many, report written.
+    assert prepare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 of 14 files" in err and "--max-bad-fraction" in err and "MG1_JPLY.dcm" in err
+    report = pd.read_csv(out / prepare.REPORT)
+    assert list(report.columns[:2]) == ["path", "error"]
+    assert report["path"].tolist() == [str(testdata / "MG1_JPLY.dcm")]
+    assert "ImageReadError" in report["error"].iloc[0]
+    assert not (out / "train.parquet").exists()
+
+    # Above the threshold the run goes on; the shards of the failed run are reused, the failure reported again.
+    assert prepare.main([*argv, "--max-bad-fraction", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "prepared 13 of 14 images" in printed and "1 failed" in printed and "4 of 4 shard(s) reused" in printed
+    assert pd.read_csv(out / prepare.REPORT)["path"].tolist() == [str(testdata / "MG1_JPLY.dcm")]
+    assert prepare.main([*argv, "--max-bad-fraction", "0.1", "--retry-failed"]) == 0  # redoes the bad file's shard
+    assert "3 of 4 shard(s) reused" in capsys.readouterr().out
+    frames = _load(out)
+    merged = pd.concat(frames.values())
+    assert "MG1_JPLY" not in set(merged["image_id"])
+    real_row = merged[merged["image_id"] == "MG1_J2KI"]
+    assert real_row["prep_original_height"].item() == 4664 and real_row["prep_breast_found"].item()
+    assert _tree_digest(testdata) == before
+
+
+def test_failed_shard_reports_every_image() -> None:
+    rows = pd.DataFrame({"image_id": ["a", "b"], "path": ["/x/a.dcm", "/x/b.dcm"], "laterality": ["L", "R"]})
+    index = prepare._failed_shard(rows, MemoryError("worker killed\ntraceback ..."))
+    assert index["image_id"].tolist() == ["a", "b"]
+    assert index["error"].str.contains("shard task failed (MemoryError: worker killed)", regex=False).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Never writes into input folders
+
+
+@pytest.mark.parametrize("where", [".", "prepared", "dicom/SYN00000"])
+def test_out_inside_images_is_refused(synth_set, capsys, where) -> None:
+    root = _root(synth_set)
+    before = _tree_digest(root)
+    out = root / where
+    argv = ["--source", "generic", "--csv", synth_set["manifest_csv"], "--images", str(root), "--out", str(out)]
+    assert prepare.main(argv) == 2
+    assert "never writes into input folders" in capsys.readouterr().err
+    assert _tree_digest(root) == before and not (root / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "paths", "refused"),
+    [
+        ("elsewhere/out", ["images/p1/a.dcm"], False),
+        ("images/p1/out", ["images/p1/a.dcm"], True),  # inside the folder of an image given by absolute path
+        ("images/p1", ["images/p1/a.dcm"], True),
+        ("images", ["images/p1/a.dcm", "s3://bucket/images/a.dcm"], False),  # a parent of the image folders is fine
+    ],
+)
+def test_check_output_folder_refuses_image_folders(tmp_path, out, paths, refused) -> None:
+    absolute = [p if "://" in p else str(tmp_path / p) for p in paths]
+    if refused:
+        with pytest.raises(PrepareError, match="never writes into input folders"):
+            prepare.check_output_folder(tmp_path / out, None, absolute)
+    else:
+        prepare.check_output_folder(tmp_path / out, None, absolute)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resume: complete, valid shards are reused; damaged ones are redone; stale temporaries are ignored
+
+
+@pytest.fixture(scope="module")
+def prepared_once(ray_session, synth_set, tmp_path_factory) -> tuple[Path, pd.DataFrame, dict]:
+    out = tmp_path_factory.mktemp("resume") / "prepared"
+    table = _table(synth_set, 24)
+    result = prepare.prepare_table(table, out, size=SIZE, shard_size=8, progress=False)
+    assert result.shards_total == 3 and result.shards_reused == 0
+    return out, table, {role: pd.read_parquet(path) for role, path in result.paths.items()}
+
+
+def _damage(shard: Path, how: str) -> None:
+    if how == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif how == "delete_bin":
+        shard.unlink()
+    elif how == "delete_index":
+        shard.with_suffix(".index.parquet").unlink()
+    elif how == "pad":
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 7)
+    elif how == "garbage_index":
+        shard.with_suffix(".index.parquet").write_bytes(b"not parquet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncate", "delete_bin", "delete_index", "pad", "garbage_index"])
+def test_resume_redoes_only_the_damaged_shard(prepared_once, how) -> None:
+    out, table, first = prepared_once
+    cache_dir = next((out / "cache").iterdir())
+    shards = sorted(cache_dir.glob("shard-*.bin"))
+    damaged = shards[1]
+    stamps = {p: p.stat().st_mtime_ns for s in shards if s != damaged for p in (s, s.with_suffix(".index.parquet"))}
+    _damage(damaged, how)
+    stale = cache_dir / f".{damaged.name}.999999.tmp"  # what a killed task leaves behind
+    stale.write_bytes(b"half a shard")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+
+    result = prepare.prepare_table(table, out, size=SIZE, shard_size=8, progress=False)
+
+    assert (result.shards_total, result.shards_reused, result.images_processed) == (3, 2, 8)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the good shards were not rewritten
+    assert prepare.load_complete_shard(damaged) is not None
+    assert not stale.exists()
+    for role, frame in first.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(result.paths[role]), frame)
+
+
+def test_load_complete_shard_checks_ids_and_size(tmp_path, synth_set) -> None:
+    rows = _table(synth_set, 3)[list(prepare.SHARD_COLUMNS)]
+    shard = tmp_path / "shard-00000-x.bin"
+    index = prepare.process_shard(rows, str(shard), SIZE)  # also runs without Ray
+    assert index["error"].isna().all() and index["cache_nbytes"].sum() == shard.stat().st_size
+    ids = rows["image_id"].tolist()
+    assert prepare.load_complete_shard(shard, ids, SIZE) is not None
+    assert prepare.load_complete_shard(shard, ids[:2], SIZE) is None  # other images: not this shard
+    assert prepare.load_complete_shard(shard, ids, (SIZE[0] + 1, SIZE[1])) is None  # other settings
+    blob = bytearray(shard.read_bytes())
+    blob[-4:] = b"\xff\xff\xff\xff"  # same size, broken last frame
+    shard.write_bytes(bytes(blob))
+    assert prepare.load_complete_shard(shard, ids, SIZE) is None
+
+
+@pytest.mark.slow
+def test_other_size_builds_a_new_cache(ray_session, synth_set, tmp_path) -> None:
+    table = _table(synth_set, 12)
+    out = tmp_path / "prepared"
+    first = prepare.prepare_table(table, out, size=SIZE, shard_size=6, progress=False)
+    old = _tree_digest(first.cache_dir)
+    second = prepare.prepare_table(table, out, size=(40, 32), shard_size=6, progress=False)
+    assert second.cache_dir != first.cache_dir and second.shards_reused == 0
+    assert _tree_digest(first.cache_dir) == old  # the old cache is left alone, never reused
+    frames = _load(out)
+    key = second.cache_dir.name
+    for frame in frames.values():
+        assert frame["cache_file"].map(lambda p: Path(p).parent.name == key).all()
+        assert (frame["cache_height"] == 40).all()
+    _assert_cache_matches_source(frames["train"], (40, 32), rows=2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Leaks: patients, exams and identical pixels in two splits are refused, naming them
+
+
+def _split(table: pd.DataFrame) -> pd.DataFrame:
+    return importers.split_patients(table, fractions=(0.5, 0.25, 0.25), seed=0)
+
+
+@pytest.mark.parametrize("column", ["patient_id", "exam_id"])
+def test_patient_or_exam_in_two_splits_is_refused_before_ray(synth_set, tmp_path, column) -> None:
+    table = _split(_table(synth_set))
+    other = table[table["split"] != table.at[0, "split"]].index[0]
+    table.at[other, column] = table.at[0, column]
+    with pytest.raises(PrepareError, match=re.escape(str(table.at[0, column]))):
+        prepare.prepare_table(table, tmp_path / "out", size=SIZE, progress=False)
+    assert not (tmp_path / "out" / "cache").exists()  # refused before a single image was decoded
+
+
+@pytest.mark.slow
+def test_identical_pixels_in_two_splits_are_refused_across_merged_sources(ray_session, synth_set, tmp_path) -> None:
+    """The same image, exported again by a second source under another id and patient, lands in another split."""
+    table = _split(_table(synth_set, 12))
+    original = table.iloc[0]
+    copy = tmp_path / "inhouse" / "export_0001.dcm"
+    copy.parent.mkdir()
+    shutil.copyfile(original["path"], copy)
+    second_csv = _write_csv(
+        tmp_path / "inhouse.csv",
+        pd.DataFrame(
+            [
+                {
+                    "image_id": "INHOUSE_0001",
+                    "path": str(copy),
+                    "label": 0,
+                    "patient_id": "INH-7",
+                    "laterality": original["laterality"],
+                    "view": original["view"],
+                    "dataset": "INHOUSE",
+                }
+            ]
+        ),
+    )
+    inhouse = importers.import_source("generic", [second_csv], tmp_path / "inhouse")
+    inhouse["split"] = next(s for s in manifest.SPLITS if s != original["split"])
+    merged = pd.concat([table, inhouse], ignore_index=True)
+    with pytest.raises(PrepareError) as caught:
+        prepare.prepare_table(merged, tmp_path / "out", size=SIZE, shard_size=6, progress=False)
+    message = str(caught.value)
+    assert "same pixels" in message and original["image_id"] in message and "INHOUSE_0001" in message
+    assert "INH-7" in message and original["patient_id"] in message
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Subsets: seeded, patient-level, label-stratified (no Ray)
+
+
+def _big_table(patients: int = 60) -> pd.DataFrame:
+    rows = []
+    for p in range(patients):
+        for image in range(4):
+            rows.append(
+                {
+                    "image_id": f"P{p:03d}_{image}",
+                    "path": f"/data/P{p:03d}/{image}.dcm",
+                    "label": int(p % 6 == 0 and image < 2),
+                    "patient_id": f"P{p:03d}",
+                    "exam_id": f"P{p:03d}_E1",
+                    "laterality": "LR"[image % 2],
+                    "view": "CC",
+                    "dataset": "X",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _args(*extra: str) -> object:
+    base = ["--source", "generic", "--csv", "m.csv", "--images", "/data", "--out", "/elsewhere/out"]
+    return prepare.build_parser().parse_args([*base, *extra])
+
+
+def test_smoke_test_is_a_seeded_random_patient_subset() -> None:
+    table = _big_table()
+    first = prepare.plan(table, _args("--smoke-test"))
+    again = prepare.plan(table, _args("--smoke-test"))
+    other = prepare.plan(table, _args("--smoke-test", "--seed", "1"))
+    patients = sorted(first["patient_id"].unique())
+    assert 14 <= len(patients) <= 18 and first["label"].sum() > 0
+    assert patients != sorted(table["patient_id"].unique())[: len(patients)]  # not "the first 16"
+    assert patients == sorted(again["patient_id"].unique())
+    assert patients != sorted(other["patient_id"].unique())
+    assert first.groupby("patient_id").size().eq(4).all()  # whole patients
+
+
+@pytest.mark.parametrize(
+    ("flags", "kept_patients"),
+    [
+        (("--dataset_partition", "0.5"), (19, 23)),
+        (("--finite_sample_rate", "0.5"), (19, 23)),
+        (("--finite-sample-rate", "0.25"), (9, 12)),
+        (("--rows_experiment", "40"), (9, 11)),
+    ],
+)
+def test_training_subsets_are_patient_level_and_seeded(flags, kept_patients) -> None:
+    table = _big_table()
+    full = prepare.plan(table, _args())
+    subset = prepare.plan(table, _args(*flags))
+    again = prepare.plan(table, _args(*flags))
+    pd.testing.assert_frame_equal(subset, again)
+    for role in ("valid", "test"):  # only the training split shrinks, so runs stay comparable
+        assert set(subset.loc[subset["split"] == role, "image_id"]) == set(full.loc[full["split"] == role, "image_id"])
+    train = subset[subset["split"] == "train"]
+    assert kept_patients[0] <= train["patient_id"].nunique() <= kept_patients[1]
+    assert train.groupby("patient_id").size().eq(4).all() and train["label"].sum() > 0
+    assert set(train["patient_id"]) != set(
+        sorted(full.loc[full["split"] == "train", "patient_id"])[: train["patient_id"].nunique()]
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--dataset_partition", "0.5", "--finite_sample_rate", "0.3"),
+        ("--dataset_partition", "0.5", "--rows_experiment", "10"),
+        ("--dataset_partition", "1.5"),
+        ("--split", "0.5", "0.5", "0.5"),
+        ("--size", "0", "10"),
+        ("--max-bad-fraction", "2"),
+    ],
+)
+def test_bad_flags_are_refused_before_ray(flags) -> None:
+    with pytest.raises(ValueError):
+        prepare.plan(_big_table(), _args(*flags))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory: bounded tasks in flight, driver RSS flat between N and 4N images
+
+
+def _reset_peak_rss() -> None:
+    # Linux: "5" resets VmHWM to the current RSS. Without it the peak is the process's lifetime peak,
+    # which only makes the bound looser.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mib() -> float:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_driver_memory_is_bounded(ray_session, synth_set, tmp_path) -> None:
+    table = _table(synth_set)
+    peaks, results = {}, {}
+    for n in (15, 60):
+        _reset_peak_rss()
+        results[n] = prepare.prepare_table(table.iloc[:n], tmp_path / f"n{n}", size=SIZE, shard_size=3, progress=False)
+        peaks[n] = _peak_rss_mib()
+    print(f"driver peak RSS: N=15 {peaks[15]:.0f} MiB, 4N=60 {peaks[60]:.0f} MiB")
+    bound = prepare.IN_FLIGHT_PER_CPU * int(ray_session.cluster_resources()["CPU"])
+    assert results[60].shards_total == 20 and results[60].peak_in_flight == bound  # streamed, not all at once
+    assert peaks[60] - peaks[15] < 150  # generous: the driver holds small index frames, never pixels
+    bounded = prepare.prepare_table(
+        table.iloc[:12], tmp_path / "bounded", size=SIZE, shard_size=1, progress=False, max_in_flight=2
+    )
+    assert bounded.peak_in_flight == 2 and bounded.n_cached == 12

@@ -4,7 +4,7 @@ A full-field mammogram costs 0.1–0.6 s of CPU to decode; a GPU trains on hundr
 second. ``prepare`` therefore decodes and preprocesses every image once and appends the result to a
 shard file (``shard-NNNNN-<hash>.bin``). Each image is one independently compressed zstd frame, so
 the training pipeline can shuffle the (small) manifest rows first and then read any image with one
-seek, instead of shuffling megabytes of pixels. The manifest row holds ``cache_file``,
+seek, instead of shuffling megabytes of pixels. Images are compressed losslessly (:func:`encode`). The manifest row holds ``cache_file``,
 ``cache_offset``, ``cache_nbytes``, ``cache_height``, ``cache_width``.
 
 A shard counts as complete only when its index (``.index.parquet``) exists; both files are written
@@ -21,7 +21,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: row-delta + byte planes before zstd
 _CODEC = "zstd"
 
 
@@ -32,16 +32,28 @@ def settings_key(settings: dict) -> str:
 
 
 def encode(pixels: np.ndarray) -> bytes:
-    """Compress one uint16 image (lossless)."""
+    """Compress one uint16 image, losslessly.
+
+    Plain zstd barely compresses 16-bit pixels. Neighbouring pixels along a row are close, so the
+    row-wise difference (mod 2^16) is mostly small numbers; storing all high bytes before all low
+    bytes then gives zstd long runs. Measured on a real film mammogram at 1024×512: 893 kB with plain
+    zstd, 665 kB this way (raw: 1,049 kB), at about 6 ms per image to encode.
+    """
     if pixels.dtype != np.uint16:
         raise TypeError(f"cache stores uint16 images, got {pixels.dtype}")
-    return pa.compress(np.ascontiguousarray(pixels).tobytes(), codec=_CODEC, asbytes=True)
+    pixels = np.ascontiguousarray(pixels)
+    delta = np.diff(pixels, axis=1, prepend=np.zeros((pixels.shape[0], 1), dtype=np.uint16))  # wraps mod 2^16
+    pairs = delta.astype("<u2", copy=False).view(np.uint8).reshape(-1, 2)
+    planes = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    return pa.compress(planes.tobytes(), codec=_CODEC, asbytes=True)
 
 
 def decode(blob: bytes, height: int, width: int) -> np.ndarray:
     """Decompress one image written by :func:`encode`."""
-    raw = pa.decompress(blob, decompressed_size=height * width * 2, codec=_CODEC, asbytes=True)
-    return np.frombuffer(raw, dtype=np.uint16).reshape(height, width)
+    count = height * width
+    raw = np.frombuffer(pa.decompress(blob, decompressed_size=count * 2, codec=_CODEC, asbytes=True), dtype=np.uint8)
+    delta = (raw[:count].astype(np.uint16) << 8) | raw[count:].astype(np.uint16)
+    return np.cumsum(delta.reshape(height, width), axis=1, dtype=np.uint16)
 
 
 def read_image(cache_file: str, offset: int, nbytes: int, height: int, width: int, handle=None) -> np.ndarray:

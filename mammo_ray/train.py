@@ -204,7 +204,7 @@ def _epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train worker function: train, validate, report and checkpoint once per epoch."""
     import ray.train
     import ray.train.torch
@@ -339,7 +339,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if totals[3] > 0:
             report = {"epoch": epoch_number, "nonfinite_loss": 1.0, "train_loss": float("nan"), "val_auc": float("nan")}
             ray.train.report(report)
-            return
+            # Train V2's Result.metrics holds only reports with a checkpoint; the caller reads this via return_value.
+            return report
 
         eval_model = ema.module if ema is not None else net
         local_predictions, val_loss_sum = pd.DataFrame(), 0.0
@@ -375,6 +376,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "trainable_params": trainable,
             "nonfinite_loss": 0.0,
         }
+        if on_gpu:
+            report["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         history.append(report)
         if gauges is not None:
             _set_gauges(gauges, report)
@@ -408,6 +411,7 @@ def _metrics_gauges(run_name: str):
         "train_loss": "Mean training loss of the last epoch",
         "val_auc": "Validation ROC-AUC of the last epoch",
         "epoch_time_s": "Seconds per epoch",
+        "gpu_memory_gb": "Peak GPU memory allocated by rank 0 (GB)",
     }
     gauges = {key: Gauge(f"mammo_ray_{key}", description=text, tag_keys=("run",)) for key, text in names.items()}
     for gauge in gauges.values():
@@ -619,8 +623,9 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = make_trainer(cfg, frames, run_name=run_name, storage_path=storage)
     result = trainer.fit()
-    if result.metrics and result.metrics.get("nonfinite_loss"):
-        print(f"error: training stopped: non-finite loss in epoch {result.metrics.get('epoch')}", file=sys.stderr)
+    final = result.return_value if isinstance(result.return_value, dict) else (result.metrics or {})
+    if final.get("nonfinite_loss"):
+        print(f"error: training stopped: non-finite loss in epoch {final.get('epoch')}", file=sys.stderr)
         return 1
     best = best_checkpoint_dir(result, cfg.search.metric, cfg.search.mode)
     if best is None:

@@ -42,13 +42,18 @@ the breast, so that a breast crop has something to drop. Headers vary like a mul
 BitsStored 12/14/16, MONOCHROME1 (stored values inverted) for about a fifth of exams, Window Center/Width
 on most files (LINEAR or SIGMOID VOI LUT function, sometimes two windows), none on the rest.
 
-Cancers: ``prevalence`` of the breasts (patient x exam x side) hold one, drawn in both views at the same
-distance from the nipple: spiculated masses (ill-defined dense core with radiating spicules, diameter 6-15%
-of the breast height) or clusters of 5-20 fine pleomorphic calcifications. Look-alikes appear at the same
-rates in every breast, positive or not, and persist across exams as benign findings do: round
-well-circumscribed masses (sometimes with a fat halo) of the same size and contrast, and scattered isolated
-calcifications of the same brightness. So a one-pixel or global image statistic stays near chance while
-morphology and grouping (what a radiologist reads) tell cancers apart. The tests check both.
+Cancers: ``prevalence`` of the breasts (patient x exam x side; at least 2 when ``prevalence`` > 0) hold one,
+drawn in both views at the same depth (distance from the nipple): spiculated masses (irregular, ill-defined dense
+core with radiating spicules, diameter 6-15% of the breast height) or clusters of 5-20 pleomorphic
+calcifications, half each, with varied size and contrast. Look-alikes are matched to them: whatever its label,
+a breast shows a mass with probability 0.5 (a round, well-circumscribed benign one, sometimes with a fat halo,
+of the same size and contrast, or the cancer) and calcifications with probability about 0.9 (scattered
+isolated benign ones of the same size and brightness, or a cluster that gathers most of them). A cancer takes
+the place of the look-alike of its kind, so a breast never shows a benign mass beside its cancer at that
+exam; benign findings otherwise persist across exams. A tone curve with a shoulder compresses the densest
+spots, as vendors' for-presentation processing does. So the maximum pixel, high percentiles and global
+statistics stay near chance, while morphology (spiculated vs circumscribed, clustered vs scattered), which
+is what a radiologist reads, tells cancers apart. ``tests/test_synth.py`` checks both.
 
 Generation is vectorised numpy on one core: textures come from a bank of FFT noise fields computed once per
 run and sliced at random offsets; findings are drawn on small patches. Same seed, same pixels and CSVs.
@@ -65,7 +70,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -192,24 +197,26 @@ _VENDORS = (
 )
 _WINDOW_RATE = 0.88
 
-# Finding rates. Look-alikes are drawn for every breast whatever its label, so their presence says nothing.
 # Look-alikes are matched to the cancers: every breast shows a mass with probability 0.5 (a benign one, or the
 # cancer when it is a mass) and a calcification population with probability about 0.9 (scattered benign ones, or
-# the cluster when the cancer is one). Presence and brightness are the same for both labels; only morphology
-# (spiculated vs circumscribed, clustered vs scattered) tells them apart.
+# the cluster when the cancer is one; see ``_findings``). Presence, number and brightness are the same for both
+# labels; only morphology (spiculated vs circumscribed, clustered vs scattered) tells them apart.
 _MASS_CANCER_SHARE = 0.5
 _BENIGN_MASS_RATE = _MASS_CANCER_SHARE
 _BENIGN_CALCS_RATE = 0.9
 _CALC_COUNT = (5, 21)
-# Diameter of masses as a fraction of the breast height (CC view).
+# Diameter of masses as a fraction of the breast height (CC view); contrast in the float image's units, on top
+# of glandular tissue whose own contrast to fat is 0.28-0.40, so that dense breasts hide some masses.
 _MASS_DIAMETER = (0.06, 0.15)
-_MASS_CONTRAST = (0.12, 0.30)
+_MASS_CONTRAST = (0.15, 0.35)
 _CALC_AMPLITUDE = (0.45, 0.85)
 # Calcification sigma in pixels at 512 rows; scaled with the image so a calcification has a physical size.
 # Larger than most real calcifications (0.1-0.5 mm) so that a cluster survives downsampling to the demo's 128 rows.
 # Benign and malignant ones share size and brightness; malignant ones are more elongated (pleomorphic).
 _CALC_SIGMA_512 = (0.8, 1.6)
 _NOISE_SD = (0.006, 0.012)
+# Start of the tone curve's shoulder, in the float image's units (0 air, about 0.75 dense tissue).
+_KNEE = 0.7
 # Gland-field threshold per BI-RADS density (1-4 = a-d), calibrated so that the mean glandular share of the
 # breast is about 14%, 34%, 56% and 77%; and the strength of the radial bias towards the centre.
 _GLAND_THRESHOLD = {1: 1.15, 2: 0.3, 3: -0.45, 4: -1.2}
@@ -409,13 +416,24 @@ def _plan(seed: int, patients: int, prevalence: float, bank_size: int) -> list[_
 
 def _findings(breast: _Breast, exam: _Exam, side: str) -> list[_Finding]:
     """What one breast shows at one exam: its persistent benign findings, with the cancer (if any) taking the
-    place of the look-alike of its own kind, and a calcification cluster also taking the place of a benign mass
-    (see ``_MASS_CANCER_SHARE``: that keeps the presence of masses and calcifications independent of the label)."""
+    place of the look-alike of its kind (see ``_MASS_CANCER_SHARE``), so that presence, number and brightness of
+    masses and calcifications do not depend on the label."""
     cancer = exam.cancer.get(side)
     if cancer is None:
         return list(breast.benign)
-    dropped = {"benign_mass"} if cancer.kind == "spiculated_mass" else {"benign_mass", "benign_calcifications"}
-    return [f for f in breast.benign if f.kind not in dropped] + [cancer]
+    if cancer.kind == "spiculated_mass":
+        return [f for f in breast.benign if f.kind != "benign_mass"] + [cancer]
+    # A cluster replaces the benign mass and gathers most of the scattered calcifications: the breast keeps its
+    # number of calcifications, and the rest stay scattered. Both matter. The brightest calcification of a breast
+    # is the one that lands on the densest tissue, and a cluster samples one spot where scattered ones sample
+    # many; and a cluster on top of all the scattered ones would add bright pixels. Either would give the label
+    # away through the maximum or a high percentile.
+    scattered = next((f for f in breast.benign if f.kind == "benign_calcifications"), None)
+    if scattered is None:
+        return [cancer]
+    in_cluster = max(_CALC_COUNT[0], round(cancer.count / (_CALC_COUNT[1] - 1) * scattered.count))
+    rest = max(0, scattered.count - in_cluster)
+    return ([replace(scattered, count=rest)] if rest else []) + [replace(cancer, count=in_cluster)]
 
 
 def _assessment(rng: np.random.Generator, findings: list[_Finding]) -> tuple[str, float]:
@@ -449,12 +467,16 @@ class _Canvas:
         self.xs2 = self.xs**2
         rng = _rng(seed, 0)
         bank_shape = (2 * rows, 2 * cols)
-        # Low cut-off at about a third of the image height: glandular islands of centimetres, not one gradient;
-        # spectral exponent 3.1 leaves enough fine structure for wispy island edges. Stretched along the rows' direction (x): ducts and ligaments run from the chest wall to the nipple.
+        # Low cut-off at about a third of the image height: glandular islands of centimetres, not one gradient.
+        # Spectral exponent 3.1, near the 3 measured on mammograms, still leaves wispy edges. Stretched along x:
+        # ducts and ligaments run from the chest wall to the nipple.
         self.texture = _power_law_bank(rng, bank_size, bank_shape, beta=3.1, cutoff=3.0 / rows, stretch=1.8)
         self.white = rng.standard_normal((1, *bank_shape), dtype=np.float32)
-        # Full-size temporaries allocated once: fresh arrays of this size cost page faults on every image.
-        self.buffers = np.empty((5, rows, cols), dtype=np.float32)
+        # Temporaries allocated once: fresh arrays of this size cost page faults on every image. ``buffers`` hold
+        # full images (image, thickness, work); ``scratch`` is reshaped per image into contiguous arrays just as
+        # wide as the breast, because ufuncs run about twice as fast on those as on column slices.
+        self.buffers = np.empty((3, rows, cols), dtype=np.float32)
+        self.scratch = np.empty((5, rows * cols), dtype=np.float32)
 
     def slice(self, bank: np.ndarray, key: tuple[int, int, int]) -> np.ndarray:
         # No flips: reversed views are several times slower to read than forward ones.
@@ -519,7 +541,8 @@ def _geometry(rng: np.random.Generator, breast: _Breast, view: str, rows: int, c
 
 
 def _project(finding: _Finding, geometry: _Geometry, view: str) -> tuple[float, float]:
-    """Pixel position of a finding: same distance from the chest wall in both views (the clinical rule)."""
+    """Pixel position of a finding: the same depth (distance from the nipple, relative to the breast) in both
+    views, the rule radiologists use to match a finding between CC and MLO."""
     x = finding.depth * geometry.depth
     # CC shows the lateral-medial offset, MLO an oblique (45 degree) superior-inferior one.
     component = math.sin(finding.clock) if view == "CC" else math.cos(finding.clock - math.pi / 4)
@@ -576,23 +599,45 @@ def _benign_mass(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radiu
 
 
 def _calcifications(
-    rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, centers: np.ndarray, sigma_scale: float, pleomorphic: bool
-) -> np.ndarray:
-    """Sum of small elongated Gaussians; sub-pixel ones keep their integrated brightness (partial volume)."""
-    n = len(centers)
+    rng: np.random.Generator, positions: np.ndarray, sigma_scale: float, pleomorphic: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Small (elongated) Gaussian sprites for calcifications at sub-pixel ``positions`` (n x 2, rows/columns).
+
+    Returns the sprites (n x P x P) and the integer pixel of each sprite's top-left corner. Sub-pixel ones keep
+    their integrated brightness (partial volume), so a calcification has the same physical size at every image
+    size.
+    """
+    n = len(positions)
     sigma = rng.uniform(*_CALC_SIGMA_512, n) * sigma_scale
     drawn = np.maximum(sigma, 0.55)
     weight = (sigma / drawn) ** 2 * rng.uniform(0.6, 1.0, n)
     aspect = rng.uniform(1.0, 2.5 if pleomorphic else 1.4, n)
     angle = rng.uniform(0, np.pi, n)
-    out = np.zeros(np.broadcast_shapes(dy.shape, dx.shape), dtype=np.float32)
-    for (cy, cx), s, w, a, t in zip(centers, drawn, weight, aspect, angle, strict=True):
-        ddy, ddx = dy - np.float32(cy), dx - np.float32(cx)
-        u = (ddx * math.cos(t) + ddy * math.sin(t)) / (s * a)
-        v = (-ddx * math.sin(t) + ddy * math.cos(t)) / s
-        # Maximum, not sum: overlapping specks of a cluster must not outshine a lone benign one.
-        np.maximum(out, np.float32(w) * np.exp(-0.5 * (u**2 + v**2)), out=out)
-    return out
+    half = int(math.ceil(3 * 2.5 * _CALC_SIGMA_512[1] * max(sigma_scale, 0.25))) + 1
+    corner = np.floor(positions).astype(int) - half
+    grid = np.arange(-half, half + 1, dtype=np.float32)
+    frac = (positions - np.floor(positions)).astype(np.float32)
+    ddy = grid[None, :, None] - frac[:, 0, None, None]
+    ddx = grid[None, None, :] - frac[:, 1, None, None]
+    cos, sin = np.cos(angle).astype(np.float32)[:, None, None], np.sin(angle).astype(np.float32)[:, None, None]
+    major = (drawn * aspect).astype(np.float32)[:, None, None]
+    minor = drawn.astype(np.float32)[:, None, None]
+    u = (ddx * cos + ddy * sin) / major
+    v = (ddy * cos - ddx * sin) / minor
+    sprites = weight.astype(np.float32)[:, None, None] * np.exp(-0.5 * (u * u + v * v))
+    return sprites, corner
+
+
+def _stamp(target: np.ndarray, sprite: np.ndarray, corner: tuple[int, int], combine: np.ufunc = np.add) -> None:
+    """Combine a sprite into ``target`` at ``corner``, clipped to the target's bounds."""
+    y0, x0 = corner
+    size_y, size_x = sprite.shape
+    ty0, tx0 = max(0, y0), max(0, x0)
+    ty1, tx1 = min(target.shape[0], y0 + size_y), min(target.shape[1], x0 + size_x)
+    if ty0 >= ty1 or tx0 >= tx1:
+        return
+    region = target[ty0:ty1, tx0:tx1]
+    combine(region, sprite[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0], out=region)
 
 
 def _cluster_offsets(rng: np.random.Generator, finding: _Finding, radius_px: float) -> np.ndarray:
@@ -614,25 +659,23 @@ def _draw_finding(
     finding: _Finding,
     geometry: _Geometry,
     view: str,
-    inside: np.ndarray | None,
     seed: int,
 ) -> None:
     rng = np.random.default_rng([finding.seed, _VIEWS.index(view), seed])
     sigma_scale = canvas.rows / 512.0
-    if finding.kind == "benign_calcifications" and inside is not None:
-        # Scattered singles anywhere in the breast: as bright as malignant ones, rounder, no grouping.
-        candidates = np.flatnonzero(inside)
-        if not len(candidates):
-            return
-        picks = rng.choice(candidates, size=min(finding.count, len(candidates)), replace=False)
-        for pick in picks:
-            y, x = divmod(int(pick), canvas.cols)
-            box = _patch(canvas, x, y, 3.0 + 3.5 * _CALC_SIGMA_512[1] * sigma_scale)
-            if box is None:
-                continue
-            rows, cols, dy, dx = box
-            spots = _calcifications(rng, dy, dx, np.zeros((1, 2)), sigma_scale, pleomorphic=False)
-            image[rows, cols] += finding.contrast * spots * thickness[rows, cols]
+    if finding.kind == "benign_calcifications":
+        # Scattered singles anywhere in the breast (off the pectoral muscle): as bright as malignant ones, rounder,
+        # no grouping. Positions by rejection sampling on the thickness map: cheaper than listing the breast pixels.
+        candidates = rng.random((8 * finding.count + 16, 2)) * (canvas.rows - 1, geometry.depth)
+        cy, cx = candidates[:, 0].astype(int), candidates[:, 1].astype(int)
+        keep = thickness[cy, cx] > 0.6
+        if geometry.pectoral is not None:
+            top, height, _, _ = geometry.pectoral
+            keep &= (cy > height + 2) | (cx > top + 2)
+        positions = candidates[keep][: finding.count]
+        sprites, corners = _calcifications(rng, positions, sigma_scale, pleomorphic=False)
+        for sprite, corner, (y, x) in zip(sprites, corners, positions.astype(int), strict=True):
+            _stamp(image, finding.contrast * thickness[y, x] * sprite, tuple(corner))
         return
     x, y = _project(finding, geometry, view)
     if finding.kind in ("spiculated_mass", "benign_mass"):
@@ -650,8 +693,12 @@ def _draw_finding(
     box = _patch(canvas, x, y, 1.6 * radius + 3 + 3 * 2.5 * _CALC_SIGMA_512[1] * sigma_scale)
     if box is None:
         return
-    rows, cols, dy, dx = box
-    spots = _calcifications(rng, dy, dx, offsets, sigma_scale, pleomorphic=True)
+    rows, cols, _, _ = box
+    sprites, corners = _calcifications(rng, offsets + (y - rows.start, x - cols.start), sigma_scale, pleomorphic=True)
+    spots = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
+    for sprite, corner in zip(sprites, corners, strict=True):
+        # Maximum, not sum: overlapping specks of a cluster must not outshine a lone benign one.
+        _stamp(spots, sprite, tuple(corner), np.maximum)
     image[rows, cols] += finding.contrast * spots * thickness[rows, cols]
 
 
@@ -665,9 +712,8 @@ def _render(
     view: str,
     seed: int,
 ) -> np.ndarray:
-    """Float image, 0 = air and about 1 = dense tissue, in stored orientation (right breasts mirrored).
-
-    The result is a view of the canvas' work buffers, valid until the next call.
+    """Float image, 0 = air and about 1 = dense tissue, chest wall on the left edge (``_to_stored`` mirrors right
+    breasts). The result is one of the canvas' buffers, valid until the next call.
     """
     rows = canvas.rows
     geometry = _geometry(rng, breast, view, rows, canvas.cols)
@@ -682,8 +728,7 @@ def _render(
     half_row = np.where(offset_row < 0, np.float32(geometry.half_up), np.float32(geometry.half_down))
     # Only the columns the breast can reach get the anatomy; the rest is air.
     reach = min(canvas.cols, int(float(depth_row.max()) + 0.03 * rows + 4))
-    image, thickness, work, gland, one_minus_r = (buffer[:, :reach] for buffer in canvas.buffers)
-    canvas.buffers[:2, :, reach:] = 0
+    image, thickness, work, gland, one_minus_r = (flat[: rows * reach].reshape(rows, reach) for flat in canvas.scratch)
 
     # Normalised elliptic radius r (1 on the skin); everything anatomical is a function of 1 - r.
     np.multiply(canvas.xs2[:, :reach], (1 / depth_row**2).astype(np.float32), out=one_minus_r)
@@ -698,14 +743,14 @@ def _render(
 
     dy_jitter, dx_jitter = (int(v) for v in rng.integers(-rows // 40 - 1, rows // 40 + 2, 2))
     index, oy, ox = breast.texture[view]
-    glands = canvas.slice(canvas.texture, (index, oy + dy_jitter, ox + dx_jitter))
+    glands = canvas.slice(canvas.texture, (index, oy + dy_jitter, ox + dx_jitter))[:, :reach]
     # BI-RADS a-d: threshold of the gland field, so density d leaves little fat and a almost no glands. A radial
     # bias gathers the glands into a central cone behind the nipple with a subcutaneous fat layer around it.
     threshold = _GLAND_THRESHOLD[patient.density] + float(rng.normal(0, 0.1))
     softness = 0.5  # below ~0.3 the tissue looks like fog, above ~2 like paper cut-outs
     np.multiply(one_minus_r, softness * _GLAND_BIAS, out=gland)
     gland += 0.5 - softness * (threshold + 0.45 * _GLAND_BIAS)
-    np.multiply(glands[:, :reach], softness, out=work)
+    np.multiply(glands, softness, out=work)
     gland += work
     np.clip(gland, 0, 1, out=gland)
     np.multiply(gland, patient.gland_contrast, out=image)
@@ -720,29 +765,26 @@ def _render(
     np.clip(work, 0, 1, out=work)
     work *= 0.08
     image += work
-    image, thickness, work = canvas.buffers[0], canvas.buffers[1], canvas.buffers[2]
     background = float(rng.uniform(0.02, 0.05))  # air
-    image[:, :reach] += background
-    image[:, reach:] = background
+    full_image, full_thickness, work = canvas.buffers
+    np.add(image, background, out=full_image[:, :reach])
+    full_image[:, reach:] = background
+    full_thickness[:, :reach] = thickness
+    full_thickness[:, reach:] = 0
+    image, thickness = full_image, full_thickness
 
     if geometry.pectoral is not None:
         _draw_pectoral(image, canvas, geometry.pectoral, glands)
     _draw_nipple(image, canvas, geometry, patient.fat_level)
 
     findings = _findings(breast, exam, side)
-    inside = None
-    if any(f.kind == "benign_calcifications" for f in findings):
-        inside = thickness > 0.6
-        if geometry.pectoral is not None:
-            top, height, _, _ = geometry.pectoral
-            inside[: int(height) + 2, : int(top) + 2] = False
     for finding in findings:
-        _draw_finding(image, thickness, canvas, finding, geometry, view, inside, seed)
+        _draw_finding(image, thickness, canvas, finding, geometry, view, seed)
 
     noise = canvas.slice(canvas.white, tuple(int(v) for v in rng.integers(0, 1 << 16, 3)))
     np.multiply(noise, exam.noise_sd, out=work)
     image += work
-    return image[:, ::-1] if side == "R" else image
+    return image
 
 
 def _draw_pectoral(
@@ -905,12 +947,18 @@ def _windows(exam: _Exam, patient: _Patient) -> list[tuple[int, int]]:
 
 
 def _to_stored(image: np.ndarray, exam: _Exam, side: str, view: str, work: np.ndarray) -> np.ndarray:
-    """Quantise to the exam's bit depth, invert for MONOCHROME1 and burn in the marker."""
+    """Quantise to the exam's bit depth, mirror right breasts, invert for MONOCHROME1 and burn in the marker."""
     top = (1 << exam.bits_stored) - 1
+    # Tone curve with a shoulder, as in vendors' for-presentation processing: the densest spots (calcifications
+    # on dense tissue) are compressed towards white instead of running far above everything else.
+    bright = image > _KNEE
+    image[bright] = _KNEE + (1 - _KNEE) * np.tanh((image[bright] - _KNEE) / (1 - _KNEE))
     np.multiply(image, exam.gain * top, out=work)
     work += exam.offset * top + 0.5
     np.clip(work, 0, top, out=work)
     stored = work.astype(np.uint16)
+    if side == "R":  # stored with the chest wall on the right edge, as scanners do for back-to-back hanging
+        stored = np.ascontiguousarray(stored[:, ::-1])
     if exam.monochrome1:
         np.subtract(top, stored, out=stored)
     # Burned-in text is white on screen: the top stored value, or 0 where MONOCHROME1 shows 0 as white.
@@ -1041,120 +1089,125 @@ def _write(root: Path, patients: int, prevalence: float, size: tuple[int, int], 
     bank_size = 8
     plan = _plan(seed, patients, prevalence, bank_size)
     canvas = _Canvas(size, seed, bank_size)
-    manifest, embed, clinical, reference = [], [], [], []
-    total = sum(4 * len(p.exams) for p in plan)
-    meter = _Progress(total, progress)
-    done = 0
-    for patient in plan:
-        for exam in patient.exams:
-            exam_dir = root / "dicom" / patient.patient_id / exam.exam_id
-            exam_dir.mkdir(parents=True)
-            ds = _exam_dataset(patient, exam, size, seed)
-            assess_rng = _rng(seed, 5, patient.index, exam.number)
-            for side in _SIDES:
-                breast = patient.breasts[side]
-                cancer = exam.cancer.get(side)
-                letter, severity = _assessment(assess_rng, _findings(breast, exam, side))
-                label = int(cancer is not None)
-                finding_side = side if letter != "N" else ""
-                clinical.append(
-                    {
-                        "empi_anon": patient.empi,
-                        "acc_anon": exam.accession,
-                        "study_date_anon": exam.study_date.isoformat(),
-                        "desc": "MG Screening Bilateral",
-                        "side": finding_side,
-                        "asses": letter,
-                        "tissueden": patient.density,
-                        "age_at_study": exam.age,
-                        "path_severity": severity,
-                        "ETHNICITY_DESC": patient.ethnicity,
-                    }
-                )
-                for view in _VIEWS:
-                    image_id = f"{exam.exam_id}_{side}{view}"
-                    relative = f"dicom/{patient.patient_id}/{exam.exam_id}/{image_id}.dcm"
-                    view_rng = _rng(seed, 3, patient.index, exam.number, _SIDES.index(side), _VIEWS.index(view))
-                    image = _render(canvas, view_rng, patient, breast, exam, side, view, seed)
-                    stored = _to_stored(image, exam, side, view, canvas.buffers[2])
-                    _set_image(ds, side, view, image_id, stored, seed)
-                    pydicom.dcmwrite(root / relative, ds, enforce_file_format=True)
-                    manifest.append(
-                        {
-                            "image_id": image_id,
-                            "path": relative,
-                            "label": label,
-                            "patient_id": patient.patient_id,
-                            "exam_id": exam.exam_id,
-                            "laterality": side,
-                            "view": view,
-                            "dataset": DATASET_NAME,
-                            "age": exam.age,
-                            "density": _DENSITY_LETTERS[patient.density - 1],
-                            "manufacturer": exam.vendor.manufacturer,
-                            "birads": _ASSES_TO_BIRADS[letter],
-                        }
-                    )
-                    embed.append(
-                        {
-                            "empi_anon": patient.empi,
-                            "acc_anon": exam.accession,
-                            "study_date_anon": exam.study_date.isoformat(),
-                            "StudyDescription": "MG Screening Bilateral",
-                            "SeriesDescription": f"{side} {view}",
-                            "FinalImageType": "2D",
-                            "ImageLateralityFinal": side,
-                            "ViewPosition": view,
-                            "spot_mag": math.nan,
-                            "anon_dicom_path": relative,
-                            "Manufacturer": exam.vendor.manufacturer,
-                            "ManufacturerModelName": exam.vendor.model,
-                            "PhotometricInterpretation": "MONOCHROME1" if exam.monochrome1 else "MONOCHROME2",
-                            "Rows": size[0],
-                            "Columns": size[1],
-                            "tissueden": patient.density,
-                            "age_at_study": exam.age,
-                            "ETHNICITY_DESC": patient.ethnicity,
-                            "asses": letter,
-                            "side": finding_side,
-                            "path_severity": severity,
-                            "cancer": label,
-                        }
-                    )
-                    reference.append(
-                        {
-                            "path_eq": relative,
-                            "cancer": label,
-                            "datasettype": DATASET_NAME,
-                            "patient_id": patient.patient_id,
-                            "tissueden": patient.density,
-                            "ETHNICITY_DESC": patient.ethnicity,
-                        }
-                    )
-                    done += 1
-                    meter.update(done)
-    tables = (
-        ("manifest.csv", manifest, MANIFEST_COLUMNS),
-        ("metadata_embed.csv", embed, EMBED_COLUMNS),
-        ("clinical_embed.csv", clinical, EMBED_CLINICAL_COLUMNS),
-        ("metadata_reference.csv", reference, REFERENCE_COLUMNS),
+    tables: dict[str, list[dict]] = {"manifest": [], "embed": [], "clinical": [], "reference": []}
+    meter = _Progress(sum(4 * len(p.exams) for p in plan), progress)
+    # The values are ours (and the tests read them back); pydicom's per-element validation would cost a tenth
+    # of the run.
+    with pydicom.config.disable_value_validation():
+        for patient in plan:
+            for exam in patient.exams:
+                _write_exam(root, patient, exam, canvas, seed, tables)
+                meter.update(len(tables["manifest"]))
+    files = (
+        ("manifest.csv", "manifest", MANIFEST_COLUMNS),
+        ("metadata_embed.csv", "embed", EMBED_COLUMNS),
+        ("clinical_embed.csv", "clinical", EMBED_CLINICAL_COLUMNS),
+        ("metadata_reference.csv", "reference", REFERENCE_COLUMNS),
     )
-    for name, rows, columns in tables:
-        frame = pd.DataFrame(rows, columns=list(columns))
+    for name, key, columns in files:
+        frame = pd.DataFrame(tables[key], columns=list(columns))
         if "path_severity" in frame.columns:
-            frame["path_severity"] = frame["path_severity"].astype("Int64")
+            frame["path_severity"] = frame["path_severity"].astype("Int64")  # blank, not "nan", when not biopsied
         frame.to_csv(root / name, index=False, lineterminator="\n")
-    n_breasts = sum(2 * len(p.exams) for p in plan)
-    n_positive_breasts = sum(len(e.cancer) for p in plan for e in p.exams)
+    manifest = tables["manifest"]
     return {
         "n_images": len(manifest),
         "n_positive_images": sum(row["label"] for row in manifest),
         "n_patients": len(plan),
         "n_exams": sum(len(p.exams) for p in plan),
-        "n_breasts": n_breasts,
-        "n_positive_breasts": n_positive_breasts,
-        "n_monochrome1_images": sum(row["PhotometricInterpretation"] == "MONOCHROME1" for row in embed),
+        "n_breasts": sum(2 * len(p.exams) for p in plan),
+        "n_positive_breasts": sum(len(e.cancer) for p in plan for e in p.exams),
+        "n_monochrome1_images": sum(row["PhotometricInterpretation"] == "MONOCHROME1" for row in tables["embed"]),
     }
+
+
+def _write_exam(
+    root: Path, patient: _Patient, exam: _Exam, canvas: _Canvas, seed: int, tables: dict[str, list[dict]]
+) -> None:
+    """Render and write the four images of one exam and append their rows to the tables."""
+    size = (canvas.rows, canvas.cols)
+    exam_dir = root / "dicom" / patient.patient_id / exam.exam_id
+    exam_dir.mkdir(parents=True)
+    ds = _exam_dataset(patient, exam, size, seed)
+    assess_rng = _rng(seed, 5, patient.index, exam.number)
+    common = {
+        "empi_anon": patient.empi,
+        "acc_anon": exam.accession,
+        "study_date_anon": exam.study_date.isoformat(),
+        "tissueden": patient.density,
+        "age_at_study": exam.age,
+    }
+    findings_rows = []
+    for side in _SIDES:
+        breast = patient.breasts[side]
+        letter, severity = _assessment(assess_rng, _findings(breast, exam, side))
+        label = int(side in exam.cancer)
+        # A missed cancer (assessed N at screening) still has its pathology, found at a later work-up.
+        has_finding = letter != "N" or not math.isnan(severity)
+        finding_side = side if has_finding else ""
+        if has_finding:
+            findings_rows.append({**common, "side": side, "asses": letter, "path_severity": severity})
+        for view in _VIEWS:
+            image_id = f"{exam.exam_id}_{side}{view}"
+            relative = f"dicom/{patient.patient_id}/{exam.exam_id}/{image_id}.dcm"
+            view_rng = _rng(seed, 3, patient.index, exam.number, _SIDES.index(side), _VIEWS.index(view))
+            image = _render(canvas, view_rng, patient, breast, exam, side, view, seed)
+            stored = _to_stored(image, exam, side, view, canvas.buffers[2])
+            _set_image(ds, side, view, image_id, stored, seed)
+            pydicom.dcmwrite(exam_dir / f"{image_id}.dcm", ds, enforce_file_format=True)
+            tables["manifest"].append(
+                {
+                    "image_id": image_id,
+                    "path": relative,
+                    "label": label,
+                    "patient_id": patient.patient_id,
+                    "exam_id": exam.exam_id,
+                    "laterality": side,
+                    "view": view,
+                    "dataset": DATASET_NAME,
+                    "age": exam.age,
+                    "density": _DENSITY_LETTERS[patient.density - 1],
+                    "manufacturer": exam.vendor.manufacturer,
+                    "birads": _ASSES_TO_BIRADS[letter],
+                }
+            )
+            tables["embed"].append(
+                {
+                    **common,
+                    "StudyDescription": "MG Screening Bilateral",
+                    "SeriesDescription": f"{side} {view}",
+                    "FinalImageType": "2D",
+                    "ImageLateralityFinal": side,
+                    "ViewPosition": view,
+                    "spot_mag": math.nan,
+                    "anon_dicom_path": relative,
+                    "Manufacturer": exam.vendor.manufacturer,
+                    "ManufacturerModelName": exam.vendor.model,
+                    "PhotometricInterpretation": ds.PhotometricInterpretation,
+                    "Rows": size[0],
+                    "Columns": size[1],
+                    "ETHNICITY_DESC": patient.ethnicity,
+                    "asses": letter,
+                    "side": finding_side,
+                    "path_severity": severity,
+                    "cancer": label,
+                }
+            )
+            tables["reference"].append(
+                {
+                    "path_eq": relative,
+                    "cancer": label,
+                    "datasettype": DATASET_NAME,
+                    "patient_id": patient.patient_id,
+                    "tissueden": patient.density,
+                    "ETHNICITY_DESC": patient.ethnicity,
+                }
+            )
+    # EMBED's clinical table has one row per finding; a negative exam has one row with no side.
+    if not findings_rows:
+        findings_rows.append({**common, "side": "", "asses": "N", "path_severity": math.nan})
+    for row in findings_rows:
+        tables["clinical"].append({**row, "desc": "MG Screening Bilateral", "ETHNICITY_DESC": patient.ethnicity})
 
 
 def generate(

@@ -92,7 +92,7 @@ __all__ = [
     "main",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: thicker, longer spicules and tighter clusters (visible at 128 rows)
 DATASET_NAME = "SYNTH"
 MARKER_FILE = "synth.json"
 SMOKE_PATIENTS = 12
@@ -329,8 +329,8 @@ def _cancer(rng: np.random.Generator, half_height: float) -> _Finding:
     if rng.random() < _MASS_CANCER_SHARE:
         return _mass(rng, "spiculated_mass", half_height)
     depth, clock, radial = _location(rng)
-    # Cluster radius 3-6% of the breast height: a group that stays a group at 128 rows.
-    radius = float(rng.uniform(0.03, 0.06)) * 2 * half_height
+    # Cluster radius 2-4% of the breast height: a tight group that stays a group at 128 rows.
+    radius = float(rng.uniform(0.02, 0.04)) * 2 * half_height
     amplitude = float(rng.uniform(*_CALC_AMPLITUDE))
     return _Finding(
         "calcification_cluster", depth, clock, radial, radius, amplitude, int(rng.integers(*_CALC_COUNT)),
@@ -575,13 +575,13 @@ def _spiculated_mass(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r
     n_spicules = int(rng.integers(6, 15))
     angles = np.linspace(0, 2 * np.pi, n_spicules, endpoint=False) + rng.uniform(0, 2 * np.pi)
     angles = (angles + rng.normal(0, 0.6 * np.pi / n_spicules, n_spicules)).astype(np.float32)[:, None, None]
-    lengths = (radius * rng.uniform(1.8, 3.2, n_spicules)).astype(np.float32)[:, None, None]
-    widths = np.maximum(radius * rng.uniform(0.10, 0.18, n_spicules), 0.8).astype(np.float32)[:, None, None]
+    lengths = (radius * rng.uniform(2.2, 3.6, n_spicules)).astype(np.float32)[:, None, None]
+    widths = np.maximum(radius * rng.uniform(0.16, 0.28, n_spicules), 0.8).astype(np.float32)[:, None, None]
     along = dx * np.cos(angles) + dy * np.sin(angles)
     across = np.abs(dx * np.sin(angles) - dy * np.cos(angles))
     taper = np.clip(1 - along / lengths, 0, 1)
     spicules = np.exp(-((across / (widths * (0.4 + taper))) ** 2)) * np.sqrt(taper) * (along > 0.3 * radius)
-    return np.maximum(profile, 0.85 * spicules.max(axis=0))
+    return np.maximum(profile, spicules.max(axis=0))
 
 
 def _benign_mass(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
@@ -680,7 +680,7 @@ def _draw_finding(
     x, y = _project(finding, geometry, view)
     if finding.kind in ("spiculated_mass", "benign_mass"):
         radius = 0.5 * finding.size * canvas.rows * float(rng.uniform(0.92, 1.08))
-        reach = radius * (3.0 if finding.kind == "spiculated_mass" else 1.4) + 2
+        reach = radius * (3.7 if finding.kind == "spiculated_mass" else 1.4) + 2
         box = _patch(canvas, x, y, reach)
         if box is None:
             return

@@ -482,11 +482,20 @@ def make_trainer(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         torch_config=TorchConfig(backend=backend_for(cfg)),
-        # Every dataset is already one rank's share (see data.py), so Train must not split any.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Every dataset is already one rank's share (see data.py), so Train must not split any. Rows keep the
+        # seeded shuffle's order through the parallel map_batches tasks, so that identical seeds give identical runs.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ingest_options()),
         datasets=datasets,
         run_config=run_config,
     )
+
+
+def _ingest_options():
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def best_checkpoint_dir(result, metric: str, mode: str) -> Path | None:

@@ -174,3 +174,21 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch):
         "epoch_time_s",
     ):
         assert column in history.columns
+
+
+def test_export_command_reexports_by_another_metric(ray_session, tmp_path, monkeypatch):
+    """export --experiment picks the best checkpoint by the chosen metric and writes a full bundle."""
+    from mammo_ray import export
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    assert tune.main(["--space", "demo", "--smoke-test", "--results", str(results), "--name", "exp",
+                      "--set", f"data.synthetic.out={tmp_path / 'data'}"]) == 0  # fmt: skip
+    out = tmp_path / "by_loss"
+    assert export.main(["--experiment", str(results / "exp"), "--metric", "val_loss", "--mode", "min",
+                        "--out", str(out), "--bootstrap", "50"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    table = export.find_checkpoints(results / "exp")
+    assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
+    assert (out / "test_predictions.csv").is_file() and "test" in metrics
+    assert export.main(["--experiment", str(results / "exp"), "--metric", "nosuch"]) == 2

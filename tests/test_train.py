@@ -142,3 +142,78 @@ def test_train_on_reference_csv_decodes_on_the_fly(ray_session, synthetic_data, 
     assert code == 0, root
     val = pd.read_csv(out / "val_predictions.csv")
     assert len(val) == len(reference[reference["patient_id"].isin(patients[16:])])
+
+
+def _fit(cfg, prepared_data, storage, name):
+    frames = manifest.load_manifests({"train": prepared_data["train"], "valid": prepared_data["valid"]})
+    result = train.make_trainer(cfg, frames, run_name=name, storage_path=str(storage)).fit()
+    checkpoint = train.best_checkpoint_dir(result, "val_auc", "max")
+    return result, pd.read_csv(checkpoint / "val_predictions.csv"), pd.read_csv(checkpoint / "history.csv")
+
+
+def test_attenuation_mc_dropout_and_ema_export_uncertainties(ray_session, prepared_data, tmp_path):
+    cfg = _config(
+        **{
+            "resources.num_workers": 1,
+            "model.attenuation": True,
+            "model.dropout": 0.3,
+            "train.mc_dropout_samples": 3,
+            "train.tta": True,
+            "train.ema": True,
+            "train.ema_decay": 0.9,
+        }
+    )
+    _, predictions, _ = _fit(cfg, prepared_data, tmp_path, "attenuation")
+    assert (predictions["aleatoric"] >= 0).all() and predictions["aleatoric"].std() > 0
+    assert predictions["epistemic"].notna().all() and (predictions["epistemic"] >= 0).all()
+    assert predictions["epistemic"].std() > 0
+    assert predictions["prob"].between(0, 1).all()
+
+
+def test_identical_seeds_give_identical_cpu_runs(ray_session, prepared_data, tmp_path):
+    cfg = _config(**{"resources.num_workers": 1, "train.sampler": "weighted", "train.epoch_length": 48})
+    _, first_predictions, first = _fit(cfg, prepared_data, tmp_path, "seeded-a")
+    _, second_predictions, second = _fit(cfg, prepared_data, tmp_path, "seeded-b")
+    assert first["train_loss"].tolist() == second["train_loss"].tolist()
+    assert first_predictions["prob"].tolist() == second_predictions["prob"].tolist()
+    cfg_other = _config(
+        **{"resources.num_workers": 1, "train.sampler": "weighted", "train.epoch_length": 48, "train.seed": 1}
+    )
+    _, _, other = _fit(cfg_other, prepared_data, tmp_path, "seeded-c")
+    assert other["train_loss"].tolist() != first["train_loss"].tolist()
+
+
+def test_validation_is_never_augmented(ray_session, prepared_data):
+    """The training stream is augmented; the validation stream gives the cached pixels, identical on every pass."""
+    import numpy as np
+
+    from mammo_ray import cache, data
+
+    frames = manifest.load_manifests({"train": prepared_data["train"], "valid": prepared_data["valid"]})
+    datasets = data.training_datasets(
+        frames, num_workers=1, sampler="simple", image_size=(64, 48), use_cache=True, seed=0,
+        augment_images=True, positive_strength=2.0, load_batch_size=8,
+    )  # fmt: skip
+
+    def rows(name):
+        out = {}
+        for batch in datasets[name].iter_batches(batch_size=64, batch_format="numpy"):
+            out.update(zip(batch["image_id"], batch["image"], strict=True))
+        return out
+
+    first, second = rows("valid_0"), rows("valid_0")
+    valid = frames["valid"].set_index("image_id")
+    assert set(first) == set(valid.index)
+    for image_id, image in first.items():
+        row = valid.loc[image_id]
+        cached = cache.read_image(row.cache_file, row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width)
+        expected = data.normalise(cached[None].astype(np.float32) / data.PIXEL_SCALE)[0]
+        assert np.array_equal(image, expected)
+        assert np.array_equal(image, second[image_id])
+    train_rows = rows("train_0")
+    changed = 0
+    for image_id, image in train_rows.items():
+        row = frames["train"].set_index("image_id").loc[image_id]
+        cached = cache.read_image(row.cache_file, row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width)
+        changed += not np.array_equal(image, data.normalise(cached[None].astype(np.float32) / data.PIXEL_SCALE)[0])
+    assert changed > len(train_rows) // 2  # both classes go through the same augmentation

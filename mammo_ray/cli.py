@@ -56,7 +56,10 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
         # Worker logs (per-step Train and Ray Data chatter) stay in the dashboard and in /tmp/ray unless -v;
         # the terminal shows Tune's trial table, and failures reach leaderboard.csv with their reason.
         "log_to_driver": verbose,
-        "runtime_env": {"env_vars": {k: os.environ[k] for k in QUIET_ENV if k in os.environ}},
+        "runtime_env": {
+            "env_vars": {k: os.environ[k] for k in QUIET_ENV if k in os.environ},
+            "worker_process_setup_hook": "mammo_ray.cli.pin_ray_address",
+        },
     }
     if address is None:
         kwargs["dashboard_host"] = dashboard_host
@@ -65,6 +68,19 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     if url:
         print(f"Ray dashboard: http://{url}", flush=True)
     return {"dashboard_url": f"http://{url}" if url else None}
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook: make Ray's address auto-detection in every worker find this worker's own cluster.
+
+    Train V2's PlacementGroupCleaner asks the state API about the Train controller without an address. With
+    more than one Ray instance on the machine that look-up raises "Found multiple active Ray instances", the
+    cleaner's monitor dies, and every trial that Tune stops (ASHA, max_t, Ctrl-C) leaves its workers'
+    placement group reserved; the next trial's Ray Data then never gets a whole CPU and the sweep hangs.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def apply_smoke_test(cfg: config_mod.Config) -> None:

@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         mode = args.mode or (sweep_cfg.search.mode if sweep_cfg else "max")
         checkpoint = best_checkpoint(experiment, metric, mode)
         frames = {}
-        test_path = args.test or (sweep_cfg.data.test if sweep_cfg else None)
+        recorded = experiment / "manifests.json"  # what the sweep actually trained on (incl. the synthetic set)
+        swept = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        test_path = args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
         if test_path:
             frames = manifest.load_manifests({"test": test_path})
     except (FileNotFoundError, ValueError, config_mod.ConfigError) as err:

@@ -67,9 +67,11 @@ def trial_function(
     config_mod.save(cfg, Path(storage) / run_name / "config.yaml")
     trainer = train.make_trainer(cfg, frames, run_name=run_name, storage_path=storage, callbacks=[TuneReportCallback()])
     result = trainer.fit()
-    if result.metrics and result.metrics.get("nonfinite_loss"):
+    # The loop returns its non-finite report (Train V2 keeps only reports with a checkpoint in result.metrics).
+    final = result.return_value if isinstance(result.return_value, dict) else (result.metrics or {})
+    if final.get("nonfinite_loss"):
         raise train.NonFiniteLossError(
-            f"non-finite training loss in epoch {result.metrics.get('epoch')} (lr {cfg.train.lr:.3g})"
+            f"non-finite training loss in epoch {final.get('epoch')} (lr {cfg.train.lr:.3g})"
         )
 
 
@@ -152,7 +154,26 @@ def experiment_path(cfg: config_mod.Config, results: Path, storage: str | None =
 # Outputs.
 
 
-def _stop_reason(result, cfg: config_mod.Config, epochs: int) -> str:
+def unfinished_trials(experiment_dir: Path) -> dict[str, str]:
+    """Trials that the sweep's saved state holds as neither terminated nor errored, with their status.
+
+    After Ctrl-C, Tune stops the running trials and marks them TERMINATED in memory, but the state it
+    saved for ``--resume`` still has them RUNNING or PENDING; that saved state is what tells an interrupted
+    sweep from a finished one.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(experiment_dir)).trials
+    except Exception as err:  # the leaderboard is still written; it just cannot flag interrupted trials
+        print(f"warning: cannot read the sweep state in {experiment_dir}: {err}", file=sys.stderr)
+        return {}
+    return {t.trial_id: t.status for t in trials if t.status not in ("TERMINATED", "ERROR")}
+
+
+def _stop_reason(result, cfg: config_mod.Config, epochs: int, unfinished: bool = False) -> str:
+    if unfinished:
+        return "interrupted (continue with --resume)"
     if result.error is not None:
         first = str(result.error).strip().splitlines()
         text = next((line for line in reversed(first) if "Error" in line), first[-1] if first else "error")
@@ -162,9 +183,13 @@ def _stop_reason(result, cfg: config_mod.Config, epochs: int) -> str:
     return "early_stopped (asha)" if cfg.search.scheduler == "asha" else "stopped"
 
 
-def leaderboard(result_grid, cfg: config_mod.Config) -> pd.DataFrame:
-    """One row per trial: id, status, why it stopped, epochs, searched keys, best and last metric."""
+def leaderboard(result_grid, cfg: config_mod.Config, unfinished: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per trial: id, status, why it stopped, epochs, searched keys, best and last metric.
+
+    ``unfinished`` maps the ids of trials an interrupted sweep left unfinished to their saved status.
+    """
     metric = cfg.search.metric
+    unfinished = unfinished or {}
     rows = []
     for result in result_grid:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -174,8 +199,8 @@ def leaderboard(result_grid, cfg: config_mod.Config) -> pd.DataFrame:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         row = {
             "trial_id": trial_id,
-            "status": "ERROR" if result.error is not None else "TERMINATED",
-            "stop_reason": _stop_reason(result, cfg, epochs),
+            "status": "ERROR" if result.error is not None else unfinished.get(trial_id, "TERMINATED"),
+            "stop_reason": _stop_reason(result, cfg, epochs, unfinished=trial_id in unfinished),
             "epochs": epochs,
         }
         for key in cfg.space:
@@ -325,13 +350,20 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
         tuner = make_tuner(cfg, manifests, results, args.storage)
     grid = tuner.fit()
 
-    board = leaderboard(grid, cfg)
+    unfinished = unfinished_trials(experiment_dir)
+    board = leaderboard(grid, cfg, unfinished)
     io.atomic_write_csv(experiment_dir / "leaderboard.csv", board)
     try:
         sweep_plots(experiment_dir, cfg.name)
     except Exception as err:  # plots never cost the sweep's results
         print(f"warning: sweep plots failed: {err}", file=sys.stderr)
     print("\n" + summary_table(board, cfg))
+    if unfinished:
+        # Ctrl-C: Tune saved its state; the partial sweep is not exported as if it had finished.
+        print(
+            f"\nsweep interrupted; continue it with the same command plus --resume ({experiment_dir})", file=sys.stderr
+        )
+        return 130
     try:
         checkpoint = export.best_checkpoint(experiment_dir, cfg.search.metric, cfg.search.mode)
     except (FileNotFoundError, ValueError) as err:

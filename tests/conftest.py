@@ -23,7 +23,15 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+        # The same worker hook as cli.start_ray: with another Ray instance on the machine, Train's placement-group
+        # cleaner would otherwise query the wrong cluster and leave stopped trials' CPUs reserved.
+        ray.init(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level="ERROR",
+            runtime_env={"worker_process_setup_hook": "mammo_ray.cli.pin_ray_address"},
+        )
     yield ray
     ray.shutdown()
 

@@ -93,24 +93,29 @@ def test_leaking_manifests_are_refused_before_ray(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch):
-    """Two trials of a real sweep on synthetic DICOMs, then the exported bundle is checked against sklearn."""
-    monkeypatch.chdir(tmp_path)
-    results = tmp_path / "results"
-    code = tune.main(
-        [
-            "--space",
-            "demo",
-            "--smoke-test",
-            "--results",
-            str(results),
-            "--name",
-            "smoke",
-            "--set",
-            f"data.synthetic.out={tmp_path / 'data'}",
-        ]
-    )
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_session, tmp_path_factory):
+    """One real two-trial sweep on synthetic DICOMs, shared by the tests below."""
+    import os
+
+    root = tmp_path_factory.mktemp("sweep")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = tune.main(
+            ["--space", "demo", "--smoke-test", "--results", str(root / "results"), "--name", "smoke",
+             "--set", f"data.synthetic.out={root / 'data'}"]
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
     assert code == 0
+    return root
+
+
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    """Two trials of a real sweep (Tune + Optuna + ASHA + TorchTrainer + Ray Data), bundle checked against sklearn."""
+    tmp_path = smoke_sweep
+    results = tmp_path / "results"
     experiment = results / "smoke"
     board = pd.read_csv(experiment / "leaderboard.csv")
     assert len(board) == 2
@@ -176,19 +181,16 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch):
         assert column in history.columns
 
 
-def test_export_command_reexports_by_another_metric(ray_session, tmp_path, monkeypatch):
+def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     """export --experiment picks the best checkpoint by the chosen metric and writes a full bundle."""
     from mammo_ray import export
 
-    monkeypatch.chdir(tmp_path)
-    results = tmp_path / "results"
-    assert tune.main(["--space", "demo", "--smoke-test", "--results", str(results), "--name", "exp",
-                      "--set", f"data.synthetic.out={tmp_path / 'data'}"]) == 0  # fmt: skip
+    results = smoke_sweep / "results"
     out = tmp_path / "by_loss"
-    assert export.main(["--experiment", str(results / "exp"), "--metric", "val_loss", "--mode", "min",
+    assert export.main(["--experiment", str(results / "smoke"), "--metric", "val_loss", "--mode", "min",
                         "--out", str(out), "--bootstrap", "50"]) == 0  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    table = export.find_checkpoints(results / "exp")
+    table = export.find_checkpoints(results / "smoke")
     assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
     assert (out / "test_predictions.csv").is_file() and "test" in metrics
-    assert export.main(["--experiment", str(results / "exp"), "--metric", "nosuch"]) == 2
+    assert export.main(["--experiment", str(results / "smoke"), "--metric", "nosuch"]) == 2

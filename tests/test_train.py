@@ -27,7 +27,10 @@ def _config(**overrides) -> config.Config:
     return config.load("demo", {**base, **overrides})
 
 
-@pytest.mark.parametrize("sampler", ["balanced", "weighted", "simple"])
+@pytest.mark.parametrize(
+    "sampler",
+    ["balanced", pytest.param("weighted", marks=pytest.mark.slow), pytest.param("simple", marks=pytest.mark.slow)],
+)
 def test_sampler_shares_across_two_workers(ray_session, prepared_data, tmp_path, sampler):
     cfg = _config(**{"train.sampler": sampler, "train.positive_fraction": 0.3})
     frames = manifest.load_manifests({"train": prepared_data["train"], "valid": prepared_data["valid"]})
@@ -114,6 +117,7 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     assert "broken.dcm" in " ".join(table["path"].dropna()) if "path" in table else True
 
 
+@pytest.mark.slow
 def test_train_on_reference_csv_decodes_on_the_fly(ray_session, synthetic_data, tmp_path):
     """The reference's CSVs (path_eq, cancer, datasettype) train without a prepared cache."""
     reference = pd.read_csv(synthetic_data["reference_csv"])
@@ -170,6 +174,7 @@ def test_attenuation_mc_dropout_and_ema_export_uncertainties(ray_session, prepar
     assert predictions["prob"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_identical_seeds_give_identical_cpu_runs(ray_session, prepared_data, tmp_path):
     cfg = _config(**{"resources.num_workers": 1, "train.sampler": "weighted", "train.epoch_length": 48})
     _, first_predictions, first = _fit(cfg, prepared_data, tmp_path, "seeded-a")

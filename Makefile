@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m mammo_ray.tune --space search_spaces/demo.yaml --overwrite
 
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" tests
+	$(PY) -m pytest -m "not slow and not gpu" --durations=15 tests
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" tests

@@ -50,8 +50,6 @@ class DataConfig:
     use_cache: bool = True
     # Rows per map_batches call that loads pixels; small enough to keep blocks well under 100 MiB.
     load_batch_size: int = 32
-    # Rows held by the worker-side shuffle buffer on top of the per-epoch metadata shuffle.
-    shuffle_buffer: int = 256
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -162,7 +160,6 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.synthetic.patients": (4, None),
     "data.synthetic.prevalence": (0.0, 1.0),
     "data.load_batch_size": (1, None),
-    "data.shuffle_buffer": (0, None),
     "model.drop_path_rate": (0.0, 1.0),
     "model.dropout": (0.0, 1.0),
     "model.freeze_units": (0, None),

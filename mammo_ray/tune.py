@@ -332,6 +332,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
     except (manifest.ManifestError, cli.DataMissingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    fit_concurrency(cfg)
     manifests = {role: frame.attrs.get("path") for role, frame in frames.items()}
     if args.overwrite and not args.resume and experiment_dir.exists():
         shutil.rmtree(experiment_dir)
@@ -388,6 +389,33 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
         print(f"Ray dashboard: {ray_info['dashboard_url']} (while this process runs)")
     print(f"sweep time: {elapsed:.0f} s")
     return 0
+
+
+def fit_concurrency(cfg: config_mod.Config) -> None:
+    """Cap concurrent trials so that Ray Data keeps at least one whole CPU free on this cluster.
+
+    Ray Data's tasks need a whole CPU; if the trials' reservations leave less than one, every trial's data
+    pipeline waits forever ("backpressured"). On GPU clusters the per-node layout matters too (see README).
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    per_trial = cfg.resources.trial_cpus + cfg.resources.num_workers * cfg.resources.cpus_per_worker
+    if per_trial <= 0 or total <= 0:
+        return
+    fitting = int((total - 1.0) // per_trial)
+    if fitting < 1:
+        raise ValueError(
+            f"one trial reserves {per_trial:g} CPUs of the cluster's {total:g}, leaving Ray Data less than one CPU; "
+            "lower resources.cpus_per_worker or resources.num_workers"
+        )
+    if cfg.resources.max_concurrent_trials > fitting:
+        print(
+            f"warning: {cfg.resources.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
+            f"Data less than one of the cluster's {total:g} CPUs; running {fitting} at a time",
+            file=sys.stderr,
+        )
+        cfg.resources.max_concurrent_trials = fitting
 
 
 def check_storage(args) -> None:

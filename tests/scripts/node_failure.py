@@ -45,10 +45,15 @@ def registered_epochs(run_dir: Path) -> list[int]:
 
 
 def train_workers() -> list[dict]:
-    from ray.util.state import list_actors
+    """The Train worker actors, read from the GCS actor table (the state API needs a running dashboard, which
+    on a loaded machine may not be up yet: "Could not read 'dashboard' from GCS")."""
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, raise_on_missing_output=False)
-    return [{"actor_id": a.actor_id, "node_id": a.node_id, "state": a.state} for a in actors]
+    return [
+        {"actor_id": actor_id, "node_id": info.get("Address", {}).get("NodeID"), "state": info.get("State")}
+        for actor_id, info in ray._private.state.actors().items()
+        if "RayTrainWorker" in str(info.get("ActorClassName", ""))
+    ]
 
 
 def main(work: Path) -> int:

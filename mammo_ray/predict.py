@@ -19,20 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mammo_ray.metrics import PREDICTION_COLUMNS
+
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = (
-    "image_id",
-    "patient_id",
-    "exam_id",
-    "laterality",
-    "view",
-    "dataset",
-    "label",
-    "prob",
-    "aleatoric",
-    "epistemic",
-)
 _META = ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset")
 
 

@@ -126,7 +126,7 @@ def run_baseline(cfg, frame, steps: int, device_name: str, threads: int) -> dict
     """The plain loop, step for step what ``train_loop_per_worker`` does in training, on in-memory data."""
     import torch
 
-    from mammo_ray import cache, data, losses, train
+    from mammo_ray import cache, data, train
     from mammo_ray import model as model_mod
 
     torch.set_num_threads(threads)
@@ -142,30 +142,14 @@ def run_baseline(cfg, frame, steps: int, device_name: str, threads: int) -> dict
     labels_all = torch.from_numpy(frame["label"].to_numpy().astype(np.float32))
 
     train.seed_everything(cfg.train.seed)
-    net = model_mod.create_model(
-        cfg.model.backbone,
-        in_chans=cfg.model.in_chans,
-        pretrained=cfg.model.pretrained,
-        drop_path_rate=cfg.model.drop_path_rate,
-        dropout=cfg.model.dropout,
-        pool=cfg.model.pool,
-        attenuation=cfg.model.attenuation,
-    )
-    model_mod.apply_freeze(net, cfg.model.freeze_units)
+    net = train.model_from_config(cfg)
     groups = model_mod.param_groups(net, cfg.train.weight_decay)
     net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = train.build_optimizer(cfg.train.optimizer, groups, cfg.train.lr, cfg.train.momentum)
     params = [p for group in groups for p in group["params"]]
-    loss_fn = losses.build_loss(
-        cfg.train.loss,
-        attenuation=cfg.model.attenuation,
-        t_samples=cfg.train.t_samples,
-        pos_weight=cfg.train.pos_weight,
-        focal_alpha=cfg.train.focal_alpha,
-        focal_gamma=cfg.train.focal_gamma,
-    ).to(device)
+    loss_fn = train.loss_from_config(cfg).to(device)
     batch = cfg.train.batch_size
     generator = np.random.default_rng(cfg.train.seed)
     order = generator.permutation(len(labels_all))

@@ -188,15 +188,6 @@ def training_datasets(
     return datasets
 
 
-def class_counts(frames: dict[str, pd.DataFrame], num_workers: int) -> list[dict[str, int]]:
-    """Per-rank row counts of each class in the training manifest (for epoch sizing)."""
-    out = []
-    for rank in range(num_workers):
-        share = rank_partition(frames["train"], rank, num_workers)
-        out.append({"positive": int((share["label"] == 1).sum()), "negative": int((share["label"] == 0).sum())})
-    return out
-
-
 def positives_per_batch(
     sampler: str, batch_size: int, steps: int, positive_fraction: float, rng: np.random.Generator
 ) -> np.ndarray:

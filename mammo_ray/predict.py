@@ -171,22 +171,14 @@ def load_bundle(bundle: str | Path):
     from safetensors.torch import load_file
 
     from mammo_ray import config as config_mod
-    from mammo_ray import model as model_mod
+    from mammo_ray.train import model_from_config
 
     bundle = Path(bundle)
     for name in ("model.safetensors", "config.yaml"):
         if not (bundle / name).is_file():
             raise FileNotFoundError(f"{bundle} is not an exported bundle: {name} is missing")
     cfg = config_mod.load(bundle / "config.yaml")
-    net = model_mod.create_model(
-        cfg.model.backbone,
-        in_chans=cfg.model.in_chans,
-        pretrained=None,
-        drop_path_rate=0.0,
-        dropout=cfg.model.dropout,
-        pool=cfg.model.pool,
-        attenuation=cfg.model.attenuation,
-    )
+    net = model_from_config(cfg, for_inference=True)
     net.load_state_dict(load_file(str(bundle / "model.safetensors")))
     net.eval()
     thresholds_path = bundle / "thresholds.json"

@@ -95,14 +95,10 @@ def lr_multiplier(
 def resources_plan(cfg: config_mod.Config) -> dict[str, Any]:
     """Per-trial resources as Ray will reserve them (printed by ``--dry-run``)."""
     res = cfg.resources
-    use_gpu = res.gpus_per_worker > 0
-    per_worker = {"CPU": res.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
     return {
         "trial_actor": {"CPU": res.trial_cpus},
         "workers": res.num_workers,
-        "per_worker": per_worker,
+        "per_worker": worker_resources(cfg),
         "backend": backend_for(cfg),
         "trial_total": {
             "CPU": round(res.trial_cpus + res.num_workers * res.cpus_per_worker, 3),
@@ -110,6 +106,50 @@ def resources_plan(cfg: config_mod.Config) -> dict[str, Any]:
         },
         "max_concurrent_trials": res.max_concurrent_trials,
     }
+
+
+def worker_resources(cfg: config_mod.Config) -> dict[str, float]:
+    """Ray resources of one Train worker."""
+    per_worker = {"CPU": cfg.resources.cpus_per_worker}
+    if cfg.resources.gpus_per_worker > 0:
+        per_worker["GPU"] = cfg.resources.gpus_per_worker
+    return per_worker
+
+
+def model_from_config(cfg: config_mod.Config, *, for_inference: bool = False):
+    """The model of a config, with its freeze units applied (the adapter between config and ``model``).
+
+    Args:
+        for_inference: skip the pretrained file (the caller loads trained weights) and stochastic depth.
+    """
+    from mammo_ray import model as model_mod
+
+    net = model_mod.create_model(
+        cfg.model.backbone,
+        in_chans=cfg.model.in_chans,
+        pretrained=None if for_inference else cfg.model.pretrained,
+        drop_path_rate=0.0 if for_inference else cfg.model.drop_path_rate,
+        dropout=cfg.model.dropout,
+        pool=cfg.model.pool,
+        attenuation=cfg.model.attenuation,
+    )
+    if not for_inference:
+        model_mod.apply_freeze(net, cfg.model.freeze_units)
+    return net
+
+
+def loss_from_config(cfg: config_mod.Config):
+    """The training loss of a config (the adapter between config and ``losses``)."""
+    from mammo_ray import losses
+
+    return losses.build_loss(
+        cfg.train.loss,
+        attenuation=cfg.model.attenuation,
+        t_samples=cfg.train.t_samples,
+        pos_weight=cfg.train.pos_weight,
+        focal_alpha=cfg.train.focal_alpha,
+        focal_gamma=cfg.train.focal_gamma,
+    )
 
 
 def backend_for(cfg: config_mod.Config) -> str:
@@ -210,7 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
     import torch
 
-    from mammo_ray import losses, metrics, predict
+    from mammo_ray import metrics, predict
     from mammo_ray import model as model_mod
 
     cfg = config_mod.from_dict(loop_config["config"], source="trial config")
@@ -222,16 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     channels_last = cfg.train.channels_last and on_gpu
     use_amp = cfg.train.amp and on_gpu
 
-    net = model_mod.create_model(
-        cfg.model.backbone,
-        in_chans=cfg.model.in_chans,
-        pretrained=cfg.model.pretrained,
-        drop_path_rate=cfg.model.drop_path_rate,
-        dropout=cfg.model.dropout,
-        pool=cfg.model.pool,
-        attenuation=cfg.model.attenuation,
-    )
-    model_mod.apply_freeze(net, cfg.model.freeze_units)
+    net = model_from_config(cfg)
     trainable = model_mod.trainable_parameters(net)
     groups = model_mod.param_groups(net, cfg.train.weight_decay)
     if channels_last:
@@ -239,14 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False})
     optimizer = build_optimizer(cfg.train.optimizer, groups, cfg.train.lr, cfg.train.momentum)
     trainable_params = [p for group in groups for p in group["params"]]
-    loss_fn = losses.build_loss(
-        cfg.train.loss,
-        attenuation=cfg.model.attenuation,
-        t_samples=cfg.train.t_samples,
-        pos_weight=cfg.train.pos_weight,
-        focal_alpha=cfg.train.focal_alpha,
-        focal_gamma=cfg.train.focal_gamma,
-    ).to(device)
+    loss_fn = loss_from_config(cfg).to(device)
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
@@ -443,10 +467,6 @@ def make_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = cfg.resources
-    use_gpu = res.gpus_per_worker > 0
-    per_worker = {"CPU": res.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
     datasets = data.training_datasets(
         frames,
         num_workers=res.num_workers,
@@ -479,7 +499,7 @@ def make_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources(cfg)
         ),
         torch_config=TorchConfig(backend=backend_for(cfg)),
         # Every dataset is already one rank's share (see data.py), so Train must not split any. Rows keep the

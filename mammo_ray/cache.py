@@ -11,6 +11,9 @@ A shard counts as complete only when its index (``.index.parquet``) exists; both
 to temporary names and renamed, so an interrupted run never leaves a shard that a later run trusts.
 The cache folder name is a hash of the preprocessing settings, so a cache built with other
 settings is never silently reused.
+
+Shards are read from local paths or from object-store URIs (``s3://…``, ``gs://…``, via
+``mammo_ray.storage``); on an object store each image is one ranged read of its zstd frame.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 
 import numpy as np
 import pyarrow as pa
+
+from mammo_ray import storage
 
 CACHE_FORMAT_VERSION = 2  # 2: row-delta + byte planes before zstd
 _CODEC = "zstd"
@@ -56,17 +61,37 @@ def decode(blob: bytes, height: int, width: int) -> np.ndarray:
     return np.cumsum(delta.reshape(height, width), axis=1, dtype=np.uint16)
 
 
+def open_shard(cache_file: str):
+    """An open shard: a local file, or a random-access reader on an object store (``read_at``).
+
+    Raises:
+        OSError: naming the shard (without credentials).
+    """
+    if storage.is_uri(cache_file):
+        return storage.open_input_file(cache_file)
+    return open(cache_file, "rb")  # noqa: SIM115 (the caller closes it)
+
+
+def _read_range(handle, cache_file: str, offset: int, nbytes: int) -> bytes:
+    try:
+        if hasattr(handle, "read_at"):  # pyarrow reader: one ranged GET on an object store, no shared position
+            return handle.read_at(nbytes, offset)
+        handle.seek(offset)
+        return handle.read(nbytes)
+    except OSError as err:
+        raise OSError(f"pixel cache {storage.public(cache_file)}: cannot read offset {offset} ({err})") from err
+
+
 def read_image(cache_file: str, offset: int, nbytes: int, height: int, width: int, handle=None) -> np.ndarray:
-    """Read one cached image; pass an open binary ``handle`` to save the open when reading many."""
+    """Read one cached image; pass an open ``handle`` (:func:`open_shard`) to save the open when reading many."""
+    offset, nbytes = int(offset), int(nbytes)
     if handle is None:
-        with open(cache_file, "rb") as f:
-            f.seek(int(offset))
-            blob = f.read(int(nbytes))
+        with open_shard(cache_file) as f:
+            blob = _read_range(f, cache_file, offset, nbytes)
     else:
-        handle.seek(int(offset))
-        blob = handle.read(int(nbytes))
-    if len(blob) != int(nbytes):
-        raise OSError(f"pixel cache {cache_file}: truncated at offset {offset} (wanted {nbytes} bytes)")
+        blob = _read_range(handle, cache_file, offset, nbytes)
+    if len(blob) != nbytes:
+        raise OSError(f"pixel cache {storage.public(cache_file)}: truncated at offset {offset} (wanted {nbytes} bytes)")
     return decode(blob, int(height), int(width))
 
 
@@ -82,7 +107,7 @@ def read_images(rows: dict[str, np.ndarray]) -> list[np.ndarray]:
                 if handle is not None:
                     handle.close()
                 current = files[i]
-                handle = open(current, "rb")  # noqa: SIM115 (closed in finally; one open per shard)
+                handle = open_shard(current)  # closed below or in finally; one open per shard per batch
             out[i] = read_image(
                 current,
                 rows["cache_offset"][i],

@@ -9,67 +9,121 @@ thresholds.json, history.csv, MODEL_CARD.md, plots/``.
 
 The bundle is assembled in a temporary sibling folder and renamed into place, so a reader never
 sees half a bundle, and a failed export leaves the previous one intact.
+
+A sweep run with ``--storage s3://…`` (or ``gs://…``) keeps its Train runs on the bucket: the
+checkpoints are listed there, and only the files a bundle needs of the chosen one are downloaded
+(not the optimiser state). The bundle itself is always written to a local folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import posixpath
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+import yaml
 
 from mammo_ray import config as config_mod
-from mammo_ray import io
+from mammo_ray import io, storage
 
 log = logging.getLogger(__name__)
 
 TRAIN_RUNS = "train_runs"
 BUNDLE_FILES = ("model.safetensors", "config.yaml", "val_predictions.csv", "history.csv")
+# What export reads of a checkpoint; training_state.pt (optimiser state, often larger than the weights) is not.
+CHECKPOINT_FILES = (*BUNDLE_FILES, "report.json")
+# In results/<name>/ of a sweep whose Tune and Train folders are on a URI: where they are.
+STORAGE_POINTER = "storage.json"
 
 
 def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
-    """Every kept checkpoint of an experiment with its epoch report (one row per checkpoint)."""
-    experiment = Path(experiment)
+    """Every kept checkpoint of an experiment with its epoch report (one row per checkpoint).
+
+    Args:
+        experiment: the sweep's experiment folder, local or a URI (``s3://…/<name>``); its Train runs are
+            listed in one recursive listing, which on an object store is a few paged requests.
+
+    Raises:
+        StorageError: the experiment cannot be listed (network, credentials), naming it.
+    """
+    runs = storage.join(experiment, TRAIN_RUNS)
+    fs, root = storage.resolve(runs)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise storage.StorageError(f"{storage.public(runs)}: cannot list it ({err})") from err
+    files = {info.path for info in infos if info.type == pafs.FileType.File}
     rows = []
-    for report_path in sorted(experiment.glob(f"{TRAIN_RUNS}/*/checkpoint_*/report.json")):
-        try:
-            report = json.loads(report_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping unreadable checkpoint report %s: %s", report_path, err)
+    for report_path in sorted(files):
+        parts = posixpath.relpath(report_path, root).split("/")  # <run>/checkpoint_*/report.json
+        if len(parts) != 3 or parts[2] != "report.json" or not parts[1].startswith("checkpoint_"):
             continue
-        if not all((report_path.parent / name).is_file() for name in BUNDLE_FILES):
+        folder = posixpath.dirname(report_path)
+        if not all(f"{folder}/{name}" in files for name in BUNDLE_FILES):
             continue  # a checkpoint still being uploaded or deleted
-        rows.append({"checkpoint": str(report_path.parent), "run": report_path.parent.parent.name, **report})
+        checkpoint = storage.join(runs, parts[0], parts[1])
+        try:
+            report = json.loads(storage.read_text(storage.join(checkpoint, "report.json")))
+        except (OSError, json.JSONDecodeError) as err:  # deleted since the listing (num_to_keep), or unreadable
+            log.warning("skipping unreadable checkpoint report %s: %s", storage.public(checkpoint), err)
+            continue
+        rows.append({"checkpoint": str(checkpoint), "run": parts[0], **report})
     return pd.DataFrame(rows)
 
 
-def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path:
+def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | str:
     """The best checkpoint across all trials by ``metric`` (the best trial's best epoch).
+
+    Returns:
+        The checkpoint folder: a ``Path`` for a local experiment, a URI string for one on an object store.
 
     Raises:
         FileNotFoundError: no checkpoint, or none with a finite value of the metric.
+        StorageError: the experiment cannot be listed.
     """
+    shown = storage.public(experiment)
     table = find_checkpoints(experiment)
     if table.empty:
-        raise FileNotFoundError(f"{experiment}: no finished checkpoints under {TRAIN_RUNS}/")
+        raise FileNotFoundError(f"{shown}: no finished checkpoints under {TRAIN_RUNS}/")
     if metric not in table.columns:
         known = ", ".join(sorted(c for c in table.columns if c not in ("checkpoint", "run")))
-        raise ValueError(f"{experiment}: no metric {metric!r} in the checkpoint reports; known: {known}")
+        raise ValueError(f"{shown}: no metric {metric!r} in the checkpoint reports; known: {known}")
     values = pd.to_numeric(table[metric], errors="coerce")
     table = table[np.isfinite(values)]
     if table.empty:
-        raise FileNotFoundError(f"{experiment}: no checkpoint has a finite {metric}")
+        raise FileNotFoundError(f"{shown}: no checkpoint has a finite {metric}")
     index = values.loc[table.index].idxmax() if mode == "max" else values.loc[table.index].idxmin()
-    return Path(table.at[index, "checkpoint"])
+    location = table.at[index, "checkpoint"]
+    return location if storage.is_uri(location) else Path(location)
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
+    """The checkpoint as a local folder: itself, or a temporary copy of the files export reads.
+
+    The copy goes to the system's temporary folder and is removed afterwards.
+
+    Raises:
+        StorageError: a file of the checkpoint cannot be downloaded, naming it.
+    """
+    if not storage.is_uri(str(checkpoint)):
+        yield Path(checkpoint)
+        return
+    with tempfile.TemporaryDirectory(prefix="mammo-ray-checkpoint-") as tmp:
+        yield storage.download(str(checkpoint), CHECKPOINT_FILES, Path(tmp) / storage.name(str(checkpoint)))
 
 
 def _thresholds(val: pd.DataFrame, default: float) -> dict[str, Any]:
@@ -95,10 +149,31 @@ def export_bundle(
     bootstrap: int = 1000,
     sweep_info: dict | None = None,
 ) -> Path:
-    """Write the bundle for one checkpoint into ``out_dir`` (replaced atomically)."""
+    """Write one checkpoint's bundle (a local folder or a URI) into the local ``out_dir``, replaced atomically."""
+    with local_checkpoint(checkpoint_dir) as local:
+        return _write_bundle(
+            local,
+            Path(out_dir),
+            storage.public(checkpoint_dir),
+            frames,
+            reference_files=reference_files,
+            bootstrap=bootstrap,
+            sweep_info=sweep_info,
+        )
+
+
+def _write_bundle(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    recorded: str,
+    frames: dict[str, pd.DataFrame] | None,
+    *,
+    reference_files: bool,
+    bootstrap: int,
+    sweep_info: dict | None,
+) -> Path:
     from mammo_ray import metrics, plots, predict
 
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     trial_cfg = config_mod.load(checkpoint_dir / "config.yaml")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -128,7 +203,7 @@ def export_bundle(
             io.atomic_write_csv(staging / "test_predictions.csv", test[list(predict.PREDICTION_COLUMNS)])
             results["test"] = metrics.compute_metrics(test, bootstrap=bootstrap, seed=trial_cfg.train.seed)
         results["selected"] = {
-            "checkpoint": str(checkpoint_dir),
+            "checkpoint": recorded,
             "epoch": report.get("epoch"),
             "report": {k: v for k, v in report.items() if isinstance(v, int | float)},
             **(sweep_info or {}),
@@ -329,10 +404,14 @@ def _metric_row(name: str, values: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammo-ray export", description="(Re)export the best trial of a sweep.")
-    parser.add_argument("--experiment", required=True, help="a sweep folder, results/<name>")
+    parser.add_argument(
+        "--experiment",
+        required=True,
+        help="a sweep folder, results/<name>, or the sweep on its --storage URI, e.g. s3://bucket/mammo-ray/<name>",
+    )
     parser.add_argument("--metric", help="metric to choose by (default: the sweep's, e.g. val_auc)")
     parser.add_argument("--mode", choices=["max", "min"], help="default: the sweep's, or max")
-    parser.add_argument("--out", help="bundle folder (default: <experiment>/best)")
+    parser.add_argument("--out", help="bundle folder (default: <experiment>/best; results/<name>/best for a URI)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--test", help="test manifest to score (default: the sweep's)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -344,25 +423,65 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    experiment = Path(args.experiment)
+    folder = args.experiment if storage.is_uri(args.experiment) else Path(args.experiment)
     try:
-        sweep_cfg = config_mod.load(experiment / "config.yaml") if (experiment / "config.yaml").is_file() else None
+        experiment = experiment_location(folder)
+        sweep_cfg = _sweep_config(storage.join(folder, "config.yaml"))
         metric = args.metric or (sweep_cfg.search.metric if sweep_cfg else "val_auc")
         mode = args.mode or (sweep_cfg.search.mode if sweep_cfg else "max")
         checkpoint = best_checkpoint(experiment, metric, mode)
         frames = {}
-        recorded = experiment / "manifests.json"  # what the sweep actually trained on (incl. the synthetic set)
-        swept = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        recorded = storage.join(folder, "manifests.json")  # what the sweep actually trained on (incl. synthetic)
+        swept = json.loads(storage.read_text(recorded)) if storage.is_file(recorded) else {}
         test_path = args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
         if test_path:
             frames = manifest.load_manifests({"test": test_path})
-    except (FileNotFoundError, ValueError, config_mod.ConfigError) as err:
+    except (FileNotFoundError, ValueError, config_mod.ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else experiment / "best"
-    export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
-    print(f"exported {checkpoint} (best by {metric}, {mode}) → {out}")
+    if args.out:
+        out = Path(args.out)
+    elif storage.is_uri(folder):
+        out = Path("results") / storage.name(folder) / "best"  # where tune's default --results puts it
+    else:
+        out = folder / "best"
+    try:
+        export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
+    except storage.StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {storage.public(checkpoint)} (best by {metric}, {mode}) → {out}")
     return 0
+
+
+def experiment_location(folder: str | Path) -> str | Path:
+    """Where a sweep's Train runs are: ``folder`` itself, or the URI that ``folder/storage.json`` names.
+
+    ``tune --storage s3://…`` keeps the driver's outputs in ``results/<name>/`` and the Train runs on the
+    bucket, and leaves this pointer behind so that ``export --experiment results/<name>`` finds them.
+    """
+    if storage.is_uri(str(folder)):
+        return str(folder)
+    pointer = Path(folder) / STORAGE_POINTER
+    if not pointer.is_file():
+        return Path(folder)
+    try:
+        return json.loads(pointer.read_text())["experiment"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{pointer}: not a storage pointer ({err})") from err
+
+
+def _sweep_config(location: str | Path) -> config_mod.Config | None:
+    """The sweep's resolved config.yaml, local or on a URI; None when the folder has none."""
+    if not storage.is_uri(str(location)):
+        return config_mod.load(location) if Path(location).is_file() else None
+    if not storage.is_file(location):
+        return None
+    try:
+        data = yaml.safe_load(storage.read_text(location))
+    except yaml.YAMLError as err:
+        raise config_mod.ConfigError(f"{storage.public(location)}: not valid YAML: {err}") from err
+    return config_mod.from_dict(data or {}, source=storage.public(location))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,20 @@ dataset, split``, optional ``age, density, manufacturer, birads``. Manifests wri
 also carry the pixel-cache location (``cache_file, cache_offset, cache_nbytes``) and the
 preprocessing provenance (``prep_*``). Relative paths are relative to the manifest's own folder,
 so a prepared folder can move between machines or onto shared storage as one piece.
+
+A manifest may itself live on an object store (``s3://bucket/prepared/train.parquet``, see
+``mammo_ray.storage``): its relative ``cache_file`` and ``path`` values then resolve to URIs next to it,
+with the same query options (e.g. an S3-compatible endpoint), and the file checks list the bucket.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pandas as pd
+
+from mammo_ray import storage
 
 REQUIRED = ("image_id", "path", "label", "patient_id", "exam_id", "laterality", "view", "dataset")
 OPTIONAL = ("split", "age", "density", "manufacturer", "birads")
@@ -37,39 +44,48 @@ def is_remote(path: str) -> bool:
     return str(path).startswith(_REMOTE)
 
 
-def _resolve(base: Path, value: object) -> object:
+def _resolve(base: str | Path, value: object) -> object:
     if not isinstance(value, str) or not value or is_remote(value) or Path(value).is_absolute():
         return value
-    return str((base / value).resolve())
+    if storage.is_uri(base):
+        return storage.join(base, value)
+    return str((Path(base) / value).resolve())
 
 
 def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
     """Read a manifest (Parquet, or CSV with the same columns) and resolve its relative paths.
 
     Args:
-        path: the manifest file.
+        path: the manifest file: a local path or a URI (``s3://…``, ``gs://…``).
         role: ``train``/``valid``/``test``; fills ``split`` when the file has none and keeps only
             that split's rows when the file holds several.
 
     Raises:
         ManifestError: unreadable file or missing columns, naming them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist")
+    remote = storage.is_uri(str(path))
+    path = str(path) if remote else Path(path)
+    shown = storage.public(path)
     try:
-        if path.suffix.lower() == ".csv":
+        found = storage.is_file(path) if remote else path.is_file()
+    except storage.StorageError as err:
+        raise ManifestError(f"manifest {err}") from err
+    if not found:
+        raise ManifestError(f"manifest {shown} does not exist")
+    try:
+        source = storage.read_bytes(path) if remote else path
+        if storage.suffix(path).lower() == ".csv":
             # Ids are text: read as numbers, "007" would become 7 and slip past the overlap check.
             text = ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset", "path", "split")
-            frame = pd.read_csv(path, dtype={c: str for c in text})
+            frame = pd.read_csv(_buffer(source), dtype={c: str for c in text})
         else:
-            frame = pd.read_parquet(path)
+            frame = pd.read_parquet(_buffer(source))
     except Exception as err:  # pyarrow and pandas raise many types for a bad file
-        raise ManifestError(f"manifest {path}: cannot read it ({type(err).__name__}: {err})") from err
+        raise ManifestError(f"manifest {shown}: cannot read it ({type(err).__name__}: {err})") from err
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ManifestError(
-            f"manifest {path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
+            f"manifest {shown}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
         )
     if role is not None:
         if "split" not in frame.columns:
@@ -77,16 +93,20 @@ def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
         elif frame["split"].nunique() > 1:
             frame = frame[frame["split"] == role]
             if frame.empty:
-                raise ManifestError(f"manifest {path}: no rows with split == {role!r}")
-    base = path.parent.resolve()
+                raise ManifestError(f"manifest {shown}: no rows with split == {role!r}")
+    base = storage.parent(path) if remote else path.parent.resolve()
     frame = frame.reset_index(drop=True).copy()
     for column in ("path", "cache_file"):
         if column in frame.columns:
             frame[column] = [_resolve(base, v) for v in frame[column]]
     for column in ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset"):
         frame[column] = frame[column].astype(str)
-    frame.attrs["source"] = str(path)
+    frame.attrs["source"] = shown
     return frame
+
+
+def _buffer(source: bytes | Path) -> io.BytesIO | Path:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = True, use_cache: bool = True) -> None:
@@ -113,11 +133,26 @@ def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = T
         return
     cached = use_cache and all(c in frame.columns for c in CACHE_COLUMNS) and frame["cache_file"].notna().all()
     column = "cache_file" if cached else "path"
-    local = [p for p in frame[column].unique() if not is_remote(p)]
-    missing = [p for p in local if not Path(p).exists()]
+    values = list(frame[column].unique())
+    if not cached:
+        remote = [p for p in values if is_remote(p)]
+        if remote:
+            # Images without a cache are decoded from local files by the training pipeline (imaging.decode).
+            raise ManifestError(
+                f"manifest {source}: {len(remote)} image path(s) are URIs, "
+                f"e.g. {_examples(map(storage.public, remote), 3)}, "
+                "and images without a pixel cache are decoded from local files only. Run prepare and put its "
+                "manifests and cache/ folder on the bucket (the shards are read from URIs), or give paths on a "
+                "file system every node mounts"
+            )
+    try:
+        missing = storage.missing(values)
+    except storage.StorageError as err:
+        raise ManifestError(f"manifest {source}: cannot check its files: {err}") from err
     if missing:
         what = "pixel-cache shard(s)" if cached else "image file(s)"
-        raise ManifestError(f"manifest {source}: {len(missing)} missing {what}, e.g. {_examples(missing, 3)}")
+        shown = [storage.public(p) for p in missing]
+        raise ManifestError(f"manifest {source}: {len(missing)} missing {what}, e.g. {_examples(shown, 3)}")
 
 
 def check_overlap(frames: dict[str, pd.DataFrame]) -> None:
@@ -156,7 +191,7 @@ def load_manifests(
         if path is None:
             continue
         frame = read_manifest(path, role)
-        validate_manifest(frame, str(path), check_files=check_files, use_cache=use_cache)
+        validate_manifest(frame, storage.public(path), check_files=check_files, use_cache=use_cache)
         frames[role] = frame
     check_overlap(frames)
     return frames

@@ -8,6 +8,12 @@ the per-epoch validation metric, with ``time_attr="epoch"`` so its rungs survive
 At the end the sweep writes ``leaderboard.csv`` and the sweep plots, and exports the best trial's
 best epoch to ``results/<name>/best/``.
 
+With ``--storage s3://…`` or ``gs://…`` the sweep has two homes: Tune's trial folders and every trial's
+Train run (checkpoints) go to ``<storage>/<name>/``, where all nodes can write, and the driver's own outputs
+stay in ``results/<name>/`` on the driver: ``optuna.db`` is SQLite, which needs a local disk, and the
+leaderboard, plots and ``best/`` are what the user opens. A local or NFS ``--storage`` holds both, as
+``results/`` does without it.
+
 This is the only module that builds a Tuner.
 """
 
@@ -25,8 +31,8 @@ import pandas as pd
 import yaml
 
 from mammo_ray import config as config_mod
-from mammo_ray import io, manifest
-from mammo_ray.export import TRAIN_RUNS
+from mammo_ray import io, manifest, storage
+from mammo_ray.export import STORAGE_POINTER, TRAIN_RUNS
 
 
 def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -51,9 +57,12 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def trial_function(
-    params: dict[str, Any], *, base: dict[str, Any], manifests: dict[str, str | None], experiment_dir: str
+    params: dict[str, Any], *, base: dict[str, Any], manifests: dict[str, str | None], experiment: str
 ) -> None:
-    """One trial: the base config plus this trial's parameters, fitted by a TorchTrainer."""
+    """One trial: the base config plus this trial's parameters, fitted by a TorchTrainer.
+
+    ``experiment`` is the sweep's folder on its storage, a local path or a URI (Train takes either).
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -61,11 +70,11 @@ def trial_function(
 
     cfg = config_mod.from_dict(base, source="sweep config", overrides=params)
     frames = manifest.load_manifests(manifests, check_files=False, use_cache=cfg.data.use_cache)
-    storage = str(Path(experiment_dir) / TRAIN_RUNS)
+    runs = str(storage.join(experiment, TRAIN_RUNS))
     # A fixed Train run name per trial lets a restarted trial (--resume, max_failures) find its checkpoints.
     run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
-    config_mod.save(cfg, Path(storage) / run_name / "config.yaml")
-    trainer = train.make_trainer(cfg, frames, run_name=run_name, storage_path=storage, callbacks=[TuneReportCallback()])
+    storage.write_text(storage.join(runs, run_name, "config.yaml"), config_mod.dump(cfg))
+    trainer = train.make_trainer(cfg, frames, run_name=run_name, storage_path=runs, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     # The loop returns its non-finite report (Train V2 keeps only reports with a checkpoint in result.metrics).
     final = result.return_value if isinstance(result.return_value, dict) else (result.metrics or {})
@@ -75,18 +84,21 @@ def trial_function(
         )
 
 
-def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment_dir: Path):
+def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment: str | Path):
     """The Tune trainable, with the small trial actor that only drives a TorchTrainer."""
     from ray import tune
 
     base = cfg.to_dict()
     base["space"] = {}
-    trainable = tune.with_parameters(trial_function, base=base, manifests=manifests, experiment_dir=str(experiment_dir))
+    trainable = tune.with_parameters(trial_function, base=base, manifests=manifests, experiment=str(experiment))
     return tune.with_resources(trainable, {"cpu": cfg.resources.trial_cpus})
 
 
-def make_searcher(cfg: config_mod.Config, experiment_dir: Path):
-    """Seeded Optuna TPE with its study in SQLite (optuna-dashboard reads it), or seeded random search."""
+def make_searcher(cfg: config_mod.Config, out_dir: Path):
+    """Seeded Optuna TPE with its study in SQLite (optuna-dashboard reads it), or seeded random search.
+
+    ``out_dir`` is the driver's local output folder (:func:`output_dir`): SQLite needs a local disk.
+    """
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -95,12 +107,12 @@ def make_searcher(cfg: config_mod.Config, experiment_dir: Path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(url=f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+    study_storage = optuna.storages.RDBStorage(url=f"sqlite:///{(out_dir / 'optuna.db').resolve()}")
     searcher = OptunaSearch(
         metric=cfg.search.metric,
         mode=cfg.search.mode,
         sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
-        storage=storage,
+        storage=study_storage,
         study_name=cfg.name,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.resources.max_concurrent_trials)
@@ -119,17 +131,18 @@ def make_scheduler(cfg: config_mod.Config):
     )
 
 
-def make_tuner(cfg: config_mod.Config, manifests: dict[str, str | None], results: Path, storage: str | None = None):
+def make_tuner(
+    cfg: config_mod.Config, manifests: dict[str, str | None], results: Path, storage_location: str | None = None
+):
     from ray import tune
 
-    experiment_dir = experiment_path(cfg, results, storage)
     return tune.Tuner(
-        make_trainable(cfg, manifests, experiment_dir),
+        make_trainable(cfg, manifests, experiment_path(cfg, results, storage_location)),
         param_space=tune_space(cfg.space),
         tune_config=tune.TuneConfig(
             metric=cfg.search.metric,
             mode=cfg.search.mode,
-            search_alg=make_searcher(cfg, experiment_dir),
+            search_alg=make_searcher(cfg, output_dir(cfg, results, storage_location)),
             scheduler=make_scheduler(cfg),
             num_samples=cfg.search.num_samples,
             # Optuna's ConcurrencyLimiter already holds the limit; the random searcher takes it here.
@@ -137,7 +150,9 @@ def make_tuner(cfg: config_mod.Config, manifests: dict[str, str | None], results
         ),
         run_config=tune.RunConfig(
             name=cfg.name,
-            storage_path=str(storage or results.resolve()),
+            # A URI goes to Ray as given: Ray resolves it with pyarrow.fs.FileSystem.from_uri, as mammo_ray.storage
+            # does, so query options (an S3-compatible endpoint) reach both.
+            storage_path=str(storage_location or results.resolve()),
             # Retries happen inside each trial's TorchTrainer (resources.max_failures); a trial that still
             # fails is recorded and the sweep goes on.
             failure_config=tune.FailureConfig(max_failures=0),
@@ -146,15 +161,31 @@ def make_tuner(cfg: config_mod.Config, manifests: dict[str, str | None], results
     )
 
 
-def experiment_path(cfg: config_mod.Config, results: Path, storage: str | None = None) -> Path:
-    return Path(storage) / cfg.name if storage else results.resolve() / cfg.name
+def experiment_path(cfg: config_mod.Config, results: Path, storage_location: str | None = None) -> str | Path:
+    """Where Tune and Train write the sweep: ``<storage>/<name>``, or ``<results>/<name>`` without ``--storage``.
+
+    A URI stays a URI string (its query, e.g. an S3 endpoint, kept at the end); a path stays a ``Path``.
+    """
+    if not storage_location:
+        return results.resolve() / cfg.name
+    return storage.join(storage_location, cfg.name)
+
+
+def output_dir(cfg: config_mod.Config, results: Path, storage_location: str | None = None) -> Path:
+    """The local folder for the driver's outputs (config, manifests.json, optuna.db, leaderboard, plots, best/).
+
+    It is the experiment folder itself unless that is a URI; then it is ``<results>/<name>`` on the driver,
+    because the Optuna study is SQLite, which needs a local file system.
+    """
+    experiment = experiment_path(cfg, results, storage_location)
+    return results.resolve() / cfg.name if storage.is_uri(str(experiment)) else Path(experiment)
 
 
 # --------------------------------------------------------------------------------------------------
 # Outputs.
 
 
-def unfinished_trials(experiment_dir: Path) -> dict[str, str]:
+def unfinished_trials(experiment_dir: str | Path) -> dict[str, str]:
     """Trials that the sweep's saved state holds as neither terminated nor errored, with their status.
 
     After Ctrl-C, Tune stops the running trials and marks them TERMINATED in memory, but the state it
@@ -166,7 +197,7 @@ def unfinished_trials(experiment_dir: Path) -> dict[str, str]:
     try:
         trials = ExperimentAnalysis(str(experiment_dir)).trials
     except Exception as err:  # the leaderboard is still written; it just cannot flag interrupted trials
-        print(f"warning: cannot read the sweep state in {experiment_dir}: {err}", file=sys.stderr)
+        print(f"warning: cannot read the sweep state in {storage.public(experiment_dir)}: {err}", file=sys.stderr)
         return {}
     return {t.trial_id: t.status for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
@@ -255,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="sweep name (default: the space file's name)")
     parser.add_argument("--results", default="results", help="output root (default: results/)")
     parser.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://host:10001")
-    parser.add_argument("--storage", help="shared storage for multi-node runs (s3://, gs:// or an NFS path)")
+    parser.add_argument(
+        "--storage",
+        help="shared storage for trial folders and checkpoints on multi-node runs: s3://BUCKET/PREFIX, "
+        "gs://BUCKET/PREFIX (options as query parameters, e.g. ?endpoint_override=...) or an NFS path",
+    )
     parser.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (default 127.0.0.1)")
     parser.add_argument("--num-samples", type=int, help="number of trials")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
@@ -305,18 +340,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = Path(args.results)
-    experiment_dir = experiment_path(cfg, results, args.storage)
-    if experiment_dir.exists() and not (args.resume or args.overwrite):
+    experiment = experiment_path(cfg, results, args.storage)
+    out_dir = output_dir(cfg, results, args.storage)
+    try:
+        # A bad URI, a missing bucket or missing credentials fail here, naming the URI, before Ray starts.
+        if args.storage:
+            storage.check_reachable(args.storage)
+        taken = [location for location in dict.fromkeys([experiment, out_dir]) if storage.exists(location)]
+    except storage.StorageError as err:
+        print(f"error: --storage {err}", file=sys.stderr)
+        return 2
+    if taken and not (args.resume or args.overwrite):
         print(
-            f"error: {experiment_dir} already holds a sweep named {cfg.name!r}; pass --resume to continue it, "
-            "--overwrite to replace it, or --name for a new one",
+            f"error: {storage.public(taken[0])} already holds a sweep named {cfg.name!r}; pass --resume to continue "
+            "it, --overwrite to replace it, or --name for a new one",
             file=sys.stderr,
         )
         return 2
-    return run_sweep(cfg, args, results, experiment_dir)
+    return run_sweep(cfg, args, results, experiment, out_dir)
 
 
-def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path) -> int:
+def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Path, out_dir: Path) -> int:
+    """Validate the data, start Ray, run the sweep, write the driver's outputs and export the best trial.
+
+    Args:
+        experiment: where Tune and Train write (:func:`experiment_path`), local or a URI.
+        out_dir: the driver's local output folder (:func:`output_dir`); the same folder unless ``experiment``
+            is a URI.
+    """
     from ray import tune
 
     from mammo_ray import cli, export
@@ -334,49 +385,67 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
         return 2
     fit_concurrency(cfg)
     manifests = {role: frame.attrs.get("path") for role, frame in frames.items()}
-    if args.overwrite and not args.resume and experiment_dir.exists():
-        shutil.rmtree(experiment_dir)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    config_mod.save(cfg, experiment_dir / "config.yaml")
-    io.atomic_write_json(experiment_dir / "manifests.json", manifests)
+    remote = storage.is_uri(str(experiment))
+    try:
+        if args.overwrite and not args.resume:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            if remote:
+                storage.delete_dir(experiment)
+        write_sweep_files(cfg, manifests, experiment, out_dir)
+    except storage.StorageError as err:
+        print(f"error: --storage {err}", file=sys.stderr)
+        return 2
     for role, frame in frames.items():
         counts = manifest.summary(frame)
         print(f"{role}: {counts['n_images']} images, {counts['n_positive']} positive, {counts['n_patients']} patients")
 
-    trainable = make_trainable(cfg, manifests, experiment_dir)
-    if args.resume and tune.Tuner.can_restore(str(experiment_dir)):
-        print(f"resuming the sweep in {experiment_dir}")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, restart_errored=True)
+    trainable = make_trainable(cfg, manifests, experiment)
+    if args.resume and tune.Tuner.can_restore(str(experiment)):
+        print(f"resuming the sweep in {storage.public(experiment)}")
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, restart_errored=True)
     else:
         tuner = make_tuner(cfg, manifests, results, args.storage)
     grid = tuner.fit()
 
-    unfinished = unfinished_trials(experiment_dir)
+    unfinished = unfinished_trials(experiment)
     board = leaderboard(grid, cfg, unfinished)
-    io.atomic_write_csv(experiment_dir / "leaderboard.csv", board)
+    io.atomic_write_csv(out_dir / "leaderboard.csv", board)
+    if remote:
+        try:  # a copy beside the trial folders, for whoever browses the bucket; the local file is the record
+            storage.write_text(storage.join(experiment, "leaderboard.csv"), board.to_csv(index=False))
+        except storage.StorageError as err:
+            print(f"warning: {err}", file=sys.stderr)
     try:
-        sweep_plots(experiment_dir, cfg.name)
+        sweep_plots(out_dir, cfg.name)
     except Exception as err:  # plots never cost the sweep's results
         print(f"warning: sweep plots failed: {err}", file=sys.stderr)
     print("\n" + summary_table(board, cfg))
     if unfinished:
         # Ctrl-C: Tune saved its state; the partial sweep is not exported as if it had finished.
         print(
-            f"\nsweep interrupted; continue it with the same command plus --resume ({experiment_dir})", file=sys.stderr
+            f"\nsweep interrupted; continue it with the same command plus --resume ({storage.public(experiment)})",
+            file=sys.stderr,
         )
         return 130
     try:
-        checkpoint = export.best_checkpoint(experiment_dir, cfg.search.metric, cfg.search.mode)
-    except (FileNotFoundError, ValueError) as err:
+        checkpoint = export.best_checkpoint(experiment, cfg.search.metric, cfg.search.mode)
+    except (FileNotFoundError, ValueError, storage.StorageError) as err:
         print(f"error: nothing to export: {err}", file=sys.stderr)
         return 1
-    bundle = export.export_bundle(
-        checkpoint, experiment_dir / "best", cfg, frames, sweep_info={"metric": cfg.search.metric}
-    )
+    try:
+        # From a URI only the files of the one best checkpoint are downloaded (to a temporary folder).
+        bundle = export.export_bundle(
+            checkpoint, out_dir / "best", cfg, frames, sweep_info={"metric": cfg.search.metric}
+        )
+    except storage.StorageError as err:
+        print(f"error: cannot export the best checkpoint: {err}", file=sys.stderr)
+        return 1
     metrics = json.loads((bundle / "metrics.json").read_text())
     val_auc = metrics["val"].get("auc")
     elapsed = time.perf_counter() - started
-    print(f"\nbest trial: {Path(checkpoint).parent.name}, epoch {metrics['selected'].get('epoch')}")
+    trial = storage.name(storage.parent(checkpoint))
+    print(f"\nbest trial: {trial}, epoch {metrics['selected'].get('epoch')}")
     ci = metrics["val"].get("auc_ci95") or [None, None]
     auc_text = "n/a" if val_auc is None else f"{val_auc:.3f}"
     ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and ci[0] is not None else ""
@@ -384,11 +453,33 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment_dir: Path)
     if "test" in metrics and metrics["test"].get("auc") is not None:
         print(f"test AUC of the exported model: {metrics['test']['auc']:.3f}")
     print(f"bundle: {bundle}")
-    print(f"leaderboard: {experiment_dir / 'leaderboard.csv'}   optuna study: {experiment_dir / 'optuna.db'}")
+    print(f"leaderboard: {out_dir / 'leaderboard.csv'}   optuna study: {out_dir / 'optuna.db'}")
+    if remote:
+        print(f"trial folders and checkpoints: {storage.public(experiment)}")
     if ray_info.get("dashboard_url"):
         print(f"Ray dashboard: {ray_info['dashboard_url']} (while this process runs)")
     print(f"sweep time: {elapsed:.0f} s")
     return 0
+
+
+def write_sweep_files(
+    cfg: config_mod.Config, manifests: dict[str, str | None], experiment: str | Path, out_dir: Path
+) -> None:
+    """The sweep's config.yaml and manifests.json in ``out_dir``, and, for a URI experiment, on the URI too.
+
+    The copies on the URI let ``export --experiment <URI>`` work from any machine; ``storage.json`` in
+    ``out_dir`` lets ``export --experiment results/<name>`` find the checkpoints. URIs are written without
+    credentials. Each file on an object store is one upload, which appears whole or not at all.
+    """
+    recorded = {role: storage.public(path) if path else path for role, path in manifests.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, out_dir / "config.yaml")
+    io.atomic_write_json(out_dir / "manifests.json", recorded)
+    if not storage.is_uri(str(experiment)):
+        return
+    io.atomic_write_json(out_dir / STORAGE_POINTER, {"experiment": storage.public(experiment)})
+    storage.write_text(storage.join(experiment, "config.yaml"), config_mod.dump(cfg))
+    storage.write_text(storage.join(experiment, "manifests.json"), json.dumps(recorded, indent=2) + "\n")
 
 
 def fit_concurrency(cfg: config_mod.Config) -> None:

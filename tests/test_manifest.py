@@ -220,10 +220,14 @@ def test_missing_files_skipped_without_check_files(tmp_path: Path) -> None:
         manifest.validate_manifest(frame, "m")
 
 
-def test_remote_paths_are_not_checked(tmp_path: Path) -> None:
+def test_uri_image_paths_without_a_cache_are_refused(tmp_path: Path) -> None:
+    """On-the-fly decoding reads local files only, so URI image paths need the pixel cache (before any request)."""
     rows = _rows(2)
     rows["path"] = ["s3://bucket/a.dcm", "gs://bucket/b.dcm"]
-    manifest.validate_manifest(_read(tmp_path, rows), "m")
+    frame = _read(tmp_path, rows)
+    with pytest.raises(ManifestError, match=r"2 image path\(s\) are URIs, e\.g\. s3://bucket/a\.dcm.*pixel cache"):
+        manifest.validate_manifest(frame, "m")
+    manifest.validate_manifest(frame, "m", check_files=False)
 
 
 @pytest.mark.parametrize(("use_cache", "what"), [(True, "pixel-cache shard"), (False, "image file")])

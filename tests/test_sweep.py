@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from s3_server import KEY, LocalS3
 from sklearn.metrics import roc_auc_score
 
 from mammo_ray import tune
@@ -194,3 +195,175 @@ def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
     assert (out / "test_predictions.csv").is_file() and "test" in metrics
     assert export.main(["--experiment", str(results / "smoke"), "--metric", "nosuch"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# --storage: a local/NFS path or a URI (s3:// against a local moto server; gs:// has no local server).
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": KEY,
+    "AWS_SECRET_ACCESS_KEY": KEY,
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+MINIO = "?endpoint_override=http%3A%2F%2Fminio%3A9000&scheme=http"
+
+
+@pytest.mark.parametrize(
+    ("storage_arg", "experiment", "out_dir"),
+    [
+        (None, "{results}/sweep", "{results}/sweep"),
+        ("{tmp}/nfs/mammo-ray", "{tmp}/nfs/mammo-ray/sweep", "{tmp}/nfs/mammo-ray/sweep"),
+        ("s3://bucket/mammo-ray", "s3://bucket/mammo-ray/sweep", "{results}/sweep"),
+        (f"s3://bucket/mammo-ray{MINIO}", f"s3://bucket/mammo-ray/sweep{MINIO}", "{results}/sweep"),
+        ("gs://bucket/a/", "gs://bucket/a/sweep", "{results}/sweep"),
+    ],
+)
+def test_experiment_path_for_local_storage_and_uris(tmp_path, storage_arg, experiment, out_dir):
+    """Tune and Train write to <storage>/<name>; optuna.db and the other driver outputs need a local folder."""
+    from mammo_ray import config
+
+    cfg = config.load("demo", {"name": "sweep"})
+    results = tmp_path / "results"
+
+    def fill(text: str) -> str:
+        return text.format(results=results.resolve(), tmp=tmp_path)
+
+    location = tune.experiment_path(cfg, results, fill(storage_arg) if storage_arg else None)
+    assert str(location) == fill(experiment)  # a URI is never folded into a path ("s3:/bucket/...")
+    assert isinstance(location, str) == ("://" in experiment)
+    assert tune.output_dir(cfg, results, fill(storage_arg) if storage_arg else None) == Path(fill(out_dir))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in S3_ENV.items():
+            patch.setenv(key, value)
+        server = LocalS3()
+        for bucket in ("data", "runs"):
+            server.make_bucket(bucket)
+        yield server
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("location", "needle"),
+    [
+        ("s3://runs/mammo-ray?bogus=1", "--storage s3://runs/mammo-ray?bogus=1: cannot use this location"),
+        ("{nobucket}", "bucket 'nobucket' does not exist"),
+    ],
+)
+def test_unusable_storage_stops_before_ray(s3, tmp_path, location, needle):
+    location = location.format(nobucket=s3.uri("nobucket/mammo-ray", credentials=True))
+    proc = run_module("mammo_ray.tune", "--space", "demo", "--storage", location, "--results", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and f"{KEY}:{KEY}@" not in proc.stderr
+    assert "Ray dashboard" not in proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_sweep_on_the_uri_is_not_overwritten(s3, tmp_path, capsys):
+    s3.fs.open_output_stream("runs/taken/done/leaderboard.csv").close()
+    storage_uri = s3.uri("runs/taken")
+    assert tune.main(["--space", "demo", "--name", "done", "--storage", storage_uri, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{s3.uri('runs/taken/done')} already holds a sweep named 'done'" in err and "--resume" in err
+
+
+def test_sweep_files_for_a_uri_experiment_go_to_both_homes_without_credentials(s3, tmp_path):
+    from mammo_ray import config, storage
+
+    cfg = config.load("demo", {"name": "files"})
+    experiment = s3.uri("runs/files/files", credentials=True)
+    manifests = {"train": s3.uri("data/m/train.parquet", credentials=True), "valid": "/nfs/valid.parquet", "test": None}
+    tune.write_sweep_files(cfg, manifests, experiment, tmp_path / "files")
+    recorded = {"train": s3.uri("data/m/train.parquet"), "valid": "/nfs/valid.parquet", "test": None}
+    assert json.loads((tmp_path / "files" / "manifests.json").read_text()) == recorded
+    assert json.loads((tmp_path / "files" / "storage.json").read_text()) == {"experiment": s3.uri("runs/files/files")}
+    assert json.loads(s3.fs.open_input_file("runs/files/files/manifests.json").read()) == recorded
+    assert config.load(tmp_path / "files" / "config.yaml").name == "files"
+    assert "name: files" in storage.read_text(storage.join(experiment, "config.yaml"))
+    # A local experiment folder is the driver's folder: no pointer, nothing elsewhere.
+    tune.write_sweep_files(cfg, manifests, tmp_path / "local", tmp_path / "local")
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["config.yaml", "manifests.json"]
+
+
+@pytest.fixture(scope="module")
+def s3_sweep(ray_session, prepared_data, s3, tmp_path_factory):
+    """A one-trial smoke sweep with manifests, pixel cache and --storage on S3; the driver's outputs stay local.
+
+    About 60 s on 2 CPUs (Tune, Train and Ray Data start-up dominate), hence ``slow``.
+    """
+    root = tmp_path_factory.mktemp("s3sweep")
+    s3.upload(Path(prepared_data["train"]).parent, "data/prep")
+    data_before = s3.files("data/prep")
+    # Credentials in the URIs: Ray's workers keep the environment of the ray.init that started them.
+    uri = {role: s3.uri(f"data/prep/{role}.parquet", credentials=True) for role in ("train", "valid", "test")}
+    code = tune.main(
+        ["--space", "demo", "--smoke-test", "--num-samples", "1", "--name", "s3smoke",
+         "--results", str(root / "results"), "--storage", s3.uri("runs/mammo-ray", credentials=True),
+         "--train", uri["train"], "--valid", uri["valid"], "--test", uri["test"]]
+    )  # fmt: skip
+    assert code == 0
+    return {"out": root / "results" / "s3smoke", "data_before": data_before, "experiment": "runs/mammo-ray/s3smoke"}
+
+
+@pytest.mark.slow
+def test_s3_sweep_keeps_checkpoints_on_the_bucket_and_driver_outputs_local(s3, s3_sweep, prepared_data, capsys):
+    out, experiment = s3_sweep["out"], s3_sweep["experiment"]
+    # The driver's folder: SQLite study, leaderboard, plots, the exported bundle, and where the rest went.
+    for name in ("config.yaml", "manifests.json", "optuna.db", "leaderboard.csv", "storage.json", "best/metrics.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "plots").glob("*.png"))
+    assert not (out / "train_runs").exists() and not list(out.glob("trial_function_*"))
+    pointer = json.loads((out / "storage.json").read_text())["experiment"]
+    assert pointer == s3.uri(experiment)  # without the key pair
+    assert all(f"{KEY}:{KEY}@" not in (out / name).read_text() for name in ("manifests.json", "best/metrics.json"))
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == 1 and board.at[0, "status"] == "TERMINATED"
+
+    # The bucket: Tune's trial folder and state, each trial's Train run with its checkpoints, and the sweep files.
+    files = s3.files(experiment)
+    assert {"config.yaml", "manifests.json", "leaderboard.csv"} <= set(files)
+    assert any(f.startswith("trial_function_") and f.endswith("/progress.csv") for f in files)
+    assert any(f.startswith("experiment_state") for f in files)
+    trial = board.at[0, "trial_id"]
+    assert f"train_runs/trial_{trial}/config.yaml" in files
+    checkpoint = [
+        f for f in files if f.startswith(f"train_runs/trial_{trial}/checkpoint_") and f.endswith("/report.json")
+    ]
+    assert len(checkpoint) == 1
+    from ray.tune import Tuner
+
+    assert Tuner.can_restore(s3.uri(experiment, credentials=True))  # what --resume checks
+    assert tune.unfinished_trials(s3.uri(experiment, credentials=True)) == {}
+    assert "cannot read the sweep state" not in capsys.readouterr().err
+
+    # best/ is that checkpoint, downloaded; val and test pixels were read from the bucket.
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["selected"]["checkpoint"] == s3.uri(f"{experiment}/{checkpoint[0].rsplit('/', 1)[0]}")
+    val = pd.read_csv(out / "best" / "val_predictions.csv")
+    assert sorted(val["image_id"].astype(str)) == sorted(pd.read_parquet(prepared_data["valid"])["image_id"])
+    test = pd.read_csv(out / "best" / "test_predictions.csv")
+    assert sorted(test["image_id"].astype(str)) == sorted(pd.read_parquet(prepared_data["test"])["image_id"])
+    assert s3.files("data/prep") == s3_sweep["data_before"]  # nothing written into the data folder
+
+
+@pytest.mark.slow
+def test_export_reexports_an_s3_sweep_from_the_uri_and_from_the_pointer(s3, s3_sweep, tmp_path):
+    from mammo_ray import export
+
+    uri = s3.uri(s3_sweep["experiment"])
+    by_loss = tmp_path / "by_loss"
+    assert export.main(["--experiment", uri, "--metric", "val_loss", "--mode", "min", "--out", str(by_loss),
+                        "--bootstrap", "20"]) == 0  # fmt: skip
+    table = export.find_checkpoints(uri)
+    metrics = json.loads((by_loss / "metrics.json").read_text())
+    assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
+    assert "test" in metrics  # the test manifest recorded on the bucket (manifests.json), scored again
+    # Through results/<name>/storage.json, by the sweep's own metric: one trial of one epoch, one checkpoint.
+    again = tmp_path / "again"
+    assert export.main(["--experiment", str(s3_sweep["out"]), "--out", str(again), "--bootstrap", "20"]) == 0
+    assert len(table) == 1
+    assert json.loads((again / "metrics.json").read_text())["selected"]["checkpoint"] == table.at[0, "checkpoint"]

@@ -1,19 +1,22 @@
 """Preprocess: full-field mammograms (3328×4096, 16-bit DICOM) through ``prepare``, images/s per core.
 
-Ours: ``prepare.run`` on Ray (``num_cpus`` = the machine's cores, shards sized so that every core gets
-work): decode (pydicom + OpenJPEG), modality LUT, VOI window, MONOCHROME1 inversion, breast crop, flip,
+Ours: ``prepare.prepare_table`` on Ray (``num_cpus`` = the machine's cores, prepare's automatic shard size):
+decode (pydicom; JPEG 2000 through OpenJPEG at the coarsest resolution level that still leaves the resize at
+least 1.5 source pixels per output pixel), modality LUT, VOI window, MONOCHROME1 inversion, breast crop, flip,
 aspect-preserving resize and pad, uint16, zstd into the cache, Parquet manifests.
 
-Baseline: a naive per-file loop in one process: ``pydicom.dcmread`` + ``pixel_array`` (pydicom's default
-plugin order), float32 conversion with min-max scaling, PIL bilinear resize to H×W, 16-bit PNG write. It
-does less than ours (no LUTs, no crop, no flip, no aspect ratio).
+Baseline: a naive per-file loop in one process pinned to one core: ``pydicom.dcmread`` + ``pixel_array``
+(pydicom's default plugin order), float32 conversion with min-max scaling, PIL bilinear resize to H×W, 16-bit
+PNG write. It does less than ours (no LUTs, no crop, no flip, no aspect ratio). The pin matters because
+pydicom's default JPEG 2000 plugin (GDCM) decodes with several threads, which the per-core figure would
+otherwise count as one core.
 
 Both read the same files: uncompressed (Explicit VR Little Endian) and JPEG 2000 lossless DICOMs written
 here with pydicom (pylibjpeg-openjpeg encoder) from synthetic mammograms (``synth`` at 1024×832, cubic
 upsampled ×4, the headers of a multi-vendor archive kept: 12–16 bits stored, windows, MONOCHROME1). They
 are generated once into the bench folder. Each side runs in its own subprocess, so the peak memory of
-each is its own. For ours, Ray workers are warmed up (imports, first decode) on one image per core before
-the timed run; Ray's start-up is not timed. The baseline imports its libraries before timing.
+each is its own. For ours, Ray workers are warmed up (imports, first decode) on one image per core and
+format before the timed run; Ray's start-up is not timed. The baseline imports its libraries before timing.
 
 Figures: images/s per core = images / wall seconds / cores used (Ray's CPUs for ours, 1 for the
 baseline). Also reported: images per CPU-second (CPU time of every process involved, from /proc; less
@@ -27,7 +30,6 @@ includes Ray's own daemons).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -167,35 +169,37 @@ class TreeSampler:
 
 
 def child_ours(tables: dict[str, list[dict]], size: tuple[int, int], work: Path, num_cpus: int) -> dict:
+    import pandas as pd
     import ray
 
     from mammo_ray import prepare
 
     num_cpus = common.start_ray(num_cpus)
-    # Warm-up: one image per core, one shard each, so every Ray worker has imported and decoded once.
-    first = tables[FORMATS[0]]
-    warm = [dict(first[i % len(first)], image_id=f"warm-{i}") for i in range(num_cpus)]
+    # Warm-up: one image per core and format, one shard each, so every Ray worker has imported and decoded once.
+    warm = [
+        dict(tables[fmt][i % len(tables[fmt])], image_id=f"warm-{fmt}-{i}") for fmt in FORMATS for i in range(num_cpus)
+    ]
     prepare.run(_manifest_table(warm), work / "warmup", size=size, shard_size=1, progress=False)
     tree_before = {pid: common.cpu_seconds(pid) for pid in common.process_tree()}
     per_format = {}
     with TreeSampler() as sampler:
         for fmt, rows in tables.items():
-            shard_size = max(1, math.ceil(len(rows) / num_cpus))
             cpu_before = {pid: common.cpu_seconds(pid) for pid in common.process_tree()}
             start = time.perf_counter()
-            paths = prepare.run(_manifest_table(rows), work / fmt, size=size, shard_size=shard_size, progress=False)
+            # prepare's own shard size (what a user gets): small enough on a medium set that every core has work.
+            result = prepare.prepare_table(_manifest_table(rows), work / fmt, size=size, progress=False)
             elapsed = time.perf_counter() - start
             cpu_after = {pid: common.cpu_seconds(pid) for pid in common.process_tree()}
             cpu = sum(cpu_after[pid] - cpu_before.get(pid, 0.0) for pid in cpu_after)
-            import pandas as pd
-
-            done = len(pd.read_parquet(paths["train"]))
+            frame = pd.read_parquet(result.paths["train"])
             per_format[fmt] = {
                 "images": len(rows),
-                "cached": done,
+                "cached": len(frame),
                 "seconds": elapsed,
                 "cpu_seconds": cpu,
-                "shard_size": shard_size,
+                "shard_size": result.shard_size,
+                "shards": result.shards_total,
+                "decode_reduction": frame["prep_decode_reduction"].value_counts().sort_index().to_dict(),
             }
     tree = common.process_tree()
     tree_after = {pid: common.cpu_seconds(pid) for pid in tree}
@@ -217,11 +221,27 @@ def child_ours(tables: dict[str, list[dict]], size: tuple[int, int], work: Path,
     return result
 
 
+def _pin_to_one_core() -> list[int] | None:
+    """Restrict this process (and the threads its libraries start) to one core; the cores it got, or None.
+
+    The baseline's figure is per core with 1 core counted, but pydicom's default JPEG 2000 plugin (GDCM) decodes
+    with several threads: unpinned it used 1.5 cores of this 2-core machine (13.1 CPU-s in 8.5 s), so its "per
+    core" figure was really per 1.5 cores.
+    """
+    try:
+        first = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {first})
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: the CPU-second figures stay comparable
+        return None
+
+
 def child_baseline(tables: dict[str, list[dict]], size: tuple[int, int], work: Path) -> dict:
     import numpy as np
     import pydicom
     from PIL import Image
 
+    pinned = _pin_to_one_core()
     height, width = size
     per_format = {}
     for fmt, rows in tables.items():
@@ -237,7 +257,12 @@ def child_baseline(tables: dict[str, list[dict]], size: tuple[int, int], work: P
                 out = (np.clip(np.asarray(resized), 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
                 Image.fromarray(out).save(out_dir / f"{row['image_id']}.png")
         per_format[fmt] = {"images": len(rows), "seconds": timer.elapsed, "cpu_seconds": timer.cpu, "cached": len(rows)}
-    return {"per_format": per_format, "num_cpus": 1, "peak_rss_mib": {"process": common.self_peak_rss_mib()}}
+    return {
+        "per_format": per_format,
+        "num_cpus": 1,
+        "affinity": pinned,
+        "peak_rss_mib": {"process": common.self_peak_rss_mib()},
+    }
 
 
 def run_child(side: str, tables: dict[str, list[dict]], size: tuple[int, int], num_cpus: int, log) -> dict:
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = {fmt: work_table(base[fmt], n_images, fmt) for fmt in FORMATS}
     log("baseline (naive loop) ...")
     baseline_raw = run_child("baseline", tables, tuple(args.size), 1, log)
-    log("ours (prepare.run on Ray) ...")
+    log("ours (prepare.prepare_table on Ray) ...")
     ours_raw = run_child("ours", tables, tuple(args.size), num_cpus, log)
     ours, baseline = _summary(ours_raw), _summary(baseline_raw)
     for fmt in FORMATS:
@@ -339,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         "photometric": sorted({r["photometric"] for r in base["uncompressed"]}),
         "ours_ray_num_cpus": ours_raw["num_cpus"],
         "ours_shard_size": {fmt: f["shard_size"] for fmt, f in ours_raw["per_format"].items()},
-        "ours_warmup": "one image per core through prepare.run before timing; Ray start-up not timed",
+        "ours_decode_reduction": {fmt: f["decode_reduction"] for fmt, f in ours_raw["per_format"].items()},
+        "ours_warmup": "one image per core and format through prepare before timing; Ray start-up not timed",
         "baseline": "one process: dcmread + pixel_array (default plugin order) -> float32 min-max -> PIL bilinear -> 16-bit PNG",
+        "baseline_affinity": baseline_raw.get("affinity"),
         "per_core": "images / wall s / cores used (ours: Ray CPUs, baseline: 1)",
         "source": f"synth at {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]}, cubic x4; JPEG 2000 lossless via pylibjpeg-openjpeg",
     }

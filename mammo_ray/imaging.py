@@ -10,13 +10,18 @@ asks. Everything stays float32 until the final uint16, so no 8-bit quantisation 
 
 The functions take and return numpy arrays and plain values; nothing here knows about Ray or the config.
 Decoding uses pydicom with its pylibjpeg (OpenJPEG, libjpeg) and GDCM plugins, so JPEG 2000, JPEG Lossless
-and JPEG-LS files decode, and PNG files (8 or 16 bit) go through Pillow.
+and JPEG-LS files decode, and PNG files (8 or 16 bit) go through Pillow. A JPEG 2000 image is a wavelet pyramid
+(ISO/IEC 15444-1 Annex F), so ``preprocess_file`` decodes it at reduced resolution (Pillow's OpenJPEG binding,
+``reduce``) when the output needs fewer pixels: the low-pass band is an anti-aliased downsample of the same
+stored values, and decoding it costs a fraction of a full decode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +32,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
-from scipy import ndimage
 
 __all__ = [
     "ImageReadError",
@@ -96,6 +101,15 @@ _CLEAR_SIDE_SCORE = 0.3
 # pydicom tries its plugins in a fixed order (GDCM first). For JPEG 2000 OpenJPEG through pylibjpeg is the
 # reference decoder and about 20 % faster than GDCM on a 12-bit mammogram; the others stay as fallbacks.
 _PREFERRED_PLUGIN = {JPEG2000: "pylibjpeg", JPEG2000Lossless: "pylibjpeg"}
+# JPEG 2000 reduced decode: a level r (image at 1/2^r of its size) is used only if the breast crop at that level
+# still has at least this many source pixels per output pixel along the side that fills the output, so the final
+# INTER_AREA resize still averages (never enlarges) and the wavelet low-pass is only a pre-filter. Measured on the
+# benchmark's 4096×3328 lossless files (one core): full decode 1.2–2.3 s, r = 1 0.48–0.74 s, r = 2 0.14–0.21 s.
+# At 1024×512 output a full-field crop allows r = 1 (about 2 source pixels per output pixel), not r = 2 (about 1).
+MIN_OVERSAMPLING = 1.5
+# The level is chosen from the crop found on a preview decoded at the deepest level whose long side is at least
+# this: enough for the breast mask (which works at 512 px), and about 1 % of the cost of a full decode.
+_PREVIEW_LONG_SIDE = 256
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,6 +148,9 @@ class Provenance:
         flipped: Whether the image was mirrored left-right so that the chest wall is on the left.
         laterality_source: "argument", "tag", "image" or "tag_overridden_by_image" (a given laterality, from the
             argument or the header, that the image contradicted clearly).
+        decode_reduction: JPEG 2000 resolution levels discarded at decode: 0 for every pixel, r for an image decoded
+            at 1/2^r of its stored size (see ``preprocess_file``). Sizes and the crop box are in stored pixels
+            either way.
     """
 
     source_format: str
@@ -147,6 +164,7 @@ class Provenance:
     breast_found: bool
     flipped: bool
     laterality_source: str
+    decode_reduction: int = 0
 
     def as_columns(self) -> dict[str, Any]:
         """Flat manifest columns, each prefixed with "prep_"; the crop box becomes four integer columns."""
@@ -179,6 +197,14 @@ def decode(path: str | Path) -> tuple[np.ndarray, Dataset | None]:
         ImageReadError: For any file that does not yield a non-empty single-frame image, with the reason.
     """
     path = Path(path)
+    pixels, ds = _open(path)
+    if pixels is not None:
+        return pixels, None
+    return _dicom_pixels(path, ds), ds
+
+
+def _open(path: Path) -> tuple[np.ndarray | None, Dataset | None]:
+    """A PNG's pixels, or a DICOM file's dataset with its pixel data not yet decoded: (pixels, None) or (None, ds)."""
     try:
         with path.open("rb") as handle:
             head = handle.read(132)
@@ -190,18 +216,18 @@ def decode(path: str | Path) -> tuple[np.ndarray, Dataset | None]:
         if head.startswith(_PNG_SIGNATURE):
             return read_png(path), None
         if head[128:132] == b"DICM":
-            return _decode_dicom(path, force=False)
+            return None, _read_dicom(path, force=False)
         if path.suffix.lower() == ".png":
             raise ImageReadError(path, "named .png but has no PNG signature")
         # Old ACR-NEMA style files have no preamble; force-reading anything else finds no Pixel Data and fails.
-        return _decode_dicom(path, force=True)
+        return None, _read_dicom(path, force=True)
     except ImageReadError:
         raise
     except Exception as exc:  # corrupt header values surface lazily in pydicom; the caller needs one error type
         raise ImageReadError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode_dicom(path: Path, force: bool) -> tuple[np.ndarray, Dataset]:
+def _read_dicom(path: Path, force: bool) -> Dataset:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -226,27 +252,39 @@ def _decode_dicom(path: Path, force: bool) -> tuple[np.ndarray, Dataset]:
         # Preamble-less files carry no meta header; pydicom knows the encoding it used to parse them.
         implicit_vr, _ = ds.original_encoding
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr in (True, None) else ExplicitVRLittleEndian
-    syntax = meta.TransferSyntaxUID
-    pixels = None
-    errors = []
-    preferred = _PREFERRED_PLUGIN.get(syntax)
-    if preferred:
-        try:
-            ds.pixel_array_options(decoding_plugin=preferred)
-            pixels = ds.pixel_array
-        except Exception as exc:
-            errors.append(f"{preferred}: {exc}")
-            ds.pixel_array_options(decoding_plugin="")
-    if pixels is None:
-        try:
-            pixels = ds.pixel_array  # pydicom tries every installed plugin in turn
-        except Exception as exc:
-            errors.append(str(exc))
-            raise ImageReadError(path, f"pixel data could not be decoded ({syntax.name}): {'; '.join(errors)}") from exc
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    if pixels.size == 0 or (rows and columns and tuple(pixels.shape[:2]) != (rows, columns)):
-        raise ImageReadError(path, f"decoded shape {pixels.shape} does not match Rows×Columns {rows}×{columns}")
-    return pixels, ds
+    return ds
+
+
+def _dicom_pixels(path: Path, ds: Dataset) -> np.ndarray:
+    """Decode a dataset's single frame at full resolution, preferred plugin first, then every installed one."""
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+        pixels = None
+        errors = []
+        preferred = _PREFERRED_PLUGIN.get(syntax)
+        if preferred:
+            try:
+                ds.pixel_array_options(decoding_plugin=preferred)
+                pixels = ds.pixel_array
+            except Exception as exc:
+                errors.append(f"{preferred}: {exc}")
+                ds.pixel_array_options(decoding_plugin="")
+        if pixels is None:
+            try:
+                pixels = ds.pixel_array  # pydicom tries every installed plugin in turn
+            except Exception as exc:
+                errors.append(str(exc))
+                raise ImageReadError(
+                    path, f"pixel data could not be decoded ({syntax.name}): {'; '.join(errors)}"
+                ) from exc
+        rows, columns = ds.get("Rows"), ds.get("Columns")
+        if pixels.size == 0 or (rows and columns and tuple(pixels.shape[:2]) != (rows, columns)):
+            raise ImageReadError(path, f"decoded shape {pixels.shape} does not match Rows×Columns {rows}×{columns}")
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    return pixels
 
 
 def read_png(path: str | Path) -> np.ndarray:
@@ -286,6 +324,185 @@ def read_png(path: str | Path) -> np.ndarray:
     if pixels.size == 0:
         raise ImageReadError(path, "PNG has no pixels")
     return np.array(pixels, copy=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JPEG 2000 at reduced resolution
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _J2KLayout:
+    """What a JPEG 2000 codestream's main header says about the image (ISO/IEC 15444-1 A.5.1, A.6.1, A.6.2)."""
+
+    rows: int
+    columns: int
+    precision: int
+    signed: bool
+    components: int
+    levels: int  # wavelet decomposition levels: the most resolution levels a decode can discard
+    origin_at_zero: bool
+
+    def usable_reductions(self) -> list[int]:
+        """Reduction levels (≥ 1) that decode to exactly ceil(size / 2^r), in increasing order.
+
+        OpenJPEG's reduced image has ceil(size / 2^r) pixels per side, while Pillow sizes its buffer with
+        round-half-up and refuses the tile when the two differ (e.g. 1025 rows at r = 2: 257 against 256), so only
+        levels where they agree are used. r = 1 always qualifies.
+        """
+        if not self.origin_at_zero:
+            return []
+        usable = []
+        for reduction in range(1, self.levels + 1):
+            step = 1 << reduction
+            if all(side % step == 0 or side % step >= step // 2 for side in (self.rows, self.columns)):
+                usable.append(reduction)
+        return usable
+
+    def reduced_shape(self, reduction: int) -> tuple[int, int]:
+        step = 1 << reduction
+        return (-(-self.rows // step), -(-self.columns // step))
+
+
+def _j2k_layout(codestream: bytes) -> _J2KLayout | None:
+    """Parse the main header of a JPEG 2000 codestream (SIZ, COD, COC up to the first tile); None if malformed."""
+    if codestream[:4] != b"\xff\x4f\xff\x51":  # SOC then SIZ, as A.4.1 requires
+        return None
+    position, end = 2, len(codestream)
+    size = None
+    levels = None
+    component_levels = None
+    while position + 4 <= end:
+        marker, length = struct.unpack_from(">HH", codestream, position)
+        if marker == 0xFF90 or length < 2:  # SOT: the main header is over
+            break
+        segment = codestream[position + 4 : position + 2 + length]
+        if marker == 0xFF51 and len(segment) >= 39:  # SIZ
+            _, xsiz, ysiz, xosiz, yosiz, _, _, _, _, components = struct.unpack_from(">HIIIIIIIIH", segment)
+            depth = segment[36]
+            size = (ysiz - yosiz, xsiz - xosiz, (depth & 0x7F) + 1, bool(depth & 0x80), components, xosiz == yosiz == 0)
+        elif marker == 0xFF52 and len(segment) >= 6:  # COD: SPcod starts with the number of decomposition levels
+            levels = segment[5]
+        elif marker == 0xFF53 and size is not None:  # COC for component 0 overrides COD's levels
+            wide = size[4] >= 257
+            component = struct.unpack_from(">H" if wide else ">B", segment)[0]
+            offset = 3 if wide else 2  # Ccoc, then Scoc (1 byte), then SPcoc's levels
+            if component == 0 and len(segment) > offset:
+                component_levels = segment[offset]
+        position += 2 + length
+    if size is None or levels is None:
+        return None
+    rows, columns, precision, signed, components, origin_at_zero = size
+    if rows < 1 or columns < 1:
+        return None
+    return _J2KLayout(
+        rows,
+        columns,
+        precision,
+        signed,
+        components,
+        component_levels if component_levels is not None else levels,
+        origin_at_zero,
+    )
+
+
+@dataclass
+class _J2KSource:
+    """A JPEG 2000 file that can be decoded at reduced resolution: its codestream, layout and usable levels."""
+
+    codestream: bytes
+    layout: _J2KLayout
+    usable: list[int]
+
+    def decode(self, reduction: int) -> np.ndarray | None:
+        """The stored values at 1/2^r of the size; None if the decoder fails (the full decode then decides).
+
+        Pillow's OpenJPEG binding is used because it exposes the reduction (pydicom's plugins always decode every
+        pixel). It widens N-bit samples to 8 or 16 bits by a left shift (Jpeg2KDecode.c), undone here.
+        """
+        try:
+            with Image.open(io.BytesIO(self.codestream), formats=("JPEG2000",)) as image:
+                image.reduce = reduction
+                image.load()
+                mode, raw = image.mode, image.tobytes()
+        except Exception:
+            return None
+        dtype = {"L": np.uint8, "I;16": np.uint16}.get(mode)
+        shape = self.layout.reduced_shape(reduction)
+        if dtype is None or len(raw) != shape[0] * shape[1] * np.dtype(dtype).itemsize:
+            return None
+        values = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        shift = 8 * values.itemsize - self.layout.precision
+        if shift and np.bitwise_and(values[::16, ::16], (1 << shift) - 1).any():
+            return None  # not widened by a left shift (another Pillow): the full decode decides
+        return values >> shift  # a new, writable array
+
+    def pick(self, crop_shape: tuple[float, float], size: tuple[int, int], below: int | None = None) -> int:
+        """The coarsest usable level (under ``below``) at which the crop keeps ``MIN_OVERSAMPLING``; 0 if none."""
+        for reduction in sorted(self.usable, reverse=True):
+            if below is not None and reduction >= below:
+                continue
+            step = 1 << reduction
+            if _oversampling((crop_shape[0] / step, crop_shape[1] / step), size) >= MIN_OVERSAMPLING:
+                return reduction
+        return 0
+
+    def first_decode(self, ds: Dataset, size: tuple[int, int]) -> tuple[np.ndarray | None, int]:
+        """Pixels at the level that suits ``size`` and that level, or (None, 0) for a full decode. Never raises.
+
+        The level depends on the breast crop, which is only known after decoding, so a preview decoded at a deep
+        level (long side at least ``_PREVIEW_LONG_SIDE``; about 1 % of the cost of a full decode) finds it first.
+        """
+        try:
+            size = _check_size(size)
+            rows, columns = self.layout.rows, self.layout.columns
+            if self.pick((rows, columns), size) == 0:  # even the uncropped image is too small at the mildest level
+                return None, 0
+            previews = [r for r in self.usable if max(self.layout.reduced_shape(r)) >= _PREVIEW_LONG_SIDE]
+            if not previews:
+                return None, 0
+            preview_level = previews[-1]
+            preview = self.decode(preview_level)
+            if preview is None:
+                return None, 0
+            img01 = _unit_image(preview, ds, _photometric(preview, ds))[0]
+            y0, x0, y1, x1 = _crop_box(_analyse(img01), img01.shape, DEFAULT_MARGIN)
+            step = 1 << preview_level
+            reduction = self.pick((min(rows, (y1 - y0) * step), min(columns, (x1 - x0) * step)), size)
+            if reduction == 0:
+                return None, 0
+            pixels = preview if reduction == preview_level else self.decode(reduction)
+            return (pixels, reduction) if pixels is not None else (None, 0)
+        except Exception:  # a problem of the shortcut, not of the file: the full decode decides
+            return None, 0
+
+
+def _j2k_source(ds: Dataset) -> _J2KSource | None:
+    """The file as a reduced-decode candidate, or None (then it is decoded in full, as before).
+
+    Candidates: JPEG 2000 (lossless or not), one frame, one unsigned grayscale component of at most 16 bits whose
+    size matches Rows×Columns, image origin at 0. Anything else (colour, signed, odd headers) is decoded in full.
+    """
+    try:
+        if ds.file_meta.get("TransferSyntaxUID") not in (JPEG2000, JPEG2000Lossless):
+            return None
+        if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0:
+            return None
+        codestream = get_frame(ds.PixelData, 0, number_of_frames=1)
+        layout = _j2k_layout(codestream)
+    except Exception:
+        return None
+    if layout is None or layout.components != 1 or layout.signed or not 1 <= layout.precision <= 16:
+        return None
+    if (layout.rows, layout.columns) != (ds.get("Rows"), ds.get("Columns")):
+        return None
+    usable = layout.usable_reductions()
+    return _J2KSource(codestream, layout, usable) if usable else None
+
+
+def _oversampling(box_shape: tuple[float, float], size: tuple[int, int]) -> float:
+    """Source pixels per output pixel along the side that fills the output (the inverse of the resize scale)."""
+    return max(box_shape[0] / size[0], box_shape[1] / size[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,6 +554,11 @@ def apply_voi(values: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
     Returns:
         float32 values in [0, 1] and "voi_lut_sequence", "window" or "percentile_fallback".
     """
+    return _apply_voi(values, ds, overwrite=False)
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset | None, overwrite: bool) -> tuple[np.ndarray, str]:
+    """``apply_voi``; with ``overwrite`` a float32 ``values`` may be windowed in place (the caller owns it)."""
     if ds is not None:
         sequence = _first_item(ds, "VOILUTSequence")
         lut = _read_lut(sequence, ds) if sequence is not None else None
@@ -350,33 +572,44 @@ def apply_voi(values: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
         center, width = _first_float(ds, "WindowCenter"), _first_float(ds, "WindowWidth")
         function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
         if center is not None and width is not None:
-            windowed = _window(values, center, width, function)
+            windowed = _window(values, center, width, function, overwrite)
             if windowed is not None:
                 return windowed, "window"
-    return _percentile_window(values), "percentile_fallback"
+    return _percentile_window(values, overwrite), "percentile_fallback"
 
 
-def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray | None:
-    """Window to [0, 1] with the PS3.3 C.11.2.1.2/C.11.2.1.3 formulas (y_min = 0, y_max = 1); None if invalid."""
-    out = values.astype(np.float32, copy=True)
+def _writable_float32(values: np.ndarray, overwrite: bool) -> np.ndarray:
+    """``values`` itself when the caller lets it be overwritten (and it is a writable, C-contiguous float32
+    array), else a C-contiguous float32 copy."""
+    if overwrite and values.dtype == np.float32 and values.flags.writeable and values.flags.c_contiguous:
+        return values
+    return np.array(values, dtype=np.float32, order="C", copy=True)
+
+
+def _window(
+    values: np.ndarray, center: float, width: float, function: str, overwrite: bool = False
+) -> np.ndarray | None:
+    """Window to [0, 1] with the PS3.3 C.11.2.1.2/C.11.2.1.3 formulas (y_min = 0, y_max = 1); None if invalid.
+
+    Every None comes before ``values`` is touched, so the percentile fallback can still use them.
+    """
+    if width <= 0 or (function not in ("SIGMOID", "LINEAR_EXACT") and width < 1):
+        return None
+    out = _writable_float32(values, overwrite)
     if function == "SIGMOID":
-        if width <= 0:
-            return None
         out -= np.float32(center)
         out *= np.float32(-4.0 / width)
-        with np.errstate(over="ignore"):  # exp overflows to inf far below the window, giving exactly 0
-            np.exp(out, out=out)
+        # OpenCV's exp: 6 ms instead of numpy's 28 ms on 13.6 Mpixels (one core), within 3e-7 relative. Far below
+        # the window it overflows to inf like numpy's, giving exactly 0.
+        flat = out.reshape(1, -1)  # a view: ``out`` is C-contiguous (``_writable_float32``)
+        cv2.exp(flat, dst=flat)
         out += np.float32(1.0)
         np.reciprocal(out, out=out)
         return out
     if function == "LINEAR_EXACT":
-        if width <= 0:
-            return None
         out -= np.float32(center - width / 2.0)
         out *= np.float32(1.0 / width)
     else:  # LINEAR, also for unknown function names (C.11.2.1.2 is the default)
-        if width < 1:
-            return None
         if width == 1:  # the two cut-offs coincide: a step at center - 0.5
             return (out > np.float32(center - 0.5)).astype(np.float32)
         out -= np.float32(center - 0.5 - (width - 1) / 2.0)
@@ -385,7 +618,7 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return out
 
 
-def _percentile_window(values: np.ndarray) -> np.ndarray:
+def _percentile_window(values: np.ndarray, overwrite: bool = False) -> np.ndarray:
     stride = max(1, int(math.sqrt(values.size / _PERCENTILE_SAMPLE)))
     sample = values[::stride, ::stride] if values.ndim == 2 else values.ravel()[:: stride * stride]
     sample = sample[np.isfinite(sample)]
@@ -397,7 +630,7 @@ def _percentile_window(values: np.ndarray) -> np.ndarray:
         low, high = float(np.nanmin(values)), float(np.nanmax(values))
     if not high > low:
         return np.zeros(values.shape, np.float32)
-    out = values.astype(np.float32, copy=True)
+    out = _writable_float32(values, overwrite)
     out -= np.float32(low)
     out *= np.float32(1.0 / (high - low))
     np.clip(out, 0.0, 1.0, out=out)  # NaN input stays NaN here; to_uint16 maps it to 0
@@ -414,7 +647,13 @@ def invert_if_monochrome1(values01: np.ndarray, photometric: str | None) -> tupl
     Returns:
         The (possibly inverted) values and whether they were inverted.
     """
+    return _invert_if_monochrome1(values01, photometric, overwrite=False)
+
+
+def _invert_if_monochrome1(values01: np.ndarray, photometric: str | None, overwrite: bool) -> tuple[np.ndarray, bool]:
     if str(photometric or "").strip().upper() == "MONOCHROME1":
+        if overwrite and values01.dtype == np.float32 and values01.flags.writeable:
+            return np.subtract(np.float32(1.0), values01, out=values01), True
         return np.float32(1.0) - values01.astype(np.float32, copy=False), True
     return values01, False
 
@@ -555,7 +794,20 @@ def _largest_region(small: np.ndarray, threshold: float, kernel: np.ndarray) -> 
     component = (labels == largest).astype(np.uint8)
     # Restore the breast's own edge pixels that the opening removed, without re-attaching distant strips.
     restored = (component | (binary & cv2.dilate(component, kernel))).astype(bool)
-    return ndimage.binary_fill_holes(restored)
+    return _fill_holes(restored)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Set every background pixel that the image border cannot reach (4-connected) to True.
+
+    The same result as ``scipy.ndimage.binary_fill_holes`` with its default structure, by one OpenCV flood fill
+    from a one-pixel frame around the mask: 0.3 ms instead of 8 ms on a 512×416 mask, which ran twice per image.
+    """
+    height, width = mask.shape
+    framed = np.zeros((height + 2, width + 2), dtype=np.uint8)
+    framed[1:-1, 1:-1] = mask
+    cv2.floodFill(framed, np.zeros((height + 4, width + 4), dtype=np.uint8), (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def _otsu_threshold(values: np.ndarray, bins: int = 1024) -> float:
@@ -802,12 +1054,37 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
 
 
+def _photometric(gray: np.ndarray, ds: Dataset | None) -> str:
+    if ds is not None:
+        return str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
+    return {np.dtype(np.uint8): "PNG8", np.dtype(np.uint16): "PNG16"}.get(gray.dtype, "MONOCHROME2")
+
+
+def _unit_image(gray: np.ndarray, ds: Dataset | None, photometric: str) -> tuple[np.ndarray, str, str, bool]:
+    """Modality LUT, VOI (or fallback) and MONOCHROME1 inversion: the image in [0, 1], bright anatomy bright.
+
+    The modality step always returns a new float32 array, so the VOI window and the inversion work on it in place:
+    on a 13.6 Mpixel image each avoided copy saves a 54 MB allocation (about 10 ms of page faults) and a pass.
+    """
+    values, modality = apply_modality_lut(gray, ds)
+    if ds is None and photometric == "PNG8":
+        values *= np.float32(1.0 / 255.0)
+        img01, voi = values, "window"
+    else:
+        img01, voi = _apply_voi(values, ds, overwrite=True)
+    del values
+    img01, inverted = _invert_if_monochrome1(img01, photometric, overwrite=True)
+    return img01, modality, voi, inverted
+
+
 def preprocess_array(
     pixels: np.ndarray,
     ds_or_none: Dataset | None,
     size: tuple[int, int],
     laterality: str | None = None,
     photometric: str | None = None,
+    *,
+    decode_reduction: int = 0,
 ) -> tuple[np.ndarray, Provenance]:
     """Run the whole pipeline on decoded pixels.
 
@@ -823,6 +1100,9 @@ def preprocess_array(
         photometric: Overrides the dataset's Photometric Interpretation. Without a dataset it defaults to
             "PNG8" for uint8 input (taken as already windowed: its full 0–255 range is the window), "PNG16" for
             uint16 input (percentile fallback) and "MONOCHROME2" otherwise.
+        decode_reduction: The pixels were decoded with this many JPEG 2000 resolution levels discarded (1/2^r of
+            the stored size; see ``preprocess_file``). The provenance then gives the size and the crop box in
+            stored pixels (Rows×Columns of ``ds_or_none``, which is required).
 
     Returns:
         The uint16 image of shape ``size`` and its ``Provenance``.
@@ -832,22 +1112,13 @@ def preprocess_array(
     if gray.size == 0:
         raise ValueError("empty image")
     ds = ds_or_none
-    if photometric is None:
-        if ds is not None:
-            photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
-        else:
-            photometric = {np.dtype(np.uint8): "PNG8", np.dtype(np.uint16): "PNG16"}.get(gray.dtype, "MONOCHROME2")
+    if decode_reduction < 0 or (decode_reduction and ds is None):
+        raise ValueError(f"decode_reduction {decode_reduction} needs a dataset and must be at least 0")
+    photometric = photometric if photometric is not None else _photometric(gray, ds)
     if gray.dtype.kind == "f" and not np.isfinite(gray).all():
         gray = np.nan_to_num(gray, nan=0.0, posinf=0.0, neginf=0.0)
 
-    values, modality = apply_modality_lut(gray, ds)
-    if ds is None and photometric == "PNG8":
-        img01, voi = values * np.float32(1.0 / 255.0), "window"
-    else:
-        img01, voi = apply_voi(values, ds)
-    del values
-    img01, inverted = invert_if_monochrome1(img01, photometric)
-
+    img01, modality, voi, inverted = _unit_image(gray, ds, photometric)
     analysis = _analyse(img01)
     y0, x0, y1, x1 = _crop_box(analysis, img01.shape, DEFAULT_MARGIN)
 
@@ -858,34 +1129,50 @@ def preprocess_array(
     flip, laterality_source = _decide_flip(_side_score(analysis), given, given_by)
 
     resized = _resize_keep_aspect(img01[y0:y1, x0:x1], size)
+    del img01
     if flip:
         resized = resized[:, ::-1]
     out = to_uint16(_pad_left_anchored(resized, size))
+    height, width = int(gray.shape[0]), int(gray.shape[1])
+    if decode_reduction:
+        # Reduced pixel i covers stored pixels [i·2^r, (i+1)·2^r); the last one may be partial.
+        step = 1 << decode_reduction
+        height, width = int(ds.Rows), int(ds.Columns)
+        y0, x0, y1, x1 = y0 * step, x0 * step, min(height, y1 * step), min(width, x1 * step)
     provenance = Provenance(
         source_format="dicom" if ds is not None else "png",
         photometric=photometric,
         modality_lut=modality,
         voi=voi,
         inverted=inverted,
-        original_height=int(gray.shape[0]),
-        original_width=int(gray.shape[1]),
+        original_height=height,
+        original_width=width,
         crop_box=(int(y0), int(x0), int(y1), int(x1)),
         breast_found=analysis.found,
         flipped=flip,
         laterality_source=laterality_source,
+        decode_reduction=int(decode_reduction),
     )
     return out, provenance
 
 
 def preprocess_file(
-    path: str | Path, size: tuple[int, int], laterality: str | None = None
+    path: str | Path, size: tuple[int, int], laterality: str | None = None, *, reduced_decode: bool = True
 ) -> tuple[np.ndarray, Provenance]:
     """Decode a DICOM or PNG file and run ``preprocess_array`` on it.
+
+    A JPEG 2000 file is decoded at reduced resolution when the output is small enough: the coarsest wavelet level
+    at which the breast crop still has ``MIN_OVERSAMPLING`` stored pixels per output pixel (along the side that
+    fills the output). The level is chosen from the crop found on a cheap preview and checked against the crop
+    found on the decoded pixels; if that crop is smaller than the preview suggested, the image is decoded again at a
+    finer level, so the final resize never enlarges because of the reduction. ``Provenance.decode_reduction`` says
+    which level was used (0: full resolution).
 
     Args:
         path: The file.
         size: (H, W) of the output.
         laterality: "L"/"R" from the manifest, or None to use the header, then the image.
+        reduced_decode: Allow the reduced-resolution JPEG 2000 decode; False always decodes every pixel.
 
     Returns:
         The uint16 image of shape ``size`` and its ``Provenance``.
@@ -893,8 +1180,42 @@ def preprocess_file(
     Raises:
         ImageReadError: For any file that cannot be decoded or preprocessed, naming the file and the reason.
     """
-    pixels, ds = decode(path)
+    path = Path(path)
+    pixels, ds = _open(path)
+    source = _j2k_source(ds) if ds is not None and reduced_decode else None
+    if source is not None:
+        reduced = _preprocess_reduced(source, ds, size, laterality)
+        if reduced is not None:
+            return reduced
+    if pixels is None:
+        pixels = _dicom_pixels(path, ds)
     try:
         return preprocess_array(pixels, ds, size, laterality=laterality)
     except Exception as exc:
         raise ImageReadError(path, f"preprocessing failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _preprocess_reduced(
+    source: _J2KSource, ds: Dataset, size: tuple[int, int], laterality: str | None
+) -> tuple[np.ndarray, Provenance] | None:
+    """``preprocess_file``'s reduced-resolution path; None where the full decode must decide. Never raises.
+
+    Any failure here (decoder, header, preprocessing of the reduced pixels) is a problem of the shortcut, not a
+    verdict on the file, so the caller decodes every pixel and reports that decode's error, if any.
+    """
+    try:
+        pixels, reduction = source.first_decode(ds, size)
+        size = _check_size(size)
+        while reduction and pixels is not None:
+            out, provenance = preprocess_array(pixels, ds, size, laterality=laterality, decode_reduction=reduction)
+            y0, x0, y1, x1 = provenance.crop_box
+            step = 1 << reduction
+            if _oversampling(((y1 - y0) / step, (x1 - x0) / step), size) >= MIN_OVERSAMPLING:
+                return out, provenance
+            # The crop on the decoded pixels is smaller than the preview's: decode finer (rare). Each pass lowers
+            # the level, so this ends.
+            reduction = source.pick((y1 - y0, x1 - x0), size, below=reduction)
+            pixels = source.decode(reduction) if reduction else None
+    except Exception:
+        pass
+    return None

@@ -192,6 +192,10 @@ def test_malformed_file_is_reported_and_the_threshold_stops_the_run(ray_session,
     assert "MG1_JPLY" not in set(merged["image_id"])
     real_row = merged[merged["image_id"] == "MG1_J2KI"]
     assert real_row["prep_original_height"].item() == 4664 and real_row["prep_breast_found"].item()
+    # The JPEG 2000 film is decoded at reduced resolution for 32×24 output; the synthetic files are uncompressed.
+    assert real_row["prep_decode_reduction"].item() > 0
+    assert (merged.loc[merged["image_id"] != "MG1_J2KI", "prep_decode_reduction"] == 0).all()
+    assert merged["prep_decode_reduction"].dtype == np.int64
     assert _tree_digest(testdata) == before
 
 
@@ -450,6 +454,69 @@ def test_training_subsets_are_patient_level_and_seeded(flags, kept_patients) -> 
 def test_bad_flags_are_refused_before_ray(flags) -> None:
     with pytest.raises(ValueError):
         prepare.plan(_big_table(), _args(*flags))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shard size and the reduced JPEG 2000 decode
+
+
+@pytest.mark.parametrize(
+    ("n_images", "shard_size", "shards"),
+    [
+        (1, 1, 1),
+        (6, 1, 6),  # a handful of images: one per shard, so every core gets one
+        (16, 1, 16),
+        (48, 3, 16),  # at least 16 shards while shards are small
+        (64, 4, 16),
+        (300, 4, 75),  # the case fixed 256-image shards served badly: 256 + 44 on two tasks
+        (10_000, 79, 127),  # about 128 shards
+        (100_000, 256, 391),  # capped at 256 images
+    ],
+)
+def test_auto_shard_size(n_images, shard_size, shards) -> None:
+    assert prepare.auto_shard_size(n_images) == shard_size
+    assert -(-n_images // shard_size) == shards
+
+
+def test_shard_size_and_decode_flags() -> None:
+    args = _args()
+    assert args.shard_size is None and args.full_resolution_decode is False  # automatic size, reduced decode
+    args = _args("--shard-size", "32", "--full-resolution-decode")
+    assert args.shard_size == 32 and args.full_resolution_decode is True
+    with pytest.raises(ValueError):
+        prepare.plan(_big_table(), _args("--shard-size", "0"))
+
+
+@pytest.mark.slow
+def test_full_resolution_decode_builds_its_own_cache(ray_session, testdata, tmp_path) -> None:
+    table = pd.DataFrame(
+        {
+            "image_id": ["MG1", "RG3"],
+            "path": [str(testdata / "MG1_J2KI.dcm"), str(testdata / "RG3_J2KR.dcm")],
+            "label": [1, 0],
+            "patient_id": ["p1", "p2"],
+            "exam_id": ["e1", "e2"],
+            "laterality": ["L", "R"],
+            "view": ["MLO", "CC"],
+            "dataset": ["NEMA", "NEMA"],
+            "split": ["train", "train"],
+        }
+    )
+    out = tmp_path / "prepared"
+    reduced = prepare.prepare_table(table, out, size=SIZE, progress=False)
+    full = prepare.prepare_table(table, out, size=SIZE, progress=False, reduced_decode=False)
+    assert reduced.cache_dir != full.cache_dir and full.shards_reused == 0  # the decode is part of the cache key
+    assert (reduced.shard_size, reduced.shards_total) == (1, 2)  # two images, two shards: both cores work
+    frames = {name: pd.read_parquet(result.paths["train"]) for name, result in (("reduced", reduced), ("full", full))}
+    assert (frames["reduced"]["prep_decode_reduction"] > 0).all()
+    assert (frames["full"]["prep_decode_reduction"] == 0).all()
+    for name, reduced_decode in (("reduced", True), ("full", False)):
+        for row in frames[name].itertuples(index=False):
+            cached = cache.read_image(
+                str(out / row.cache_file), row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width
+            )
+            expected, _ = imaging.preprocess_file(row.path, SIZE, row.laterality, reduced_decode=reduced_decode)
+            np.testing.assert_array_equal(cached, expected)
 
 
 # --------------------------------------------------------------------------------------------------------

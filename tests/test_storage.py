@@ -353,3 +353,35 @@ def test_check_reachable(s3) -> None:
     storage.check_reachable("/any/local/path")  # local paths are Ray's and the file system's business
     with pytest.raises(storage.StorageError, match=r"s3://nobucket/x\?\S+: bucket 'nobucket' does not exist"):
         storage.check_reachable(s3.uri("nobucket/x", credentials=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# A multi-node cluster without --storage is refused (ray.nodes() stubbed: no Ray started here).
+
+
+@pytest.mark.parametrize(
+    ("address", "storage_arg", "alive", "refused"),
+    [
+        ("auto", None, 2, True),
+        ("ray://head:10001", None, 3, True),
+        ("auto", None, 1, False),  # one node: the local results folder is that node's disk
+        ("auto", "s3://runs/mammo-ray", 2, False),
+        (None, None, 2, False),  # a local Ray started by tune itself
+    ],
+)
+def test_multi_node_cluster_without_storage_is_refused(monkeypatch, address, storage_arg, alive, refused) -> None:
+    import argparse
+
+    import ray
+
+    from mammo_ray import tune
+
+    nodes = [{"Alive": True}] * alive + [{"Alive": False}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    args = argparse.Namespace(address=address, storage=storage_arg, results="results")
+    if not refused:
+        tune.check_storage(args)
+        return
+    with pytest.raises(ValueError, match=rf"has {alive} nodes but results would go to the local folder results: "
+                                         r"pass --storage s3://…, gs://…"):  # fmt: skip
+        tune.check_storage(args)

@@ -503,11 +503,14 @@ def test_full_resolution_decode_builds_its_own_cache(ray_session, testdata, tmp_
         }
     )
     out = tmp_path / "prepared"
+    # Both runs write the manifests to the same --out, so each is read before the next run replaces it.
+    frames = {}
     reduced = prepare.prepare_table(table, out, size=SIZE, progress=False)
+    frames["reduced"] = pd.read_parquet(reduced.paths["train"])
     full = prepare.prepare_table(table, out, size=SIZE, progress=False, reduced_decode=False)
+    frames["full"] = pd.read_parquet(full.paths["train"])
     assert reduced.cache_dir != full.cache_dir and full.shards_reused == 0  # the decode is part of the cache key
     assert (reduced.shard_size, reduced.shards_total) == (1, 2)  # two images, two shards: both cores work
-    frames = {name: pd.read_parquet(result.paths["train"]) for name, result in (("reduced", reduced), ("full", full))}
     assert (frames["reduced"]["prep_decode_reduction"] > 0).all()
     assert (frames["full"]["prep_decode_reduction"] == 0).all()
     for name, reduced_decode in (("reduced", True), ("full", False)):

@@ -127,7 +127,6 @@ def _optuna_trials(db: Path, study: str) -> pd.DataFrame:
 # 1. A node dies in the middle of a run: max_failures restarts the worker from the last checkpoint.
 
 
-@pytest.mark.slow
 def test_node_failure_restarts_from_last_checkpoint(tmp_path, ray_env):
     work = tmp_path / "work"
     work.mkdir()
@@ -193,7 +192,6 @@ def _stop(proc: subprocess.Popen, grace: float = 45.0) -> None:
     proc.wait()
 
 
-@pytest.mark.slow
 def test_resume_continues_an_interrupted_sweep(prepared_data, tmp_path, ray_env):
     results = tmp_path / "results"
     name = "resume"
@@ -272,7 +270,6 @@ def test_resume_continues_an_interrupted_sweep(prepared_data, tmp_path, ray_env)
 # 3. A trial that fails for good is recorded with its reason, and the sweep goes on.
 
 
-@pytest.mark.slow
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path, ray_env):
     space = config.load("demo").to_dict()
     space["search"].update(searcher="random", scheduler="fifo", num_samples=1)

@@ -293,7 +293,7 @@ def test_sweep_files_for_a_uri_experiment_go_to_both_homes_without_credentials(s
 def s3_sweep(ray_session, prepared_data, s3, tmp_path_factory):
     """A one-trial smoke sweep with manifests, pixel cache and --storage on S3; the driver's outputs stay local.
 
-    About 60 s on 2 CPUs (Tune, Train and Ray Data start-up dominate), hence ``slow``.
+    About 30-60 s on 2 CPUs (Tune, Train and Ray Data start-up dominate); CI runs it (issue 7 asks for it there).
     """
     root = tmp_path_factory.mktemp("s3sweep")
     s3.upload(Path(prepared_data["train"]).parent, "data/prep")
@@ -309,7 +309,6 @@ def s3_sweep(ray_session, prepared_data, s3, tmp_path_factory):
     return {"out": root / "results" / "s3smoke", "data_before": data_before, "experiment": "runs/mammo-ray/s3smoke"}
 
 
-@pytest.mark.slow
 def test_s3_sweep_keeps_checkpoints_on_the_bucket_and_driver_outputs_local(s3, s3_sweep, prepared_data, capsys):
     out, experiment = s3_sweep["out"], s3_sweep["experiment"]
     # The driver's folder: SQLite study, leaderboard, plots, the exported bundle, and where the rest went.
@@ -350,7 +349,6 @@ def test_s3_sweep_keeps_checkpoints_on_the_bucket_and_driver_outputs_local(s3, s
     assert s3.files("data/prep") == s3_sweep["data_before"]  # nothing written into the data folder
 
 
-@pytest.mark.slow
 def test_export_reexports_an_s3_sweep_from_the_uri_and_from_the_pointer(s3, s3_sweep, tmp_path):
     from mammo_ray import export
 

@@ -71,49 +71,61 @@ def train_ingest_options():
     return make_options() if make_options is not None else DataConfig.default_ingest_options()
 
 
-def run_ours(dataset, n_rows: int, batch_size: int, epochs: int) -> dict:
-    """Warm-up epoch, then ``epochs`` timed epochs of ``ceil(n / B)`` batches from a CyclingStream."""
+def run_ours(dataset, n_rows: int, batch_size: int, epochs: int, warmup_s: float) -> dict:
+    """Warm-up epochs (at least one, and at least ``warmup_s`` seconds), then ``epochs`` timed epochs of
+    ``ceil(n / B)`` batches from a CyclingStream."""
+    import torch
+
     from mammo_ray import data
 
-    stream = data.CyclingStream(dataset, chunk_size=max(4, batch_size // 2))
+    stream = data.CyclingStream(dataset, chunk_size=batch_size)  # as train.train_loop_per_worker
     steps = math.ceil(n_rows / batch_size)
-    warm_start = time.perf_counter()
-    for _ in range(steps):
-        stream.take(batch_size)
-    warmup_s = time.perf_counter() - warm_start
-    images, shape = 0, None
-    start = time.perf_counter()
-    for _ in range(epochs * steps):
-        batch = stream.take(batch_size)
-        shape = batch["image"].shape
-        images += shape[0]
-    elapsed = time.perf_counter() - start
-    return {
-        "images": images,
-        "seconds": elapsed,
-        "images_per_s": images / elapsed,
-        "warmup_s": warmup_s,
-        "shape": shape,
-    }
+
+    def epoch() -> tuple[int, tuple]:
+        images, shape = 0, None
+        for _ in range(steps):
+            batch = stream.take(batch_size)
+            # What the training loop does with it (train._to_tensor on CPU): uint16 -> normalised float32.
+            tensor = data.to_model_input(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+            shape = tuple(tensor.shape)
+            images += shape[0]
+        return images, shape
+
+    return _timed(epoch, epochs, warmup_s) | {"passes": stream.passes}
 
 
-def run_baseline(loader, epochs: int) -> dict:
-    warm_start = time.perf_counter()
-    for _ in loader:
-        pass
-    warmup_s = time.perf_counter() - warm_start
-    images, shape = 0, None
-    start = time.perf_counter()
-    for _ in range(epochs):
+def run_baseline(loader, epochs: int, warmup_s: float) -> dict:
+    def epoch() -> tuple[int, tuple]:
+        images, shape = 0, None
         for images_batch, _labels in loader:
             shape = tuple(images_batch.shape)
             images += shape[0]
+        return images, shape
+
+    return _timed(epoch, epochs, warmup_s)
+
+
+def _timed(epoch, epochs: int, warmup_s: float) -> dict:
+    warm_start, warm_epochs = time.perf_counter(), 0
+    while warm_epochs == 0 or time.perf_counter() - warm_start < warmup_s:
+        epoch()
+        warm_epochs += 1
+    warm_elapsed = time.perf_counter() - warm_start
+    images, shape, per_epoch = 0, None, []
+    start = time.perf_counter()
+    for _ in range(epochs):
+        began = time.perf_counter()
+        n, shape = epoch()
+        images += n
+        per_epoch.append(round(n / (time.perf_counter() - began), 1))
     elapsed = time.perf_counter() - start
     return {
         "images": images,
         "seconds": elapsed,
         "images_per_s": images / elapsed,
-        "warmup_s": warmup_s,
+        "warmup_s": warm_elapsed,
+        "warmup_epochs": warm_epochs,
+        "epoch_images_per_s": per_epoch,
         "shape": shape,
     }
 
@@ -124,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth-size", type=int, nargs=2, metavar=("H", "W"), help="stored DICOM size")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="training size of the cache")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, help="timed epochs after the warm-up (quick 5, full 4)")
-    parser.add_argument("--repeats", type=int, help="alternating ours/baseline rounds (quick 2, full 3)")
+    parser.add_argument("--epochs", type=int, help="timed epochs after the warm-up (quick 20, full 8)")
+    parser.add_argument(
+        "--warmup-s", type=float, default=3.0, help="untimed warm-up per round: whole epochs, at least this long"
+    )
+    parser.add_argument("--repeats", type=int, help="alternating ours/baseline rounds (quick 3, full 3)")
     parser.add_argument("--workers", type=int, help="Ray CPUs = DataLoader workers (default: the cores)")
     parser.add_argument(
         "--load-batch-size", type=int, default=32, help="rows per map_batches call (data.load_batch_size)"
@@ -135,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     patients = args.patients or (60 if args.quick else 400)
     synth_size = tuple(args.synth_size or ((512, 416) if args.quick else (1024, 832)))
     image_size = tuple(args.image_size or ((512, 256) if args.quick else (1024, 512)))
-    epochs = args.epochs or (5 if args.quick else 4)
-    repeats = args.repeats or (2 if args.quick else 3)
+    epochs = args.epochs or (20 if args.quick else 8)
+    repeats = args.repeats or 3
     workers = args.workers or common.cores()
 
     num_cpus = common.start_ray(workers)
@@ -155,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         shuffle_seed=0,
         augment_images=False,
         load_batch_size=args.load_batch_size,
+        # As data.training_datasets sizes a trial's passes: one pass covers the run (here the warm-up, of up to
+        # 20 epochs, and the timed epochs).
+        epochs_per_pass=data.epochs_per_pass(
+            n_rows, (epochs + 20) * math.ceil(n_rows / args.batch_size) * args.batch_size
+        ),
     )
     # A Train worker's dataset runs with the trainer's ingest options (train.make_trainer passes them through
     # DataConfig; today they add preserve_order for a reproducible order), so the driver uses the same.
@@ -173,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ours_runs, base_runs = [], []
     for round_number in range(repeats):
-        ours_runs.append(run_ours(dataset, n_rows, args.batch_size, epochs))
-        base_runs.append(run_baseline(loader, epochs))
+        ours_runs.append(run_ours(dataset, n_rows, args.batch_size, epochs, args.warmup_s))
+        base_runs.append(run_baseline(loader, epochs, args.warmup_s))
         print(
             f"round {round_number + 1}/{repeats}: ours {ours_runs[-1]['images_per_s']:.1f} images/s, "
             f"DataLoader {base_runs[-1]['images_per_s']:.1f} images/s",
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": list(image_size),
         "batch_size": args.batch_size,
         "timed_epochs": epochs,
-        "warmup": "first epoch of each round not timed",
+        "warmup": f"whole epochs, at least one and at least {args.warmup_s} s, of each round not timed",
         "repeats": repeats,
         "statistic": "median over rounds" if repeats > 1 else "single round",
         "ray_num_cpus": num_cpus,
@@ -204,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             "locality_with_output": options.locality_with_output,
             "resource_limits": str(options.resource_limits),
         },
-        "ours_path": "data.make_dataset(shuffle_seed=0) -> data.CyclingStream.take(B) (iter_batches numpy, prefetch 2)",
+        "ours_path": (
+            "data.make_dataset(shuffle_seed=0, epochs_per_pass) -> data.CyclingStream.take(B) (iter_batches numpy, "
+            "prefetch 2, uint16) -> data.to_model_input"
+        ),
         "baseline_path": "DataLoader(shuffle, persistent forkserver workers) over cache.read_image + same normalisation",
         "cache_mib": round(cache_bytes / 2**20, 1),
         "delivered_batch_shape": list(ours_runs[0]["shape"]),
@@ -212,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = {
         "ours_rounds": [round(r["images_per_s"], 2) for r in ours_runs],
         "baseline_rounds": [round(r["images_per_s"], 2) for r in base_runs],
-        "ours_warmup_epoch_s": round(ours_runs[0]["warmup_s"], 2),
-        "baseline_warmup_epoch_s": round(base_runs[0]["warmup_s"], 2),
+        "ours_warmup_s": [round(r["warmup_s"], 2) for r in ours_runs],
+        "baseline_warmup_s": [round(r["warmup_s"], 2) for r in base_runs],
+        "ours_passes_per_round": [r["passes"] for r in ours_runs],
+        "ours_epoch_images_per_s": [r["epoch_images_per_s"] for r in ours_runs],
+        "baseline_epoch_images_per_s": [r["epoch_images_per_s"] for r in base_runs],
     }
     del loader
     common.finish(

@@ -9,9 +9,15 @@ class-aware samplers), and ``valid_{rank}``. Every image belongs to exactly one 
 * a sampler can draw any number of positives and negatives per batch from two streams, and cycle a
   stream without waiting on other ranks.
 
-Only the small metadata rows are shuffled (a new seeded order each time Train re-executes the
-dataset); the pixels are read afterwards, by random access into the cache, inside ``map_batches``
-tasks that stream to the workers. Without a cache the same tasks decode the files themselves.
+Only the small metadata rows are shuffled; the pixels are read afterwards, by random access into the
+cache, inside ``map_batches`` tasks that stream to the workers. Without a cache the same tasks decode
+the files themselves. One execution (pass) of a training dataset holds several epochs' worth of rows,
+each copy of the rows in its own seeded order (``epochs_per_pass``), because every pass costs a
+restart of Ray Data's streaming executor, and a stream that restarts once per epoch (or, for the
+positives of a class-aware sampler, several times per epoch) waits on it each time.
+
+Images travel as uint16 (N, 1, H, W), half the bytes of float32 through the object store and the
+host-to-device copy; :func:`to_model_input` scales and normalises them on the consumer's device.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ def resize_uint16(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def decode_rows(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool) -> np.ndarray:
-    """Pixels of a batch of manifest rows as float32 (N, H, W) in [0, 1]."""
+def decode_rows_uint16(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool) -> np.ndarray:
+    """Pixels of a batch of manifest rows as uint16 (N, H, W), as the cache holds them."""
     if use_cache and "cache_file" in batch:
         images = cache.read_images(batch)
     else:
@@ -53,13 +59,37 @@ def decode_rows(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_c
         for path, laterality in zip(batch["path"], batch["laterality"], strict=True):
             side = laterality if laterality in ("L", "R") else None
             images.append(imaging.preprocess_file(path, size=tuple(image_size), laterality=side)[0])
-    stacked = np.stack([resize_uint16(img, image_size) for img in images])
-    return stacked.astype(np.float32) / PIXEL_SCALE
+    return np.stack([resize_uint16(img, image_size) for img in images])
+
+
+def decode_rows(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool) -> np.ndarray:
+    """Pixels of a batch of manifest rows as float32 (N, H, W) in [0, 1]."""
+    return decode_rows_uint16(batch, image_size, use_cache).astype(np.float32) / PIXEL_SCALE
 
 
 def normalise(images01: np.ndarray) -> np.ndarray:
     """float32 (N, H, W) in [0, 1] → model input (N, 1, H, W)."""
     return ((images01 - MEAN) / STD)[:, None, :, :].astype(np.float32, copy=False)
+
+
+def quantise(images01: np.ndarray) -> np.ndarray:
+    """float32 (N, H, W) in [0, 1] → uint16 (N, 1, H, W), the form batches travel in (step 1/65535)."""
+    scaled = np.clip(images01, 0.0, 1.0) * np.float32(PIXEL_SCALE) + np.float32(0.5)
+    return scaled.astype(np.uint16)[:, None, :, :]
+
+
+def to_model_input(images):
+    """A uint16 batch tensor (N, 1, H, W) from :func:`load_batch` → normalised float32, on its device.
+
+    Float tensors pass through unchanged (already model input)."""
+    import torch
+
+    if images.dtype.is_floating_point:
+        return images
+    if images.dtype != torch.uint16:
+        raise TypeError(f"image batches are uint16 or float, got {images.dtype}")
+    scale = 1.0 / (PIXEL_SCALE * STD)
+    return images.to(torch.float32).mul_(scale).sub_(MEAN / STD)
 
 
 def load_batch(
@@ -71,20 +101,22 @@ def load_batch(
     seed: int = 0,
     positive_strength: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """The ``map_batches`` function: metadata rows in, model-ready images plus metadata out."""
+    """The ``map_batches`` function: metadata rows in, uint16 images (see :func:`quantise`) plus metadata out."""
     import cv2
 
     cv2.setNumThreads(1)  # one Ray Data task per CPU: OpenCV's own thread pool would oversubscribe it
-    images = decode_rows(batch, image_size, use_cache)
+    pixels = decode_rows_uint16(batch, image_size, use_cache)
     labels = batch["label"].astype(np.int64)
+    out = {column: batch[column] for column in manifest.STREAM_COLUMNS if column in batch and column != "path"}
     if augment_images:
         # The batch's order changes with every seeded per-epoch shuffle, so salting the per-image seed
         # with it gives a new, reproducible draw each epoch.
         salt = zlib.crc32("|".join(map(str, batch["image_id"])).encode())
         seeds = np.array([augment.row_seed(seed, image_id, salt) for image_id in batch["image_id"]])
-        images = augment.augment_images(images, labels, seeds, positive_strength)
-    out = {column: batch[column] for column in manifest.STREAM_COLUMNS if column in batch and column != "path"}
-    out["image"] = normalise(images)
+        images = augment.augment_images(pixels.astype(np.float32) / PIXEL_SCALE, labels, seeds, positive_strength)
+        out["image"] = quantise(images)
+    else:
+        out["image"] = pixels[:, None]  # the cached values themselves: no float round trip
     out["label"] = labels.astype(np.float32)
     return out
 
@@ -106,24 +138,33 @@ def make_dataset(
     augment_seed: int = 0,
     positive_strength: float = 1.0,
     load_batch_size: int = 32,
+    epochs_per_pass: int = 1,
 ):
     """One streamed dataset over ``frame``'s rows.
 
     Args:
-        shuffle_seed: when set, each execution (epoch) shuffles the metadata rows in a new order
-            derived from this seed (``RandomSeedConfig(reseed_after_execution=True)``).
+        shuffle_seed: when set, the metadata rows are shuffled in an order derived from this seed.
+        epochs_per_pass: with ``shuffle_seed``, one execution yields this many copies of the rows, each
+            in its own seeded order, so that a consumer sees every row once before any row twice and
+            the executor restarts once per ``epochs_per_pass`` epochs. A re-execution repeats the
+            same sequence (as a re-run with the same seed would).
     """
     import ray.data
 
     use_cache = use_cache and manifest.has_cache(frame)
     rows = frame[_metadata_columns(frame, use_cache)].reset_index(drop=True)
+    if epochs_per_pass < 1:
+        raise ValueError(f"epochs_per_pass must be at least 1, got {epochs_per_pass}")
+    if shuffle_seed is not None:
+        orders = [
+            np.random.default_rng([int(shuffle_seed), copy]).permutation(len(rows)) for copy in range(epochs_per_pass)
+        ]
+        rows = rows.iloc[np.concatenate(orders)].reset_index(drop=True) if len(rows) else rows
     # Several blocks let a multi-CPU node load pixels in parallel; metadata blocks are tiny.
     blocks = max(1, min(64, len(rows) // max(1, load_batch_size * 4)))
     # Split into blocks here: from_pandas(override_num_blocks=...) breaks on pandas 3 frames (Ray 2.60).
     bounds = np.linspace(0, len(rows), blocks + 1).astype(int)
     dataset = ray.data.from_pandas([rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])
-    if shuffle_seed is not None:
-        dataset = dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=int(shuffle_seed)))
     fn = partial(
         load_batch,
         image_size=tuple(image_size),
@@ -133,6 +174,18 @@ def make_dataset(
         positive_strength=positive_strength,
     )
     return dataset.map_batches(fn, batch_size=load_batch_size, batch_format="numpy")
+
+
+# Most metadata rows one pass of a training stream holds: a few tens of MB in the object store. Past that,
+# restarts are rare enough not to matter.
+PASS_ROWS = 200_000
+
+
+def epochs_per_pass(n_rows: int, rows_needed: int | None) -> int:
+    """Copies of an ``n_rows`` stream per pass so that one pass yields ``rows_needed`` rows (capped)."""
+    if not rows_needed or n_rows <= 0:
+        return 1
+    return max(1, min(-(-rows_needed // n_rows), PASS_ROWS // n_rows))
 
 
 def rank_partition(frame: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
@@ -156,11 +209,23 @@ def training_datasets(
     augment_images: bool,
     positive_strength: float,
     load_batch_size: int,
+    rows_per_rank: int | None = None,
 ) -> dict:
-    """All datasets a trial's workers need, keyed by name (see the module docstring)."""
+    """All datasets a trial's workers need, keyed by name (see the module docstring).
+
+    Args:
+        rows_per_rank: training rows one rank takes over the whole run (epochs x steps x batch size); each
+            training stream's pass then covers it where that fits in :data:`PASS_ROWS` rows.
+    """
     common = dict(image_size=image_size, use_cache=use_cache, load_batch_size=load_batch_size)
     train = frames["train"]
     datasets = {}
+
+    def train_dataset(rows: pd.DataFrame, shuffle_seed: int, **kwargs):
+        return make_dataset(
+            rows, shuffle_seed=shuffle_seed, epochs_per_pass=epochs_per_pass(len(rows), rows_per_rank), **kwargs
+        )
+
     for rank in range(num_workers):
         share = rank_partition(train, rank, num_workers)
         if share.empty:
@@ -169,7 +234,7 @@ def training_datasets(
             augment_images=augment_images, augment_seed=seed + 7 * rank, positive_strength=positive_strength, **common
         )
         if sampler == "simple":
-            datasets[f"train_{rank}"] = make_dataset(share, shuffle_seed=seed * 1000 + rank, **train_kwargs)
+            datasets[f"train_{rank}"] = train_dataset(share, seed * 1000 + rank, **train_kwargs)
         else:
             positives, negatives = share[share["label"] == 1], share[share["label"] == 0]
             if positives.empty or negatives.empty:
@@ -178,10 +243,8 @@ def training_datasets(
                 negatives = negatives if not negatives.empty else train[train["label"] == 0]
             if positives.empty or negatives.empty:
                 raise ValueError(f"the {sampler} sampler needs both classes in the training manifest")
-            datasets[f"train_pos_{rank}"] = make_dataset(positives, shuffle_seed=seed * 1000 + rank, **train_kwargs)
-            datasets[f"train_neg_{rank}"] = make_dataset(
-                negatives, shuffle_seed=seed * 1000 + 500 + rank, **train_kwargs
-            )
+            datasets[f"train_pos_{rank}"] = train_dataset(positives, seed * 1000 + rank, **train_kwargs)
+            datasets[f"train_neg_{rank}"] = train_dataset(negatives, seed * 1000 + 500 + rank, **train_kwargs)
         valid_share = rank_partition(frames["valid"], rank, num_workers)
         if not valid_share.empty:
             datasets[f"valid_{rank}"] = make_dataset(valid_share, **common)
@@ -238,19 +301,24 @@ class CyclingStream:
         raise RuntimeError("dataset stream is empty")
 
     def take(self, n: int) -> dict[str, np.ndarray] | None:
+        """The next ``n`` rows. A take that one chunk covers returns views of it, without copying."""
         if n <= 0:
             return None
-        have = sum(len(c["label"]) for c in self._pending)
+        parts, have = [], 0
         while have < n:
-            chunk = self._next_chunk()
-            self._pending.append(chunk)
-            have += len(chunk["label"])
-        merged = {k: np.concatenate([c[k] for c in self._pending]) for k in self._pending[0]}
-        head = {k: v[:n] for k, v in merged.items()}
-        rest = {k: v[n:] for k, v in merged.items()}
-        self._pending = [rest] if len(rest["label"]) else []
+            if not self._pending:
+                self._pending.append(self._next_chunk())
+            chunk = self._pending[0]
+            size, need = len(chunk["label"]), n - have
+            if size <= need:
+                parts.append(self._pending.pop(0))
+                have += size
+            else:
+                parts.append({k: v[:need] for k, v in chunk.items()})
+                self._pending[0] = {k: v[need:] for k, v in chunk.items()}
+                have = n
         self.rows_taken += n
-        return head
+        return parts[0] if len(parts) == 1 else concat_batches(parts)
 
 
 def concat_batches(parts: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray]:

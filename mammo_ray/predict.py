@@ -96,9 +96,11 @@ def predict_iterator(
     """Score every row of a Ray Data iterator (or dataset). Returns predictions and the summed loss."""
     import torch
 
+    from mammo_ray import data
+
     frames, loss_sum = [], 0.0
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+        images = data.to_model_input(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         scored = predict_tensor(model, images, mc_samples=mc_samples, tta=tta, use_amp=use_amp)

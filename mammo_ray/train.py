@@ -217,7 +217,7 @@ def _unwrap(model):
 def _to_tensor(batch: dict[str, np.ndarray], device, channels_last: bool):
     import torch
 
-    images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+    images = data.to_model_input(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.from_numpy(np.ascontiguousarray(batch["label"], dtype=np.float32)).to(device, non_blocking=True)
@@ -306,7 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         return cfg.train.lr * factor
 
     sampler = cfg.train.sampler
-    chunk = max(4, cfg.train.batch_size // 2)
+    # Chunks of a whole batch: the simple sampler's takes are then views of one chunk, not copies.
+    chunk = cfg.train.batch_size
     # Every rank takes the same number of steps per epoch (DDP all-reduces each backward pass), so each
     # stream cycles rather than ending with its rank's share.
     if sampler == "simple":
@@ -477,6 +478,7 @@ def make_trainer(
         augment_images=cfg.train.augment,
         positive_strength=cfg.train.augment_positive_strength,
         load_batch_size=cfg.data.load_batch_size,
+        rows_per_rank=steps_per_epoch(cfg, len(frames["train"])) * cfg.train.batch_size * cfg.train.epochs,
     )
     loop_config = {
         "config": cfg.to_dict(),

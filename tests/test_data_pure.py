@@ -197,6 +197,24 @@ def test_empty_dataset_raises() -> None:
         data.CyclingStream(FakeDataset(0)).take(1)
 
 
+def test_take_within_one_chunk_returns_views() -> None:
+    class Chunks:
+        def __init__(self):
+            self.chunk = {"row": np.arange(8), "label": np.zeros(8, dtype=np.float32)}
+
+        def iter_batches(self, **_):
+            yield self.chunk
+
+    source = Chunks()
+    stream = data.CyclingStream(source, chunk_size=8)
+    first, second = stream.take(5), stream.take(3)
+    assert np.shares_memory(first["row"], source.chunk["row"]), "a take inside one chunk must not copy"
+    assert np.shares_memory(second["row"], source.chunk["row"])
+    assert first["row"].tolist() == [0, 1, 2, 3, 4] and second["row"].tolist() == [5, 6, 7]
+    across = stream.take(10)  # spans passes: a new array
+    assert across["row"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+
+
 def test_concat_batches_skips_none() -> None:
     stream = data.CyclingStream(FakeDataset(10), chunk_size=4)
     merged = data.concat_batches([stream.take(3), None, stream.take(2)])

@@ -1,18 +1,21 @@
 """Ingest: images/s that the data pipeline delivers to a training loop that only consumes batches.
 
-Ours: ``data.make_dataset`` over the prepared cache (seeded per-epoch metadata shuffle, pixels read by
-random access inside ``map_batches`` tasks), with the execution options ``train.make_trainer`` gives its
-datasets, iterated the way a Train worker iterates it: through ``data.CyclingStream`` (``iter_batches``
-with numpy batches, ``prefetch_batches=2``), taking one training batch per step. Ray runs with
+Ours: ``data.make_dataset`` over the prepared cache (one pass of seeded per-epoch permutations of the
+metadata, sized like a trial's with ``data.epochs_per_pass``; pixels read by random access inside
+``map_batches`` tasks), with the execution options ``train.make_trainer`` gives its datasets, iterated the
+way a Train worker iterates it: through ``data.CyclingStream`` (``iter_batches`` with numpy batches,
+``prefetch_batches=2``), taking one training batch per step and converting it with ``data.to_model_input``
+(uint16 → normalised float32), as the training loop does. Ray runs with
 ``num_cpus`` = the machine's cores, all of them free for Ray Data.
 
 Baseline: ``torch.utils.data.DataLoader`` with as many worker processes as Ray has CPUs, over a
 ``Dataset`` whose ``__getitem__`` reads one image with ``cache.read_image`` and applies the same
 normalisation (``data.MEAN``/``data.STD``), shuffled, same batch size, persistent workers.
 
-Both read the same cache at the same image size, without augmentation. The first epoch of each (worker
-start-up, imports, page cache) is a warm-up and is not timed; the figure is images over the next
-``--epochs`` epochs divided by their wall time. With ``--repeats`` > 1 the two alternate and the medians
+Both read the same cache at the same image size, without augmentation. Whole epochs of each, at least one
+and at least ``--warmup-s`` seconds (worker start-up, imports, page cache, the executor's ramp-up), are a
+warm-up and are not timed; the figure is images over the next ``--epochs`` epochs divided by their wall
+time. With ``--repeats`` > 1 the two alternate and the medians
 are reported.
 
     python benchmarks/ingest.py --quick --out ingest.json

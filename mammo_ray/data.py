@@ -146,9 +146,8 @@ def make_dataset(
         shuffle_seed: when set, the metadata rows are shuffled in an order derived from this seed.
         epochs_per_pass: with ``shuffle_seed``, one execution yields this many copies of the rows, each
             in its own seeded order, so that a consumer sees every row once before any row twice and
-            the executor restarts once per ``epochs_per_pass`` epochs. Size it to cover the run
-            (:func:`epochs_per_pass`): a re-execution repeats the same sequence. With 1, each execution
-            shuffles the rows anew (``random_shuffle``, reseeded after every execution).
+            the executor restarts once per ``epochs_per_pass`` epochs. A re-execution repeats the
+            same sequence (as a re-run with the same seed would).
     """
     import ray.data
 
@@ -156,7 +155,7 @@ def make_dataset(
     rows = frame[_metadata_columns(frame, use_cache)].reset_index(drop=True)
     if epochs_per_pass < 1:
         raise ValueError(f"epochs_per_pass must be at least 1, got {epochs_per_pass}")
-    if shuffle_seed is not None and epochs_per_pass > 1:
+    if shuffle_seed is not None:
         orders = [
             np.random.default_rng([int(shuffle_seed), copy]).permutation(len(rows)) for copy in range(epochs_per_pass)
         ]
@@ -166,8 +165,6 @@ def make_dataset(
     # Split into blocks here: from_pandas(override_num_blocks=...) breaks on pandas 3 frames (Ray 2.60).
     bounds = np.linspace(0, len(rows), blocks + 1).astype(int)
     dataset = ray.data.from_pandas([rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])
-    if shuffle_seed is not None and epochs_per_pass == 1:
-        dataset = dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=int(shuffle_seed)))
     fn = partial(
         load_batch,
         image_size=tuple(image_size),
@@ -179,21 +176,16 @@ def make_dataset(
     return dataset.map_batches(fn, batch_size=load_batch_size, batch_format="numpy")
 
 
-# Most metadata rows one pass of a training stream holds: a few tens of MB in the object store. A stream
-# whose run needs more is large enough that one restart per epoch costs little.
+# Most metadata rows one pass of a training stream holds: a few tens of MB in the object store. Past that,
+# restarts are rare enough not to matter.
 PASS_ROWS = 200_000
 
 
 def epochs_per_pass(n_rows: int, rows_needed: int | None) -> int:
-    """Copies of an ``n_rows`` stream per pass so that one pass yields the run's ``rows_needed`` rows.
-
-    1 (a fresh shuffle per execution) when one copy suffices or when the run would need more than
-    :data:`PASS_ROWS` rows: a capped pass would repeat its sequence, augmentation included.
-    """
+    """Copies of an ``n_rows`` stream per pass so that one pass yields ``rows_needed`` rows (capped)."""
     if not rows_needed or n_rows <= 0:
         return 1
-    copies = -(-rows_needed // n_rows)
-    return copies if copies * n_rows <= PASS_ROWS else 1
+    return max(1, min(-(-rows_needed // n_rows), PASS_ROWS // n_rows))
 
 
 def rank_partition(frame: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
@@ -223,8 +215,7 @@ def training_datasets(
 
     Args:
         rows_per_rank: training rows one rank takes over the whole run (epochs x steps x batch size); each
-            training stream's pass then covers it where that fits in :data:`PASS_ROWS` rows
-            (:func:`epochs_per_pass`).
+            training stream's pass then covers it where that fits in :data:`PASS_ROWS` rows.
     """
     common = dict(image_size=image_size, use_cache=use_cache, load_batch_size=load_batch_size)
     train = frames["train"]

@@ -250,17 +250,3 @@ def test_one_pass_holds_several_epochs_each_a_permutation(ray_session, prepared_
     assert sequence(0) == first, "same seed, same sequence"
     assert sequence(1) != first
 
-
-def test_single_epoch_passes_reshuffle_on_every_execution(ray_session, prepared_data):
-    """epochs_per_pass=1 (a run too long for one pass): each execution is a new seeded order, never a repeat."""
-    from mammo_ray import data
-
-    frame = manifest.load_manifests({"train": prepared_data["train"]})["train"]
-    dataset = data.make_dataset(frame, image_size=(64, 48), use_cache=True, shuffle_seed=0, load_batch_size=8)
-
-    def order():
-        return [i for b in dataset.iter_batches(batch_size=16, batch_format="numpy") for i in b["image_id"].tolist()]
-
-    first, second = order(), order()
-    assert sorted(first) == sorted(second) == sorted(frame["image_id"])
-    assert first != second

@@ -272,8 +272,9 @@ def positives_per_batch(
 class CyclingStream:
     """Rows from a dataset iterator, taken in any amount; starts a new pass when one ends.
 
-    Each pass re-executes the dataset, which re-shuffles it, so a class is covered without repeats
-    before any repeats. The stream lives across epochs: an epoch boundary does not reset it.
+    Each pass re-executes the dataset; a training dataset's pass holds one seeded permutation per epoch
+    (``make_dataset(epochs_per_pass=...)``), so a class is covered without repeats before any repeats.
+    The stream lives across epochs: an epoch boundary does not reset it.
     """
 
     def __init__(self, iterator, chunk_size: int = 16, prefetch_batches: int = 2):

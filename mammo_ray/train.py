@@ -468,6 +468,7 @@ def make_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = cfg.resources
+    steps = steps_per_epoch(cfg, len(frames["train"]))
     datasets = data.training_datasets(
         frames,
         num_workers=res.num_workers,
@@ -478,11 +479,11 @@ def make_trainer(
         augment_images=cfg.train.augment,
         positive_strength=cfg.train.augment_positive_strength,
         load_batch_size=cfg.data.load_batch_size,
-        rows_per_rank=steps_per_epoch(cfg, len(frames["train"])) * cfg.train.batch_size * cfg.train.epochs,
+        rows_per_rank=steps * cfg.train.batch_size * cfg.train.epochs,
     )
     loop_config = {
         "config": cfg.to_dict(),
-        "steps_per_epoch": steps_per_epoch(cfg, len(frames["train"])),
+        "steps_per_epoch": steps,
         "valid_ranks": [f"valid_{rank}" in datasets for rank in range(res.num_workers)],
         "run_name": run_name,
     }

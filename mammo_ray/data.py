@@ -301,6 +301,18 @@ class CyclingStream:
                 self._source = None
         raise RuntimeError("dataset stream is empty")
 
+    def close(self) -> None:
+        """End the current pass now: its streaming executor shuts down and gives back its Ray Data budget.
+
+        A pass left open holds its budget with Ray Data's cluster-wide autoscaling coordinator until the
+        request expires (minutes), so a stream that is not drained is closed rather than left to garbage
+        collection. The next :meth:`take` starts a new pass.
+        """
+        source, self._source = self._source, None
+        self._pending = []
+        if source is not None and hasattr(source, "close"):
+            source.close()
+
     def take(self, n: int) -> dict[str, np.ndarray] | None:
         """The next ``n`` rows. A take that one chunk covers returns views of it, without copying."""
         if n <= 0:

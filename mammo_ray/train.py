@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,65 @@ CHECKPOINT_STATE = "training_state.pt"
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial stops as failed with this reason."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping a run cooperatively.
+#
+# When Tune stops a trial (ASHA, max_t, Ctrl-C) it ends the trial's actor, and with it the Train controller and
+# workers. A killed worker leaves its Ray Data streams' resource requests, and its run's, registered with Ray's
+# cluster-wide AutoscalingCoordinator until they expire (180 s in Ray 2.60); meanwhile the next trial's data
+# pipeline gets no CPU budget and waits "backpressured" (the hang that stopped trials caused on 2 cores). So the
+# trial asks its run to stop instead: the workers finish the current step, close their streams and return, and
+# the controller shuts down normally, which cancels every request.
+
+
+class _StopFlag:
+    """A tiny async actor: ``wait`` resolves once ``set`` has been called."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        return True
+
+
+class RunStopper:
+    """Held by the process that fits a TorchTrainer: asks the run's workers to stop at their next step."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.flag = ray.remote(num_cpus=0)(_StopFlag).remote()
+        self.finished = threading.Event()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the workers to stop, then wait up to ``timeout`` s for the fitting code to set ``finished``."""
+        self.flag.set.remote()
+        return self.finished.wait(timeout)
+
+
+class _StopWatch:
+    """The workers' side of :class:`RunStopper`: rank 0 watches the flag, and every rank learns of it together."""
+
+    def __init__(self, flag, rank: int, device) -> None:
+        import ray
+
+        self._ray = ray
+        self._ref = flag.wait.remote() if flag is not None and rank == 0 else None
+        self._device = device
+
+    def requested(self) -> bool:
+        # A local, non-blocking look at one object ref; the all-reduce makes every rank stop at the same step
+        # (DDP would otherwise leave the others waiting in a gradient all-reduce).
+        seen = 1.0 if self._ref is not None and self._ray.wait([self._ref], timeout=0)[0] else 0.0
+        return _all_reduce([seen], self._device, "max")[0] > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,110 +379,131 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     config_yaml = config_mod.dump(cfg)
     gauges = _metrics_gauges(loop_config.get("run_name", "run")) if rank == 0 else None
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        epoch_number = epoch + 1
-        started = time.perf_counter()
-        net.train()
-        rng = np.random.default_rng([cfg.train.seed, epoch_number, rank])
-        if sampler == "simple":
-            batches = (stream.take(cfg.train.batch_size) for _ in range(steps))
-        else:
-            plan = data.positives_per_batch(sampler, cfg.train.batch_size, steps, cfg.train.positive_fraction, rng)
-            batches = (
-                data.concat_batches([positive_stream.take(n), negative_stream.take(cfg.train.batch_size - n)])
-                for n in plan.tolist()
-            )
-        loss_sum, seen, positives, nonfinite = 0.0, 0, 0, 0.0
-        batch_share_min, batch_share_max = 1.0, 0.0
-        for step_in_epoch, batch in enumerate(batches):
-            images, labels = _to_tensor(batch, device, channels_last)
-            set_lr(epoch * steps + step_in_epoch)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                output = net(images)
-            loss = loss_fn(output.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # DDP averages gradients, so a NaN on any rank makes this norm NaN on every rank: all ranks
-            # stop at the same step instead of one rank leaving the others waiting in an all-reduce.
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.grad_clip or float("inf"))
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                nonfinite = 1.0
-                break
-            optimizer.step()
-            if ema is not None:
-                ema.update(_unwrap(net))
-            loss_sum += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            positives += int(labels.sum().item())
-            share = float(labels.mean())
-            batch_share_min, batch_share_max = min(batch_share_min, share), max(batch_share_max, share)
-        # A rank that met a non-finite loss stops; all ranks learn of it here and stop together.
-        totals = _all_reduce([loss_sum, seen, positives, nonfinite], device)
-        share_min = _all_reduce([batch_share_min], device, "min")[0]
-        share_max = _all_reduce([batch_share_max], device, "max")[0]
-        train_time = time.perf_counter() - started
-        if totals[3] > 0:
-            report = {"epoch": epoch_number, "nonfinite_loss": 1.0, "train_loss": float("nan"), "val_auc": float("nan")}
-            ray.train.report(report)
-            # Train V2's Result.metrics holds only reports with a checkpoint; the caller reads this via return_value.
-            return report
-
-        eval_model = ema.module if ema is not None else net
-        local_predictions, val_loss_sum = pd.DataFrame(), 0.0
-        if valid_iter is not None:
-            local_predictions, val_loss_sum = predict.predict_iterator(
-                eval_model,
-                valid_iter,
-                device=device,
-                batch_size=cfg.train.batch_size,
-                loss_fn=loss_fn,
-                mc_samples=cfg.train.mc_dropout_samples,
-                tta=cfg.train.tta,
-                channels_last=channels_last,
-                use_amp=use_amp,
-            )
-        val_totals = _all_reduce([val_loss_sum, len(local_predictions)], device)
-        predictions = metrics.gather_predictions(local_predictions)
-        val_metrics = metrics.compute_split_metrics(predictions, threshold=cfg.train.threshold)
-        epoch_time = time.perf_counter() - started
-        report = {
-            "epoch": epoch_number,
-            "train_loss": totals[0] / max(1, totals[1]),
-            "val_loss": val_totals[0] / max(1, val_totals[1]),
-            **_epoch_scalars(val_metrics),
-            "train_positive_fraction": totals[2] / max(1, totals[1]),
-            "train_images": int(totals[1]),
-            # Extremes of the per-batch positive share on any rank: the balanced sampler gives 0.5 and 0.5.
-            "train_batch_positive_min": share_min,
-            "train_batch_positive_max": share_max,
-            "images_per_s": totals[1] / max(1e-9, train_time),
-            "epoch_time_s": epoch_time,
-            "lr": optimizer.param_groups[0]["lr"],
-            "trainable_params": trainable,
-            "nonfinite_loss": 0.0,
-        }
-        if on_gpu:
-            report["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        history.append(report)
-        if gauges is not None:
-            _set_gauges(gauges, report)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                _write_checkpoint(
-                    Path(directory),
-                    model=net,
-                    optimizer=optimizer,
-                    epoch=epoch_number,
-                    history=history,
-                    config_yaml=config_yaml,
-                    predictions=predictions,
-                    metrics=val_metrics,
-                    report=report,
-                    ema=ema,
+    streams = [stream] if sampler == "simple" else [positive_stream, negative_stream]
+    stop_watch = _StopWatch(loop_config.get("stop_flag"), rank, device)
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            epoch_number = epoch + 1
+            started = time.perf_counter()
+            net.train()
+            rng = np.random.default_rng([cfg.train.seed, epoch_number, rank])
+            if sampler == "simple":
+                batches = (stream.take(cfg.train.batch_size) for _ in range(steps))
+            else:
+                plan = data.positives_per_batch(sampler, cfg.train.batch_size, steps, cfg.train.positive_fraction, rng)
+                batches = (
+                    data.concat_batches([positive_stream.take(n), negative_stream.take(cfg.train.batch_size - n)])
+                    for n in plan.tolist()
                 )
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(report)
+            loss_sum, seen, positives, nonfinite = 0.0, 0, 0, 0.0
+            batch_share_min, batch_share_max = 1.0, 0.0
+            stopped = False
+            for step_in_epoch, batch in enumerate(batches):
+                if stop_watch.requested():
+                    stopped = True
+                    break
+                images, labels = _to_tensor(batch, device, channels_last)
+                set_lr(epoch * steps + step_in_epoch)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    output = net(images)
+                loss = loss_fn(output.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # DDP averages gradients, so a NaN on any rank makes this norm NaN on every rank: all ranks
+                # stop at the same step instead of one rank leaving the others waiting in an all-reduce.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.grad_clip or float("inf"))
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    nonfinite = 1.0
+                    break
+                optimizer.step()
+                if ema is not None:
+                    ema.update(_unwrap(net))
+                loss_sum += float(loss.detach()) * len(labels)
+                seen += len(labels)
+                positives += int(labels.sum().item())
+                share = float(labels.mean())
+                batch_share_min, batch_share_max = min(batch_share_min, share), max(batch_share_max, share)
+            if stopped:
+                # The sweep stopped this trial (ASHA, Ctrl-C): the partial epoch is neither reported nor checkpointed.
+                log.info("rank %d stops in epoch %d, as asked", rank, epoch_number)
+                return {"epoch": epoch, "stopped": True}
+            # A rank that met a non-finite loss stops; all ranks learn of it here and stop together.
+            totals = _all_reduce([loss_sum, seen, positives, nonfinite], device)
+            share_min = _all_reduce([batch_share_min], device, "min")[0]
+            share_max = _all_reduce([batch_share_max], device, "max")[0]
+            train_time = time.perf_counter() - started
+            if totals[3] > 0:
+                report = {
+                    "epoch": epoch_number,
+                    "nonfinite_loss": 1.0,
+                    "train_loss": float("nan"),
+                    "val_auc": float("nan"),
+                }
+                ray.train.report(report)
+                # Train V2's Result.metrics holds only reports with a checkpoint; the caller reads this via return_value.
+                return report
+
+            eval_model = ema.module if ema is not None else net
+            local_predictions, val_loss_sum = pd.DataFrame(), 0.0
+            if valid_iter is not None:
+                local_predictions, val_loss_sum = predict.predict_iterator(
+                    eval_model,
+                    valid_iter,
+                    device=device,
+                    batch_size=cfg.train.batch_size,
+                    loss_fn=loss_fn,
+                    mc_samples=cfg.train.mc_dropout_samples,
+                    tta=cfg.train.tta,
+                    channels_last=channels_last,
+                    use_amp=use_amp,
+                )
+            val_totals = _all_reduce([val_loss_sum, len(local_predictions)], device)
+            predictions = metrics.gather_predictions(local_predictions)
+            val_metrics = metrics.compute_split_metrics(predictions, threshold=cfg.train.threshold)
+            epoch_time = time.perf_counter() - started
+            report = {
+                "epoch": epoch_number,
+                "train_loss": totals[0] / max(1, totals[1]),
+                "val_loss": val_totals[0] / max(1, val_totals[1]),
+                **_epoch_scalars(val_metrics),
+                "train_positive_fraction": totals[2] / max(1, totals[1]),
+                "train_images": int(totals[1]),
+                # Extremes of the per-batch positive share on any rank: the balanced sampler gives 0.5 and 0.5.
+                "train_batch_positive_min": share_min,
+                "train_batch_positive_max": share_max,
+                "images_per_s": totals[1] / max(1e-9, train_time),
+                "epoch_time_s": epoch_time,
+                "lr": optimizer.param_groups[0]["lr"],
+                "trainable_params": trainable,
+                "nonfinite_loss": 0.0,
+            }
+            if on_gpu:
+                report["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            history.append(report)
+            if gauges is not None:
+                _set_gauges(gauges, report)
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as directory:
+                    _write_checkpoint(
+                        Path(directory),
+                        model=net,
+                        optimizer=optimizer,
+                        epoch=epoch_number,
+                        history=history,
+                        config_yaml=config_yaml,
+                        predictions=predictions,
+                        metrics=val_metrics,
+                        report=report,
+                        ema=ema,
+                    )
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            else:
+                ray.train.report(report)
+
+    finally:
+        # Drained or not, every stream's pass ends here, so its Ray Data budget is given back at once.
+        for open_stream in streams:
+            open_stream.close()
 
 
 def _metrics_gauges(run_name: str):
@@ -462,8 +543,13 @@ def make_trainer(
     run_name: str,
     storage_path: str,
     callbacks: list | None = None,
+    stopper: RunStopper | None = None,
 ):
-    """A TorchTrainer for one run over the validated manifests (datasets built here, in this process)."""
+    """A TorchTrainer for one run over the validated manifests (datasets built here, in this process).
+
+    Args:
+        stopper: lets this process stop the run cooperatively (a sweep trial that Tune stops).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -486,6 +572,7 @@ def make_trainer(
         "steps_per_epoch": steps,
         "valid_ranks": [f"valid_{rank}" in datasets for rank in range(res.num_workers)],
         "run_name": run_name,
+        "stop_flag": stopper.flag if stopper is not None else None,
     }
     run_config = ray.train.RunConfig(
         name=run_name,

@@ -72,16 +72,54 @@ def trial_function(
     frames = manifest.load_manifests(manifests, check_files=False, use_cache=cfg.data.use_cache)
     runs = str(storage.join(experiment, TRAIN_RUNS))
     # A fixed Train run name per trial lets a restarted trial (--resume, max_failures) find its checkpoints.
-    run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"trial_{trial_id}"
     storage.write_text(storage.join(runs, run_name, "config.yaml"), config_mod.dump(cfg))
-    trainer = train.make_trainer(cfg, frames, run_name=run_name, storage_path=runs, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
+    stopper = train.RunStopper()
+    trainer = train.make_trainer(
+        cfg, frames, run_name=run_name, storage_path=runs, callbacks=[TuneReportCallback()], stopper=stopper
+    )
+    _RUNNING[trial_id] = stopper
+    try:
+        result = trainer.fit()
+    finally:
+        stopper.finished.set()
+        _RUNNING.pop(trial_id, None)
     # The loop returns its non-finite report (Train V2 keeps only reports with a checkpoint in result.metrics).
     final = result.return_value if isinstance(result.return_value, dict) else (result.metrics or {})
     if final.get("nonfinite_loss"):
         raise train.NonFiniteLossError(
             f"non-finite training loss in epoch {final.get('epoch')} (lr {cfg.train.lr:.3g})"
         )
+
+
+# The Train runs of the trials in this process (a trial actor runs one trial), by trial id, so that
+# _StopRunFirst can reach its trial's run.
+_RUNNING: dict[str, Any] = {}
+# How long a stopped trial waits for its Train run to leave: a step, the controller's shutdown and, when the stop
+# comes early, the worker group's start-up.
+STOP_TIMEOUT_S = 60.0
+
+
+class _StopRunFirst:
+    """Mixin of the trial trainable: when Tune stops the trial, its Train run stops cooperatively first.
+
+    Tune ends a stopped trial's actor right after ``cleanup``; without this the run's workers would be killed
+    mid-pass, and their Ray Data budget would stay reserved for minutes (see ``train.RunStopper``).
+    """
+
+    def cleanup(self):
+        stopper = _RUNNING.get(self.trial_id)
+        if stopper is not None and not stopper.stop(STOP_TIMEOUT_S):
+            print(
+                f"warning: trial {self.trial_id}: its Train run did not stop within {STOP_TIMEOUT_S:.0f} s",
+                file=sys.stderr,
+            )
+        super().cleanup()
+
+
+# Tune builds the trial's Trainable class from the function and its __mixins__ (kept by tune.with_parameters).
+trial_function.__mixins__ = (_StopRunFirst,)
 
 
 def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment: str | Path):

@@ -250,3 +250,50 @@ def test_one_pass_holds_several_epochs_each_a_permutation(ray_session, prepared_
     assert sequence(0) == first, "same seed, same sequence"
     assert sequence(1) != first
 
+
+
+def _coordinator_requests() -> set[str]:
+    """Requester ids registered with Ray Data's cluster-wide AutoscalingCoordinator (Data streams and Train runs).
+
+    Ray 2.60 internals, read only to check that a stopped run gave its budget back."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    return set(ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)), timeout=30))
+
+
+def test_a_stopped_run_leaves_at_the_next_step_and_gives_back_its_budget(ray_session, prepared_data, tmp_path):
+    import threading
+    import time
+
+    # Two DDP workers, so both ranks have to leave at the same step; far more epochs than the test waits for.
+    cfg = _config(**{"train.epochs": 50, "train.sampler": "weighted", "search.checkpoints_to_keep": 2})
+    frames = manifest.load_manifests({"train": prepared_data["train"], "valid": prepared_data["valid"]})
+    before = _coordinator_requests()
+    stopper = train.RunStopper()
+    trainer = train.make_trainer(cfg, frames, run_name="stopped", storage_path=str(tmp_path), stopper=stopper)
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        finally:
+            stopper.finished.set()
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    run_dir = tmp_path / "stopped"
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoint_*/report.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(run_dir.glob("checkpoint_*/report.json")), "no epoch finished"
+    assert stopper.stop(timeout=120), "fit() did not return after the stop request"
+    result = outcome["result"]
+    assert result.error is None
+    assert result.return_value["stopped"] is True
+    assert 1 <= result.return_value["epoch"] < 50
+    # Every stream and the run itself cancelled their resource requests (none left to expire in minutes).
+    assert _coordinator_requests() - before == set()

@@ -251,7 +251,6 @@ def test_one_pass_holds_several_epochs_each_a_permutation(ray_session, prepared_
     assert sequence(1) != first
 
 
-
 def _coordinator_requests() -> set[str]:
     """Requester ids registered with Ray Data's cluster-wide AutoscalingCoordinator (Data streams and Train runs).
 

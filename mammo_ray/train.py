@@ -92,10 +92,13 @@ class _StopWatch:
         import ray
 
         self._ray = ray
-        self._ref = flag.wait.remote() if flag is not None and rank == 0 else None
+        self._active = flag is not None  # the same on every rank: the loop config is
+        self._ref = flag.wait.remote() if self._active and rank == 0 else None
         self._device = device
 
     def requested(self) -> bool:
+        if not self._active:
+            return False
         # A local, non-blocking look at one object ref; the all-reduce makes every rank stop at the same step
         # (DDP would otherwise leave the others waiting in a gradient all-reduce).
         seen = 1.0 if self._ref is not None and self._ray.wait([self._ref], timeout=0)[0] else 0.0

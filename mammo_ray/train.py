@@ -79,8 +79,15 @@ class RunStopper:
         self.flag = ray.remote(num_cpus=0)(_StopFlag).remote()
         self.finished = threading.Event()
 
+    def fit(self, trainer):
+        """``trainer.fit()``, marking the run finished however it ends, so that :meth:`stop` stops waiting."""
+        try:
+            return trainer.fit()
+        finally:
+            self.finished.set()
+
     def stop(self, timeout: float) -> bool:
-        """Ask the workers to stop, then wait up to ``timeout`` s for the fitting code to set ``finished``."""
+        """Ask the workers to stop, then wait up to ``timeout`` s for :meth:`fit` to return."""
         self.flag.set.remote()
         return self.finished.wait(timeout)
 

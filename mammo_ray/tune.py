@@ -81,9 +81,8 @@ def trial_function(
     )
     _RUNNING[trial_id] = stopper
     try:
-        result = trainer.fit()
+        result = stopper.fit(trainer)
     finally:
-        stopper.finished.set()
         _RUNNING.pop(trial_id, None)
     # The loop returns its non-finite report (Train V2 keeps only reports with a checkpoint in result.metrics).
     final = result.return_value if isinstance(result.return_value, dict) else (result.metrics or {})

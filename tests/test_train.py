@@ -275,14 +275,7 @@ def test_a_stopped_run_leaves_at_the_next_step_and_gives_back_its_budget(ray_ses
     stopper = train.RunStopper()
     trainer = train.make_trainer(cfg, frames, run_name="stopped", storage_path=str(tmp_path), stopper=stopper)
     outcome = {}
-
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        finally:
-            stopper.finished.set()
-
-    thread = threading.Thread(target=fit, daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(result=stopper.fit(trainer)), daemon=True)
     thread.start()
     run_dir = tmp_path / "stopped"
     deadline = time.monotonic() + 240

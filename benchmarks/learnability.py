@@ -25,11 +25,30 @@ sampler) it memorised the training set without generalising (validation AUC 0.45
 1.00 after 150, like resnet10t. So timm's per-position LayerNorm is what holds a randomly initialised ConvNeXt back
 on this lesion. On the breast backgrounds at 128×96 the BatchNorm variant still stayed at 0.54–0.56 after 300 steps
 (probe runs with ``stem_type`` overlap/overlap_act, layer-scale init 1.0, lr 1e-3 and 2e-3).
+
+``--lesion synth`` trains on ``synth``'s own cancers instead of a square (``--prevalence`` of the breasts, batches
+half positive), with the benign look-alikes as the generator draws them (``--look-alikes matched``), scattered
+calcifications only (``calcifications``) or none (``none``). ``--stem conv --norm batch`` builds ours as timm's
+ConvNeXt with BatchNorm in place of every LayerNorm and a ResNet-style deep stem (:func:`conv_stem`) in place of
+the 4×4 patchify stem. Measured 2026-12-06 (same machine, ``--quick --lesion synth --steps 250``, prevalence 0.5:
+200 patients, about 1,600 images): best validation AUC, ours vs resnet10t
+
+    look-alikes  ours                          ours       resnet10t
+    none         timm's convnext_atto          0.556      0.948
+    none         --stem conv --norm batch      0.971      0.948  (0.87 after 150 steps)
+    calcif.      --stem conv --norm batch      0.721      0.804
+    matched      --stem conv --norm batch      0.519      0.721
+
+So with both changes a random-init ConvNeXt learns synth's cancers as fast as the ResNet does, and neither learns
+to tell them from the generator's matched look-alikes (circumscribed masses, scattered calcifications) in 250
+steps. In a plain-PyTorch probe on the demo's own prepared set (5% prevalence, 69 lesions in training, 400 steps)
+resnet10t reached 0.71, timm's convnext_atto 0.50 and the BatchNorm/conv-stem variant 0.53 (it memorised).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -41,17 +60,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def render_backgrounds(patients: int, size: tuple[int, int], out: tuple[int, int], seed: int):
-    """Lesion-free synthetic mammograms in canonical orientation, float32 in [0, 1], and their patient index."""
+@contextlib.contextmanager
+def look_alike_rates(mode: str):
+    """Temporarily change how often ``synth`` draws benign look-alikes: ``matched`` (the generator as it ships:
+    a benign mass in half the breasts, scattered calcifications in 90%), ``calcifications`` (no benign masses) or
+    ``none`` (no benign findings at all)."""
+    from mammo_ray import synth
+
+    saved = synth._BENIGN_MASS_RATE, synth._BENIGN_CALCS_RATE
+    if mode in ("calcifications", "none"):
+        synth._BENIGN_MASS_RATE = 0.0
+    if mode == "none":
+        synth._BENIGN_CALCS_RATE = 0.0
+    try:
+        yield
+    finally:
+        synth._BENIGN_MASS_RATE, synth._BENIGN_CALCS_RATE = saved
+
+
+def render(patients: int, prevalence: float, size: tuple[int, int], out: tuple[int, int], seed: int):
+    """Synthetic mammograms in canonical orientation, float32 in [0, 1], their labels (the breast holds one of
+    ``synth``'s cancers) and their patient index. ``prevalence`` 0 gives lesion-free backgrounds."""
     import cv2
 
     from mammo_ray import synth
 
     # The renderer is the one ``synth`` writes to DICOM; the DICOM round trip and prepare are skipped because
     # only the pixels matter here and they would cost minutes.
-    plan = synth._plan(seed, patients, 0.0, 8)
+    plan = synth._plan(seed, patients, prevalence, 8)
     canvas = synth._Canvas(size, seed, 8)
-    images, groups = [], []
+    images, labels, groups = [], [], []
     for patient in plan:
         for exam in patient.exams:
             for s, side in enumerate(synth._SIDES):
@@ -60,11 +98,28 @@ def render_backgrounds(patients: int, size: tuple[int, int], out: tuple[int, int
                     image = synth._render(canvas, rng, patient, patient.breasts[side], exam, side, view, seed)
                     image = np.clip(image, 0.0, 1.0)
                     images.append(cv2.resize(image, (out[1], out[0]), interpolation=cv2.INTER_AREA))
+                    labels.append(float(side in exam.cancer))
                     groups.append(patient.index)
-    return np.stack(images).astype(np.float32), np.asarray(groups)
+    return np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.float32), np.asarray(groups)
 
 
-def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, args) -> dict:
+def conv_stem(out_channels: int):
+    """A ResNet-style deep stem to replace ConvNeXt's 4×4 patchify stem (same 1/4 resolution and width):
+    3×3 conv stride 2, BatchNorm, ReLU, 3×3 conv, BatchNorm, ReLU, 3×3 max-pool stride 2."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 24, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(24),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(24, out_channels, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    )
+
+
+def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, args, stem: str = "patch") -> dict:
     import timm
     import torch
     from sklearn.metrics import roc_auc_score
@@ -72,11 +127,18 @@ def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, a
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # same batches for every model
     net = timm.create_model(name, pretrained=False, num_classes=1, in_chans=1, **kwargs)
+    if stem == "conv":
+        net.stem = conv_stem(net.stem[0].out_channels)
+    positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     curve, started = [], time.perf_counter()
     valid = torch.from_numpy(images[valid_idx])[:, None]
     for step in range(1, args.steps + 1):
-        batch = rng.choice(train_idx, args.batch_size)
+        if args.lesion == "synth":  # half positives, whatever the prevalence (the demo's samplers do likewise)
+            half = args.batch_size // 2
+            batch = np.concatenate([rng.choice(positives, half), rng.choice(negatives, args.batch_size - half)])
+        else:
+            batch = rng.choice(train_idx, args.batch_size)
         output = net(torch.from_numpy(images[batch])[:, None]).squeeze(1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(output, torch.from_numpy(labels[batch]))
         optimizer.zero_grad()
@@ -96,6 +158,7 @@ def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, a
     return {
         "model": name,
         "kwargs": kwargs,
+        "stem": stem,
         "best_val_auc": max(point["val_auc"] for point in curve),
         "curve": curve,
         "images_per_s": args.steps * args.batch_size / seconds,
@@ -118,6 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amplitude", type=float, default=1.0, help="lesion brightness in normalised units")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stem", choices=["patch", "conv"], default="patch", help="ours: timm's stem, or conv_stem()")
+    parser.add_argument(
+        "--norm",
+        choices=["layer", "batch"],
+        default="layer",
+        help="ours: timm's LayerNorm, or BatchNorm everywhere (norm_layer=batchnorm2d, conv_mlp=True)",
+    )
+    parser.add_argument(
+        "--lesion",
+        choices=["square", "synth"],
+        default="square",
+        help="a bright square on lesion-free backgrounds, or synth's own cancers (spiculated masses and "
+        "calcification clusters), trained with half-positive batches",
+    )
+    parser.add_argument("--prevalence", type=float, default=0.5, help="--lesion synth: share of breasts with cancer")
+    parser.add_argument(
+        "--look-alikes",
+        choices=["matched", "calcifications", "none"],
+        default="matched",
+        help="--lesion synth: benign findings as synth draws them, scattered calcifications only, or none",
+    )
     parser.add_argument(
         "--background",
         choices=["mammo", "noise"],
@@ -129,30 +213,42 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (200 if args.quick else 1000)
 
     rng = np.random.default_rng(args.seed)
-    if args.background == "noise":
-        # About as many images as the breast backgrounds give (8 per patient), grouped 8 to a "patient".
-        images = rng.normal(0.0, 0.5, (args.patients * 8, *args.size)).astype(np.float32)
-        groups = np.arange(len(images)) // 8
-    else:
-        images, groups = render_backgrounds(args.patients, (512, 416), tuple(args.size), args.seed)
+    if args.lesion == "synth":
+        if args.background != "mammo":
+            parser.error("--lesion synth draws synth's own breasts; it cannot be combined with --background noise")
+        with look_alike_rates(args.look_alikes):
+            images, labels, groups = render(args.patients, args.prevalence, (512, 416), tuple(args.size), args.seed)
         images = (images - 0.35) / 0.25
-    labels = (rng.random(len(images)) < 0.5).astype(np.float32)
-    height, width = args.size
-    for i in np.where(labels == 1)[0]:
-        row = int(rng.integers(height // 6, height - height // 6 - args.square))
-        col = int(rng.integers(width // 10, int(width * 0.65)))
-        images[i, row : row + args.square, col : col + args.square] += args.amplitude
+    else:
+        if args.background == "noise":
+            # About as many images as the breast backgrounds give (8 per patient), grouped 8 to a "patient".
+            images = rng.normal(0.0, 0.5, (args.patients * 8, *args.size)).astype(np.float32)
+            groups = np.arange(len(images)) // 8
+        else:
+            images, _, groups = render(args.patients, 0.0, (512, 416), tuple(args.size), args.seed)
+            images = (images - 0.35) / 0.25
+        labels = (rng.random(len(images)) < 0.5).astype(np.float32)
+        height, width = args.size
+        for i in np.where(labels == 1)[0]:
+            row = int(rng.integers(height // 6, height - height // 6 - args.square))
+            col = int(rng.integers(width // 10, int(width * 0.65)))
+            images[i, row : row + args.square, col : col + args.square] += args.amplitude
     cut = int(args.patients * 0.75)
     train_idx, valid_idx = np.where(groups < cut)[0], np.where(groups >= cut)[0]
 
-    ours = train_probe(args.model, json.loads(args.model_kwargs), images, labels, train_idx, valid_idx, args)
+    kwargs = json.loads(args.model_kwargs)
+    if args.norm == "batch":
+        kwargs.update(norm_layer="batchnorm2d", conv_mlp=True)
+    ours = train_probe(args.model, kwargs, images, labels, train_idx, valid_idx, args, stem=args.stem)
     baseline = train_probe(args.baseline, {}, images, labels, train_idx, valid_idx, args)
     result = {
         "benchmark": "learnability",
         "ours": ours["best_val_auc"],
         "baseline": baseline["best_val_auc"],
         "ratio": (ours["best_val_auc"] - 0.5) / max(1e-6, baseline["best_val_auc"] - 0.5),
-        "unit": "best validation AUC (square present vs absent)",
+        "unit": "best validation AUC ("
+        + ("cancer vs none" if args.lesion == "synth" else "square present vs absent")
+        + ")",
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "ours_detail": ours,
         "baseline_detail": baseline,

@@ -60,6 +60,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     dropout: float = 0.0
     pool: str = "avg"
+    stem: str = "patchify"
+    norm: str = "layer"
     freeze_units: int = 0
     attenuation: bool = False
     in_chans: int = 1
@@ -147,6 +149,8 @@ class Config:
 # Allowed values and ranges, checked after the types. Keys are dotted config keys.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.pool": ("avg", "max", "avgmax"),
+    "model.stem": ("patchify", "deep"),
+    "model.norm": ("layer", "batch"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("cosine", "step", "constant"),
     "train.loss": ("bce", "focal"),
@@ -401,6 +405,14 @@ def validate(config: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: data.synthetic.split must be three fractions summing to 1, got {fractions}")
     if config.model.attenuation and config.train.loss == "focal":
         raise ConfigError(f"{source}: model.attenuation uses its own loss; set train.loss to bce")
+    if (config.model.pretrained or "").startswith("timm:") and (config.model.stem, config.model.norm) != (
+        "patchify",
+        "layer",
+    ):
+        raise ConfigError(
+            f"{source}: model.pretrained {config.model.pretrained!r} is an ImageNet ConvNeXt, which fits only "
+            f"model.stem=patchify and model.norm=layer (got {config.model.stem}, {config.model.norm})"
+        )
     _check_space(config.space, source)
     if config.search.searcher == "optuna" and any(spec["type"] == "grid" for spec in config.space.values()):
         grid = [k for k, spec in config.space.items() if spec["type"] == "grid"]

@@ -202,6 +202,8 @@ def model_from_config(cfg: config_mod.Config, *, for_inference: bool = False):
         dropout=cfg.model.dropout,
         pool=cfg.model.pool,
         attenuation=cfg.model.attenuation,
+        stem=cfg.model.stem,
+        norm=cfg.model.norm,
     )
     if not for_inference:
         model_mod.apply_freeze(net, cfg.model.freeze_units)

@@ -91,6 +91,58 @@ def test_bad_options(kwargs: dict) -> None:
         create_model("convnext_atto", **kwargs)
 
 
+@pytest.mark.parametrize(("stem", "norm"), [("deep", "layer"), ("patchify", "batch"), ("deep", "batch")])
+def test_stem_and_norm_variants(stem: str, norm: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = create_model("convnext_atto", stem=stem, norm=norm, attenuation=True)
+    norms = (nn.BatchNorm2d,) if norm == "batch" else (nn.LayerNorm, timm.layers.LayerNorm2d)
+    blocks = [m for m in model.stages.modules() if isinstance(m, norms)]
+    assert blocks, f"no {norm} norm in the stages"
+    if norm == "batch":
+        assert not any(isinstance(m, (nn.LayerNorm, timm.layers.LayerNorm2d)) for m in model.modules())
+    if stem == "deep":
+        assert isinstance(model.stem[0], nn.Conv2d) and model.stem[0].stride == (2, 2)
+        assert isinstance(model.stem[-1], nn.MaxPool2d)
+    # Same stride and width as the patchify stem, so the stages see what they were built for.
+    features = model.stem(_image())
+    assert features.shape == (2, 40, SIZE // 4, SIZE // 4)
+    model.train()
+    output = model(_image(3))
+    output.sum().backward()
+    assert output.shape == (3, 2)
+    assert all(param.grad is not None for param in model.parameters())
+    # A file of the same variant (an exported bundle) loads back completely.
+    path = tmp_path / "variant.safetensors"
+    save_file(model.state_dict(), str(path))
+    again = create_model("convnext_atto", stem=stem, norm=norm, attenuation=True, pretrained=str(path))
+    assert again.load_report.problems == []
+    model.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_image()), again(_image()))
+
+
+def test_freeze_units_of_the_deep_stem() -> None:
+    model = create_model("convnext_atto", stem="deep", norm="batch")
+    assert len(freeze_units(model)) == count_units("convnext_atto")
+    apply_freeze(model, 1)
+    model.train()
+    assert not model.stem.training and not model.stem[1].training  # BatchNorm statistics stay as they were
+    assert not any(param.requires_grad for param in model.stem.parameters())
+    assert all(param.requires_grad for param in model.stages.parameters())
+
+
+@pytest.mark.parametrize("kwargs", [{"stem": "overlap"}, {"norm": "group"}])
+def test_unknown_stem_or_norm(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="must be one of"):
+        create_model("convnext_atto", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"stem": "deep"}, {"norm": "batch"}])
+def test_imagenet_tags_refused_for_variants(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="fit only stem='patchify' and norm='layer'"):
+        create_model("convnext_atto", pretrained="timm:fb_in1k", **kwargs)
+
+
 def test_timm_prefix_without_tag_is_refused_before_any_download() -> None:
     with pytest.raises(ValueError, match="no tag"):
         create_model("convnext_atto", pretrained="timm:")

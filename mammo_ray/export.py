@@ -313,7 +313,13 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
     lines = [f"# Model card: {cfg.name}", ""]
     lines += [
         "## Model",
-        f"- Backbone: `{cfg.model.backbone}` (timm), {report.get('trainable_params', 'n/a')} trainable parameters, "
+        f"- Backbone: `{cfg.model.backbone}` (timm"
+        + (
+            ""
+            if (cfg.model.stem, cfg.model.norm) == ("patchify", "layer")
+            else f"; {cfg.model.stem} stem, {cfg.model.norm} norm, not the published ConvNeXt"
+        )
+        + f"), {report.get('trainable_params', 'n/a')} trainable parameters, "
         f"first {cfg.model.freeze_units} unit(s) frozen; head dropout {cfg.model.dropout:.3g}; "
         f"{'attenuation head (μ, log σ²)' if cfg.model.attenuation else 'one logit'}.",
         f"- Pretrained weights: {cfg.model.pretrained or 'none (random initialisation)'}.",

@@ -75,6 +75,11 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
             "2",
             "--set",
             f"data.synthetic.out={tmp_path / 'data'}",
+            # The BatchNorm, deep-stem variant, so that its buffers go through training, export and predict.
+            "--set",
+            "model.stem=deep",
+            "--set",
+            "model.norm=batch",
         ]
     )
     assert code == 0
@@ -92,6 +97,8 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
         assert (out / name).is_file(), name
     resolved = config.load(out / "config.yaml")
     assert (resolved.train.sampler, resolved.train.loss, resolved.model.freeze_units) == ("balanced", "focal", 2)
+    assert (resolved.model.stem, resolved.model.norm) == ("deep", "batch")
+    assert "deep stem, batch norm" in (out / "MODEL_CARD.md").read_text()
     tsv = pd.read_csv(out / "results_last_ref.tsv", sep="\t")
     assert list(tsv.columns) == ["true_labels", "predicted_labels", "logits", "score", "uncertainty", "dataset"]
     history = pd.read_csv(out / "history.csv")

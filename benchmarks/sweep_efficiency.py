@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if epoch_length:
         overrides["train.epoch_length"] = epoch_length
-    # Each running trial streams two training datasets (class-aware sampler) plus validation; on 2 cores two
+    # Each running trial streams a training and a validation dataset per worker; on 2 cores two
     # concurrent trials leave Ray Data no whole CPU and the sweep hangs (NOTES.md "Data starvation").
     max_concurrent = args.max_concurrent or max(1, (common.cores() - 1) // 2)
     overrides["resources.max_concurrent_trials"] = max_concurrent

@@ -377,36 +377,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             group["lr"] = cfg.train.lr * factor
         return cfg.train.lr * factor
 
-    sampler = cfg.train.sampler
-    # Chunks of a whole batch: the simple sampler's takes are then views of one chunk, not copies.
+    # Chunks of a whole batch: each take is then a view of one chunk, not a copy.
     chunk = cfg.train.batch_size
     # Every rank takes the same number of steps per epoch (DDP all-reduces each backward pass), so each
     # stream cycles rather than ending with its rank's share.
-    if sampler == "simple":
-        stream = data.CyclingStream(ray.train.get_dataset_shard(f"train_{rank}"), chunk_size=chunk)
-    else:
-        positive_stream = data.CyclingStream(ray.train.get_dataset_shard(f"train_pos_{rank}"), chunk_size=chunk)
-        negative_stream = data.CyclingStream(ray.train.get_dataset_shard(f"train_neg_{rank}"), chunk_size=chunk)
+    # One stream per rank whatever the sampler: the class-aware samplers' batches are planned into its row order
+    # (data.class_aware_rows), so taking batch_size rows gives the planned batch.
+    stream = data.CyclingStream(ray.train.get_dataset_shard(f"train_{rank}"), chunk_size=chunk)
     valid_iter = ray.train.get_dataset_shard(f"valid_{rank}") if loop_config["valid_ranks"][rank] else None
     config_yaml = config_mod.dump(cfg)
     gauges = _metrics_gauges(loop_config.get("run_name", "run")) if rank == 0 else None
 
-    streams = [stream] if sampler == "simple" else [positive_stream, negative_stream]
+    streams = [stream]
     stop_watch = _StopWatch(loop_config.get("stop_flag"), rank, device)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             epoch_number = epoch + 1
             started = time.perf_counter()
             net.train()
-            rng = np.random.default_rng([cfg.train.seed, epoch_number, rank])
-            if sampler == "simple":
-                batches = (stream.take(cfg.train.batch_size) for _ in range(steps))
-            else:
-                plan = data.positives_per_batch(sampler, cfg.train.batch_size, steps, cfg.train.positive_fraction, rng)
-                batches = (
-                    data.concat_batches([positive_stream.take(n), negative_stream.take(cfg.train.batch_size - n)])
-                    for n in plan.tolist()
-                )
+            batches = (stream.take(cfg.train.batch_size) for _ in range(steps))
             loss_sum, seen, positives, nonfinite = 0.0, 0, 0, 0.0
             batch_share_min, batch_share_max = 1.0, 0.0
             stopped = False
@@ -578,6 +567,9 @@ def make_trainer(
         positive_strength=cfg.train.augment_positive_strength,
         load_batch_size=cfg.data.load_batch_size,
         rows_per_rank=steps * cfg.train.batch_size * cfg.train.epochs,
+        batch_size=cfg.train.batch_size,
+        steps_per_epoch=steps,
+        positive_fraction=cfg.train.positive_fraction,
     )
     loop_config = {
         "config": cfg.to_dict(),

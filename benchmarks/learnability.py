@@ -29,7 +29,7 @@ on this lesion. On the breast backgrounds at 128×96 the BatchNorm variant still
 ``--lesion synth`` trains on ``synth``'s own cancers instead of a square (``--prevalence`` of the breasts, batches
 half positive), with the benign look-alikes as the generator draws them (``--look-alikes matched``), scattered
 calcifications only (``calcifications``) or none (``none``). ``--stem conv --norm batch`` builds ours as timm's
-ConvNeXt with BatchNorm in place of every LayerNorm and a ResNet-style deep stem (:func:`conv_stem`) in place of
+ConvNeXt with BatchNorm in place of every LayerNorm and a ResNet-style deep stem (``mammo_ray.model.deep_stem``, the product's ``model.stem: deep``) in place of
 the 4×4 patchify stem. Measured 2026-12-06 (same machine, ``--quick --lesion synth --steps 250``, prevalence 0.5:
 200 patients, about 1,600 images): best validation AUC, ours vs resnet10t
 
@@ -125,22 +125,6 @@ def render(patients: int, prevalence: float, size: tuple[int, int], out: tuple[i
     return np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.float32), np.asarray(groups)
 
 
-def conv_stem(out_channels: int):
-    """A ResNet-style deep stem to replace ConvNeXt's 4×4 patchify stem (same 1/4 resolution and width):
-    3×3 conv stride 2, BatchNorm, ReLU, 3×3 conv, BatchNorm, ReLU, 3×3 max-pool stride 2."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 24, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(24),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(24, out_channels, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
-    )
-
-
 def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, args, stem: str = "patch") -> dict:
     import timm
     import torch
@@ -151,7 +135,9 @@ def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, a
     net = timm.create_model(name, pretrained=False, num_classes=1, in_chans=1, **kwargs)
     shift_rng = np.random.default_rng(args.seed + 1)
     if stem == "conv":
-        net.stem = conv_stem(net.stem[0].out_channels)
+        from mammo_ray.model import deep_stem
+
+        net.stem = deep_stem(1, net.stem[0].out_channels)
     positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     curve, started = [], time.perf_counter()
@@ -211,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amplitude", type=float, default=1.0, help="lesion brightness in normalised units")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stem", choices=["patch", "conv"], default="patch", help="ours: timm's stem, or conv_stem()")
+    parser.add_argument(
+        "--stem", choices=["patch", "conv"], default="patch", help="ours: timm's stem, or mammo_ray.model.deep_stem"
+    )
     parser.add_argument(
         "--norm",
         choices=["layer", "batch"],

@@ -1,7 +1,8 @@
 """Ray Data pipelines: manifest rows → pixels (cache or on-the-fly decode) → augmentation → workers.
 
 Each Train worker gets its own datasets, built here in the trial process from the validated
-manifest: ``train_{rank}`` (natural ratio, or the class-aware sampler's planned batches) and ``valid_{rank}``. Every image belongs to exactly one rank, so
+manifest: ``train_{rank}`` (natural ratio, or the class-aware sampler's planned batches) and
+``valid_{rank}``. Every image belongs to exactly one rank, so
 
 * validation sees every image exactly once across ranks (Ray's ``streaming_split(equal=True)``
   drops rows to equalise shards, which would bias the validation AUC);
@@ -159,11 +160,9 @@ def make_dataset(
     rows = frame[_metadata_columns(frame, use_cache)].reset_index(drop=True)
     if epochs_per_pass < 1:
         raise ValueError(f"epochs_per_pass must be at least 1, got {epochs_per_pass}")
-    if shuffle_seed is not None:
-        orders = [
-            np.random.default_rng([int(shuffle_seed), copy]).permutation(len(rows)) for copy in range(epochs_per_pass)
-        ]
-        rows = rows.iloc[np.concatenate(orders)].reset_index(drop=True) if len(rows) else rows
+    if shuffle_seed is not None and len(rows):
+        order = _cycled_permutations(len(rows), len(rows) * epochs_per_pass, shuffle_seed)
+        rows = rows.iloc[order].reset_index(drop=True)
     # Several blocks let a multi-CPU node load pixels in parallel; metadata blocks are tiny.
     blocks = max(1, min(64, len(rows) // max(1, load_batch_size * 4)))
     # Split into blocks here: from_pandas(override_num_blocks=...) breaks on pandas 3 frames (Ray 2.60).
@@ -299,19 +298,15 @@ def class_aware_rows(
             for epoch in range(1, planned + 1)
         ]
     )
-    n_positive = int(plan.sum())
-    take_pos = _cycled_permutations(len(positives), n_positive, seed * 1000 + rank)
-    take_neg = _cycled_permutations(len(negatives), len(plan) * batch_size - n_positive, seed * 1000 + 500 + rank)
-    # Each batch: its positives, then its negatives. Row indices into one frame that holds both classes.
-    both = pd.concat([positives, negatives], ignore_index=True)
-    take_neg = take_neg + len(positives)
-    ends_pos, ends_neg = np.cumsum(plan), np.cumsum(batch_size - plan)
-    order = np.concatenate(
-        [
-            np.concatenate([take_pos[end_p - n : end_p], take_neg[end_n - (batch_size - n) : end_n]])
-            for n, end_p, end_n in zip(plan.tolist(), ends_pos.tolist(), ends_neg.tolist(), strict=True)
-        ]
+    # Slot j of batch i holds a positive when j < plan[i]: each batch its positives, then its negatives.
+    positive_slot = (np.arange(batch_size)[None, :] < plan[:, None]).ravel()
+    n_positive = int(positive_slot.sum())
+    order = np.empty(len(positive_slot), dtype=np.int64)
+    order[positive_slot] = _cycled_permutations(len(positives), n_positive, seed * 1000 + rank)
+    order[~positive_slot] = len(positives) + _cycled_permutations(
+        len(negatives), len(order) - n_positive, seed * 1000 + 500 + rank
     )
+    both = pd.concat([positives, negatives], ignore_index=True)  # row indices into both classes at once
     return both.iloc[order].reset_index(drop=True)
 
 

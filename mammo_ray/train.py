@@ -388,7 +388,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     config_yaml = config_mod.dump(cfg)
     gauges = _metrics_gauges(loop_config.get("run_name", "run")) if rank == 0 else None
 
-    streams = [stream]
     stop_watch = _StopWatch(loop_config.get("stop_flag"), rank, device)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -502,9 +501,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 ray.train.report(report)
 
     finally:
-        # Drained or not, every stream's pass ends here, so its Ray Data budget is given back at once.
-        for open_stream in streams:
-            open_stream.close()
+        # Drained or not, the stream's pass ends here, so its Ray Data budget is given back at once.
+        stream.close()
 
 
 def _metrics_gauges(run_name: str):

@@ -13,8 +13,9 @@ against. Its first epoch is not counted either.
 
 Threads: the Train worker gets ``resources.cpus_per_worker`` CPUs and Ray sets its torch threads from that;
 a probe TorchTrainer with the same scaling config reads ``torch.get_num_threads()`` inside a Train worker and
-the baseline calls ``torch.set_num_threads`` with that number. Ray Data gets the remaining CPUs, as in a
-real run. On a GPU machine both sides run on the GPU with the config's bf16 AMP and channels_last.
+the baseline calls ``torch.set_num_threads`` with that number. ``--torch-threads N`` sets ours'
+``resources.torch_threads`` (as the demo does, with 2) and gives the baseline the same N. Ray Data gets the
+remaining CPUs, as in a real run; with more threads it shares them with the worker's torch. On a GPU machine both sides run on the GPU with the config's bf16 AMP and channels_last.
 
     python benchmarks/train_overhead.py --quick --out train_overhead.json
 """
@@ -90,6 +91,7 @@ def make_config(args, image_size, batch_size, steps, epochs, cpus_per_worker, us
     cfg.resources.cpus_per_worker = float(cpus_per_worker)
     cfg.resources.gpus_per_worker = 1.0 if use_gpu else 0.0
     cfg.resources.max_failures = 0
+    cfg.resources.torch_threads = args.torch_threads
     cfg.search.checkpoints_to_keep = epochs  # the figure comes from the per-epoch history of the last one
     config_mod.validate(cfg, "train_overhead benchmark")
     return cfg
@@ -211,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, help="synthetic patients (quick 60, full 200)")
     parser.add_argument("--cpus-per-worker", type=float, help="default: 1 on <= 4 cores, else half the cores")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="resources.torch_threads of ours, and the baseline's threads (0: Ray's default for the worker)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     image_size = tuple(args.image_size or ((128, 96) if args.quick else (256, 192)))
@@ -240,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Train worker: torch threads {probe['torch_threads']}, OMP_NUM_THREADS {probe['omp_num_threads']}",
         file=sys.stderr,
     )
-    baseline = run_baseline(cfg, frames["train"], steps, "cuda" if use_gpu else "cpu", probe["torch_threads"])
+    threads = args.torch_threads or probe["torch_threads"]
+    baseline = run_baseline(cfg, frames["train"], steps, "cuda" if use_gpu else "cpu", threads)
     print(f"baseline: {baseline['images_per_s']:.2f} images/s", file=sys.stderr)
     ours = run_ours(cfg, frames)
     print(f"ours: {ours['images_per_s']:.2f} images/s", file=sys.stderr)
@@ -258,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": cfg.train.channels_last,
         "ray_num_cpus": num_cpus,
         "cpus_per_worker": cpus_per_worker,
-        "train_worker_torch_threads": probe["torch_threads"],
+        "train_worker_torch_threads": threads,
         "train_worker_omp_num_threads": probe["omp_num_threads"],
-        "baseline_torch_threads": probe["torch_threads"],
+        "baseline_torch_threads": threads,
         "ray_data_cpus": num_cpus - cpus_per_worker,
         "sampler": args.sampler,
         "augment": False,

@@ -111,6 +111,9 @@ class ResourcesConfig:
     max_concurrent_trials: int = 1
     max_failures: int = 1
     backend: str = "auto"
+    # Intra-op threads of each Train worker's torch (0: as Ray sets them, the worker's whole CPUs, at least 1).
+    # Threads are not a Ray reservation: a CPU worker holding 0.5 CPU can still compute on 2 cores.
+    torch_threads: int = 0
 
 
 @dataclass
@@ -193,6 +196,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "resources.trial_cpus": (0.0, None),
     "resources.max_concurrent_trials": (1, None),
     "resources.max_failures": (0, None),
+    "resources.torch_threads": (0, None),
     "search.num_samples": (1, None),
     "search.grace_period": (1, None),
     "search.reduction_factor": (2, None),

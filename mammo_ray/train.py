@@ -169,6 +169,8 @@ def resources_plan(cfg: config_mod.Config) -> dict[str, Any]:
         "trial_actor": {"CPU": res.trial_cpus},
         "workers": res.num_workers,
         "per_worker": worker_resources(cfg),
+        # Threads are not reserved: they say how many cores each worker's torch computes on.
+        "torch_threads_per_worker": res.torch_threads or "Ray's default (the whole CPUs held, at least 1)",
         "backend": backend_for(cfg),
         "trial_total": {
             "CPU": round(res.trial_cpus + res.num_workers * res.cpus_per_worker, 3),
@@ -330,6 +332,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     rank = context.get_world_rank()
     seed_everything(cfg.train.seed * 1000 + rank)
     device = ray.train.torch.get_device()
+    if cfg.resources.torch_threads:
+        torch.set_num_threads(cfg.resources.torch_threads)
     on_gpu = device.type == "cuda"
     channels_last = cfg.train.channels_last and on_gpu
     use_amp = cfg.train.amp and on_gpu
@@ -475,6 +479,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "epoch_time_s": epoch_time,
                 "lr": optimizer.param_groups[0]["lr"],
                 "trainable_params": trainable,
+                "torch_threads": torch.get_num_threads(),
                 "nonfinite_loss": 0.0,
             }
             if on_gpu:

@@ -80,6 +80,9 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
             "model.stem=deep",
             "--set",
             "model.norm=batch",
+            # Neither Ray's default for a 0.5-CPU worker (1) nor the demo's (2): the worker must apply it.
+            "--set",
+            "resources.torch_threads=3",
         ]
     )
     assert code == 0
@@ -103,6 +106,7 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     assert list(tsv.columns) == ["true_labels", "predicted_labels", "logits", "score", "uncertainty", "dataset"]
     history = pd.read_csv(out / "history.csv")
     assert history["train_positive_fraction"].iloc[-1] == 0.5
+    assert history["torch_threads"].iloc[-1] == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"val", "selected"}
 

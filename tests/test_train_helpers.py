@@ -272,6 +272,7 @@ def test_resources_plan_cpu() -> None:
         "trial_actor": {"CPU": 0.1},
         "workers": 2,
         "per_worker": {"CPU": 0.5},
+        "torch_threads_per_worker": "Ray's default (the whole CPUs held, at least 1)",
         "backend": "gloo",
         "trial_total": {"CPU": 1.1, "GPU": 0.0},
         "max_concurrent_trials": 1,
@@ -300,6 +301,8 @@ def test_resources_plan_of_shipped_spaces(name: str) -> None:
     plan = train.resources_plan(cfg)
     assert plan["workers"] == cfg.resources.num_workers
     assert plan["backend"] == ("nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
+    if name == "demo":  # two cores for the 0.5-CPU worker's torch (README, "The space file")
+        assert plan["torch_threads_per_worker"] == 2
 
 
 @pytest.mark.parametrize(

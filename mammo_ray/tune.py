@@ -519,15 +519,18 @@ def write_sweep_files(
     storage.write_text(storage.join(experiment, "manifests.json"), json.dumps(recorded, indent=2) + "\n")
 
 
-def fit_concurrency(cfg: config_mod.Config) -> None:
+def fit_concurrency(cfg: config_mod.Config, total: float | None = None) -> None:
     """Cap concurrent trials so that Ray Data keeps at least one whole CPU free on this cluster.
 
     Ray Data's tasks need a whole CPU; if the trials' reservations leave less than one, every trial's data
     pipeline waits forever ("backpressured"). On GPU clusters the per-node layout matters too (see README).
+    ``total`` is the cluster's CPU count (default: asked from Ray). Also warns when ``resources.torch_threads``
+    asks for more torch threads than the cluster has CPUs: threads are not reserved, so they would compete.
     """
-    import ray
+    if total is None:
+        import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
+        total = ray.cluster_resources().get("CPU", 0.0)
     per_trial = cfg.resources.trial_cpus + cfg.resources.num_workers * cfg.resources.cpus_per_worker
     if per_trial <= 0 or total <= 0:
         return
@@ -544,6 +547,15 @@ def fit_concurrency(cfg: config_mod.Config) -> None:
             file=sys.stderr,
         )
         cfg.resources.max_concurrent_trials = fitting
+    res = cfg.resources
+    threads = res.torch_threads * res.num_workers * res.max_concurrent_trials
+    if threads > total:
+        print(
+            f"warning: resources.torch_threads {res.torch_threads} × {res.num_workers} worker(s) × "
+            f"{res.max_concurrent_trials} concurrent trial(s) = {threads} torch threads on the cluster's {total:g} "
+            "CPUs; they will compete for cores (0 lets Ray set them from the CPUs each worker holds)",
+            file=sys.stderr,
+        )
 
 
 def check_storage(args) -> None:

@@ -46,6 +46,35 @@ def test_dry_run_prints_config_space_and_plan():
 
 
 @pytest.mark.parametrize(
+    ("total", "concurrent", "expected", "warnings"),
+    [
+        (2.0, 1, 1, []),  # the demo: 0.6 CPU per trial leaves Ray Data a whole CPU; 2 threads on 2 cores
+        (2.0, 2, 1, ["running 1 at a time"]),  # two trials would leave Ray Data 0.8 CPU
+        (4.0, 4, 4, ["8 torch threads on the cluster's 4 CPUs"]),  # 4 trials fit, but 4 x 2 threads do not
+        (16.0, 4, 4, []),
+    ],
+)
+def test_fit_concurrency_caps_trials_and_warns_about_threads(capsys, total, concurrent, expected, warnings):
+    from mammo_ray import config
+
+    cfg = config.load("demo", {"resources.max_concurrent_trials": concurrent})
+    tune.fit_concurrency(cfg, total=total)
+    assert cfg.resources.max_concurrent_trials == expected
+    err = capsys.readouterr().err
+    assert err.count("warning:") == len(warnings), err
+    for needle in warnings:
+        assert needle in err
+
+
+def test_fit_concurrency_refuses_a_trial_that_leaves_ray_data_no_cpu():
+    from mammo_ray import config
+
+    cfg = config.load("demo", {"resources.cpus_per_worker": 1.5})
+    with pytest.raises(ValueError, match="less than one CPU"):
+        tune.fit_concurrency(cfg, total=2.0)
+
+
+@pytest.mark.parametrize(
     ("override", "needle"),
     [("train.lrr=1", "train.lrr"), ("model.dropout=2", "model.dropout"), ("train.sampler=nope", "train.sampler")],
 )

@@ -15,7 +15,8 @@ Threads: the Train worker gets ``resources.cpus_per_worker`` CPUs and Ray sets i
 a probe TorchTrainer with the same scaling config reads ``torch.get_num_threads()`` inside a Train worker and
 the baseline calls ``torch.set_num_threads`` with that number. ``--torch-threads N`` sets ours'
 ``resources.torch_threads`` (as the demo does, with 2) and gives the baseline the same N. Ray Data gets the
-remaining CPUs, as in a real run; with more threads it shares them with the worker's torch. On a GPU machine both sides run on the GPU with the config's bf16 AMP and channels_last.
+remaining CPUs, as in a real run; with more threads it shares them with the worker's torch. On a GPU machine
+both sides run on the GPU with the config's bf16 AMP and channels_last.
 
     python benchmarks/train_overhead.py --quick --out train_overhead.json
 """

@@ -531,7 +531,8 @@ def fit_concurrency(cfg: config_mod.Config, total: float | None = None) -> None:
         import ray
 
         total = ray.cluster_resources().get("CPU", 0.0)
-    per_trial = cfg.resources.trial_cpus + cfg.resources.num_workers * cfg.resources.cpus_per_worker
+    res = cfg.resources
+    per_trial = res.trial_cpus + res.num_workers * res.cpus_per_worker
     if per_trial <= 0 or total <= 0:
         return
     fitting = int((total - 1.0) // per_trial)
@@ -540,14 +541,13 @@ def fit_concurrency(cfg: config_mod.Config, total: float | None = None) -> None:
             f"one trial reserves {per_trial:g} CPUs of the cluster's {total:g}, leaving Ray Data less than one CPU; "
             "lower resources.cpus_per_worker or resources.num_workers"
         )
-    if cfg.resources.max_concurrent_trials > fitting:
+    if res.max_concurrent_trials > fitting:
         print(
-            f"warning: {cfg.resources.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
+            f"warning: {res.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
             f"Data less than one of the cluster's {total:g} CPUs; running {fitting} at a time",
             file=sys.stderr,
         )
-        cfg.resources.max_concurrent_trials = fitting
-    res = cfg.resources
+        res.max_concurrent_trials = fitting
     threads = res.torch_threads * res.num_workers * res.max_concurrent_trials
     if threads > total:
         print(

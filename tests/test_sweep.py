@@ -13,7 +13,7 @@ import pytest
 from s3_server import KEY, LocalS3
 from sklearn.metrics import roc_auc_score
 
-from mammo_ray import tune
+from mammo_ray import config, tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,6 @@ def test_dry_run_prints_config_space_and_plan():
     ],
 )
 def test_fit_concurrency_caps_trials_and_warns_about_threads(capsys, total, concurrent, expected, warnings):
-    from mammo_ray import config
-
     cfg = config.load("demo", {"resources.max_concurrent_trials": concurrent})
     tune.fit_concurrency(cfg, total=total)
     assert cfg.resources.max_concurrent_trials == expected
@@ -67,8 +65,6 @@ def test_fit_concurrency_caps_trials_and_warns_about_threads(capsys, total, conc
 
 
 def test_fit_concurrency_refuses_a_trial_that_leaves_ray_data_no_cpu():
-    from mammo_ray import config
-
     cfg = config.load("demo", {"resources.cpus_per_worker": 1.5})
     with pytest.raises(ValueError, match="less than one CPU"):
         tune.fit_concurrency(cfg, total=2.0)

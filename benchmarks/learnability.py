@@ -29,8 +29,8 @@ on this lesion. On the breast backgrounds at 128×96 the BatchNorm variant still
 ``--lesion synth`` trains on ``synth``'s own cancers instead of a square (``--prevalence`` of the breasts, batches
 half positive), with the benign look-alikes as the generator draws them (``--look-alikes matched``), scattered
 calcifications only (``calcifications``) or none (``none``). ``--stem conv --norm batch`` builds ours as timm's
-ConvNeXt with BatchNorm in place of every LayerNorm and a ResNet-style deep stem (``mammo_ray.model.deep_stem``, the product's ``model.stem: deep``) in place of
-the 4×4 patchify stem. Measured 2026-12-06 (same machine, ``--quick --lesion synth --steps 250``, prevalence 0.5:
+ConvNeXt with BatchNorm in place of every LayerNorm and a ResNet-style deep stem
+(``mammo_ray.model.deep_stem``, the product's ``model.stem: deep``) in place of the 4×4 patchify stem. Measured 2026-12-06 (same machine, ``--quick --lesion synth --steps 250``, prevalence 0.5:
 200 patients, about 1,600 images): best validation AUC, ours vs resnet10t
 
     look-alikes  ours                          ours       resnet10t

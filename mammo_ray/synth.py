@@ -209,6 +209,10 @@ _CALC_COUNT = (5, 21)
 # of glandular tissue whose own contrast to fat is 0.28-0.40, so that dense breasts hide some masses.
 _MASS_DIAMETER = (0.06, 0.15)
 _MASS_CONTRAST = (0.15, 0.35)
+# Share of a mass's added density that dense tissue hides: 0 draws it on top of the tissue (as shipped), 1 scales
+# it by the local fat share, so that a mass over dense glands adds nothing. A probe knob
+# (``benchmarks/learnability.py --synth-set _MASS_MASKING=1``); the shipped data keep 0.
+_MASS_MASKING = 0.0
 _CALC_AMPLITUDE = (0.45, 0.85)
 # Calcification sigma in pixels at 512 rows; scaled with the image so a calcification has a physical size.
 # Larger than most real calcifications (0.1-0.5 mm) so that a cluster survives downsampling to the demo's 128 rows.
@@ -660,6 +664,7 @@ def _draw_finding(
     geometry: _Geometry,
     view: str,
     seed: int,
+    fat_share: np.ndarray | None = None,
 ) -> None:
     rng = np.random.default_rng([finding.seed, _VIEWS.index(view), seed])
     sigma_scale = canvas.rows / 512.0
@@ -686,7 +691,10 @@ def _draw_finding(
             return
         rows, cols, dy, dx = box
         draw = _spiculated_mass if finding.kind == "spiculated_mass" else _benign_mass
-        image[rows, cols] += finding.contrast * draw(rng, dy, dx, radius) * thickness[rows, cols]
+        density = finding.contrast * draw(rng, dy, dx, radius) * thickness[rows, cols]
+        if fat_share is not None:
+            density *= fat_share[rows, cols]
+        image[rows, cols] += density
         return
     radius = finding.size * canvas.rows
     offsets = _cluster_offsets(rng, finding, radius)
@@ -778,8 +786,12 @@ def _render(
     _draw_nipple(image, canvas, geometry, patient.fat_level)
 
     findings = _findings(breast, exam, side)
+    fat_share = None
+    if _MASS_MASKING and any(f.kind in ("spiculated_mass", "benign_mass") for f in findings):
+        fat_share = np.ones_like(thickness)
+        fat_share[:, :reach] -= _MASS_MASKING * gland
     for finding in findings:
-        _draw_finding(image, thickness, canvas, finding, geometry, view, seed)
+        _draw_finding(image, thickness, canvas, finding, geometry, view, seed, fat_share)
 
     noise = canvas.slice(canvas.white, tuple(int(v) for v in rng.integers(0, 1 << 16, 3)))
     np.multiply(noise, exam.noise_sd, out=work)

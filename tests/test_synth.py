@@ -276,6 +276,27 @@ def test_same_seed_same_data(tmp_path: Path) -> None:
     assert pixels and any(first[name] != other.get(name) for name in pixels)
 
 
+def test_mass_masking_hides_masses_behind_dense_tissue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe knob ``_MASS_MASKING`` (off in the shipped data) scales a mass's added density by the local fat
+    share: never brighter than the unmasked mass, darker over glands, and no change to a breast without a mass."""
+    plan = synth._plan(0, 40, 0.3, 8)
+    canvas = synth._Canvas((256, 208), 0, 8)
+
+    def render(patient: synth._Patient, exam: synth._Exam, side: str) -> np.ndarray:
+        rng = synth._rng(0, 3, patient.index, exam.number, 0, 0)
+        return synth._render(canvas, rng, patient, patient.breasts[side], exam, side, "CC", 0).copy()
+
+    cases = [(p, e, side) for p in plan for e in p.exams for side in synth._SIDES]
+    mass = next(c for c in cases if c[1].cancer.get(c[2]) and c[1].cancer[c[2]].kind == "spiculated_mass")
+    plain = next(c for c in cases if not c[1].cancer.get(c[2]) and not c[0].breasts[c[2]].benign)
+    shipped = render(*mass), render(*plain)
+    monkeypatch.setattr(synth, "_MASS_MASKING", 1.0)
+    masked = render(*mass), render(*plain)
+    assert (masked[0] <= shipped[0] + 1e-6).all()
+    assert (shipped[0] - masked[0]).max() > 0.05
+    np.testing.assert_array_equal(masked[1], shipped[1])
+
+
 def test_patients_do_not_depend_on_cohort_size() -> None:
     small, large = synth._plan(3, 5, 0.0, 8), synth._plan(3, 9, 0.0, 8)
     assert [p.exams[0].study_date for p in small] == [p.exams[0].study_date for p in large[:5]]

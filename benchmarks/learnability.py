@@ -105,39 +105,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-@contextlib.contextmanager
-def look_alike_rates(mode: str, mass_rate: float | None = None, calcs_rate: float | None = None):
-    """Temporarily change how often ``synth`` draws benign look-alikes: ``matched`` (the generator as it ships:
-    a benign mass in half the breasts, scattered calcifications in 90%), ``calcifications`` (no benign masses) or
-    ``none`` (no benign findings at all); ``mass_rate`` and ``calcs_rate``, when given, override the mode's."""
-    from mammo_ray import synth
-
-    saved = synth._BENIGN_MASS_RATE, synth._BENIGN_CALCS_RATE
+def look_alike_rates(mode: str, mass_rate: float | None = None, calcs_rate: float | None = None) -> list[str]:
+    """How often ``synth`` draws benign look-alikes, as :func:`synth_constants` assignments: ``matched`` (the
+    generator as it ships: a benign mass in half the breasts, scattered calcifications in 90%), ``calcifications``
+    (no benign masses) or ``none`` (no benign findings at all); ``mass_rate`` and ``calcs_rate``, when given,
+    override the mode's."""
+    rates = {}
     if mode in ("calcifications", "none"):
-        synth._BENIGN_MASS_RATE = 0.0
+        rates["_BENIGN_MASS_RATE"] = 0.0
     if mode == "none":
-        synth._BENIGN_CALCS_RATE = 0.0
+        rates["_BENIGN_CALCS_RATE"] = 0.0
     if mass_rate is not None:
-        synth._BENIGN_MASS_RATE = mass_rate
+        rates["_BENIGN_MASS_RATE"] = mass_rate
     if calcs_rate is not None:
-        synth._BENIGN_CALCS_RATE = calcs_rate
-    try:
-        yield
-    finally:
-        synth._BENIGN_MASS_RATE, synth._BENIGN_CALCS_RATE = saved
+        rates["_BENIGN_CALCS_RATE"] = calcs_rate
+    return [f"{name}={value}" for name, value in rates.items()]
 
 
 @contextlib.contextmanager
 def synth_constants(assignments: list[str]):
-    """Temporarily set ``synth`` module constants from ``NAME=VALUE`` strings (``VALUE`` a number or a
-    comma-separated tuple of numbers)."""
+    """Temporarily set ``synth``'s numeric module constants from ``NAME=VALUE`` strings (``VALUE`` a number or a
+    comma-separated tuple of numbers); a later assignment of the same name wins."""
     from mammo_ray import synth
 
     saved = {}
     for assignment in assignments:
         name, _, value = assignment.partition("=")
-        if not hasattr(synth, name):
-            raise SystemExit(f"--synth-set {assignment}: mammo_ray.synth has no constant {name}")
+        if not isinstance(getattr(synth, name, None), (int, float, tuple)):
+            raise SystemExit(f"--synth-set {assignment}: mammo_ray.synth has no numeric constant {name}")
         try:
             numbers = tuple(float(v) for v in value.split(","))
         except ValueError:
@@ -304,10 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lesion == "synth":
         if args.background != "mammo":
             parser.error("--lesion synth draws synth's own breasts; it cannot be combined with --background noise")
-        with (
-            look_alike_rates(args.look_alikes, args.benign_mass_rate, args.benign_calcs_rate),
-            synth_constants(args.synth_set),
-        ):
+        look_alikes = look_alike_rates(args.look_alikes, args.benign_mass_rate, args.benign_calcs_rate)
+        with synth_constants(look_alikes + args.synth_set):
             images, labels, groups = render(args.patients, args.prevalence, (512, 416), tuple(args.size), args.seed)
         images = (images - 0.35) / 0.25
     else:

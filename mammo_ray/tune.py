@@ -300,6 +300,33 @@ def sweep_plots(experiment_dir: Path, study_name: str) -> list[Path]:
     ]
 
 
+def _auc_text(split: dict) -> str:
+    auc, ci = split.get("auc"), split.get("auc_ci95")
+    if auc is None:
+        return "n/a"
+    return f"{auc:.3f}" + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and ci[0] is not None else "")
+
+
+def auc_caveats(split: dict, candidates: int, has_test: bool) -> list[str]:
+    """What a reader of the printed AUC should know: a figure picked as the best of several checkpoints on the
+    same split is optimistic, and an interval that holds 0.5 does not show the model beats chance."""
+    auc, ci = split.get("auc"), split.get("auc_ci95")
+    if auc is None:
+        return []
+    lines = []
+    if candidates > 1:
+        lines.append(
+            f"picked as the best of {candidates} trial-epochs on this split, so it is optimistic; "
+            + ("the test AUC below is not" if has_test else "pass --test for a figure that is not")
+        )
+    if ci and ci[0] is not None:
+        if ci[0] <= 0.5 <= ci[1]:
+            lines.append("its 95% CI includes 0.5: no better than chance")
+        elif ci[1] < 0.5:
+            lines.append("its 95% CI lies below 0.5: worse than chance on this split")
+    return lines
+
+
 def summary_table(board: pd.DataFrame, cfg: config_mod.Config) -> str:
     metric = cfg.search.metric
     columns = ["trial_id", "status", "stop_reason", "epochs", *cfg.space.keys(), f"{metric}_best"]
@@ -479,16 +506,18 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
         print(f"error: cannot export the best checkpoint: {err}", file=sys.stderr)
         return 1
     metrics = json.loads((bundle / "metrics.json").read_text())
-    val_auc = metrics["val"].get("auc")
     elapsed = time.perf_counter() - started
     trial = storage.name(storage.parent(checkpoint))
     print(f"\nbest trial: {trial}, epoch {metrics['selected'].get('epoch')}")
-    ci = metrics["val"].get("auc_ci95") or [None, None]
-    auc_text = "n/a" if val_auc is None else f"{val_auc:.3f}"
-    ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci and ci[0] is not None else ""
-    print(f"best validation AUC: {auc_text}{ci_text}")
-    if "test" in metrics and metrics["test"].get("auc") is not None:
-        print(f"test AUC of the exported model: {metrics['test']['auc']:.3f}")
+    test = metrics.get("test") or {}
+    print(f"best validation AUC: {_auc_text(metrics['val'])}")
+    trial_epochs = int(pd.to_numeric(board["epochs"], errors="coerce").fillna(0).sum())
+    for line in auc_caveats(metrics["val"], trial_epochs, has_test=test.get("auc") is not None):
+        print(f"  {line}")
+    if test.get("auc") is not None:
+        print(f"test AUC of the exported model: {_auc_text(test)}")
+        for line in auc_caveats(test, 1, has_test=True):
+            print(f"  {line}")
     print(f"bundle: {bundle}")
     print(f"leaderboard: {out_dir / 'leaderboard.csv'}   optuna study: {out_dir / 'optuna.db'}")
     if remote:

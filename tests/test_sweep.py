@@ -71,6 +71,27 @@ def test_fit_concurrency_refuses_a_trial_that_leaves_ray_data_no_cpu():
 
 
 @pytest.mark.parametrize(
+    ("split", "candidates", "has_test", "expected"),
+    [
+        # The demo's validation figures of 2026-12-06: picked among 13 trial-epochs (its test AUC was 0.502).
+        ({"auc": 0.594, "auc_ci95": [0.520, 0.672]}, 13, True, ["best of 13"]),
+        ({"auc": 0.594, "auc_ci95": [0.480, 0.672]}, 13, False, ["best of 13", "pass --test", "includes 0.5"]),
+        ({"auc": 0.91, "auc_ci95": [0.86, 0.95]}, 1, True, []),
+        ({"auc": 0.30, "auc_ci95": [0.21, 0.40]}, 1, True, ["below 0.5"]),
+        ({"auc": 0.91}, 4, True, ["best of 4"]),  # no bootstrap: nothing said about chance
+        ({"auc": None, "auc_reason": "one class"}, 4, True, []),
+    ],
+)
+def test_auc_caveats(split, candidates, has_test, expected):
+    lines = tune.auc_caveats(split, candidates, has_test)
+    assert len(lines) == len([e for e in expected if e != "pass --test"])
+    text = " | ".join(lines)
+    for needle in expected:
+        assert needle in text
+    assert ("the test AUC below is not" in text) == (candidates > 1 and has_test and split["auc"] is not None)
+
+
+@pytest.mark.parametrize(
     ("override", "needle"),
     [("train.lrr=1", "train.lrr"), ("model.dropout=2", "model.dropout"), ("train.sampler=nope", "train.sampler")],
 )

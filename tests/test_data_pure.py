@@ -327,6 +327,47 @@ def test_epochs_per_pass(n_rows: int, needed: int | None, expected: int) -> None
     assert expected * max(n_rows, 1) <= max(data.PASS_ROWS, n_rows)
 
 
+@pytest.mark.parametrize("n_rows", [0, 1, 127, 128, 500, 960, 1536, 6_144, 12_848, 20_000, 98_304, 200_000, 10**6])
+@pytest.mark.parametrize("load_batch_size", [8, 32])
+@pytest.mark.parametrize("cpus", [1, 16, 200])
+def test_block_bounds_tile_the_rows(n_rows: int, load_batch_size: int, cpus: int) -> None:
+    bounds = data.block_bounds(n_rows, load_batch_size, cpus)
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == n_rows
+    assert (sizes >= 0).all() and sizes.max() - sizes.min() <= 1, "contiguous, near-equal blocks"
+    assert 1 <= len(sizes) <= data.MAX_BLOCKS
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "load_batch_size", "blocks"),
+    [
+        (100, 32, 1),  # fewer rows than 4 load batches: one block
+        (500, 32, 3),  # room for 3 blocks of 4 load batches, not for 4
+        (960, 32, 4),  # a small validation set still loads on 4 CPUs
+        (6_144, 32, 4),  # a demo trial's pass: 4 blocks of 1,536 rows
+        (12_848, 32, 8),  # ingest.py --quick: 8 blocks of about 1,600 rows, the measured optimum on 2 CPUs
+        (200_000, 32, 64),  # a full pass: capped, 3,125 rows a block
+    ],
+)
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_block_bounds_trade_task_overhead_for_parallelism(
+    n_rows: int, load_batch_size: int, blocks: int, cpus: int
+) -> None:
+    sizes = np.diff(data.block_bounds(n_rows, load_batch_size, cpus))
+    assert len(sizes) == blocks
+    if n_rows >= data.MIN_BLOCKS * data.MIN_BLOCK_ROWS:
+        assert sizes.min() >= data.MIN_BLOCK_ROWS, "a block long enough to repay its task's start-up"
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "cpus", "blocks"), [(6_144, 16, 32), (2_000, 16, 15), (30_000, 16, 32), (50_000, 48, 64)]
+)
+def test_block_bounds_keep_every_cpu_of_a_big_node_busy(n_rows: int, cpus: int, blocks: int) -> None:
+    """A small pass on a GPU node with many CPUs: two blocks per CPU (where the rows allow 4 load batches each),
+    not the 4 long blocks a 2-CPU machine loads fastest."""
+    assert len(data.block_bounds(n_rows, 32, cpus)) - 1 == blocks
+
+
 # --------------------------------------------------------------------------------------------------
 # load_batch and normalise
 

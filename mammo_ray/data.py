@@ -154,7 +154,6 @@ def make_dataset(
             the executor restarts once per ``epochs_per_pass`` epochs. A re-execution repeats the
             same sequence (as a re-run with the same seed would).
     """
-    import ray
     import ray.data
 
     use_cache = use_cache and manifest.has_cache(frame)

@@ -138,8 +138,8 @@ is half a pixel wide:
 
 So the shipped data, within the statistics contract, is learnt by the ConvNeXt build from random initialisation,
 at the demo's prevalence too, once the resolution shows a calcification and the pooling keeps a small lesion's
-features; the last run took 18 min 42 s on 2 cores (400 steps of batch 32), about twice the demo's whole budget
-for one trial, and it was still rising. A ``mammo_ray.train`` run of the demo's space with the same build at
+features; the last run took 18 min 42 s on 2 cores (400 steps of batch 32) for one model, about twice the demo's
+whole 10-minute budget, and it was still rising. A ``mammo_ray.train`` run of the demo's space with the same build at
 256x208 (balanced sampler, lr 1e-3 with the cosine schedule, 384 steps, 25 min 16 s) stayed at chance on the demo's
 validation split (best 0.557), so the product's budget for this is not known yet.
 """

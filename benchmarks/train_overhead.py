@@ -15,8 +15,9 @@ Threads: the Train worker gets ``resources.cpus_per_worker`` CPUs and Ray sets i
 a probe TorchTrainer with the same scaling config reads ``torch.get_num_threads()`` inside a Train worker and
 the baseline calls ``torch.set_num_threads`` with that number. ``--torch-threads N`` sets ours'
 ``resources.torch_threads`` (as the demo does, with 2) and gives the baseline the same N. Ray Data gets the
-remaining CPUs, as in a real run; with more threads it shares them with the worker's torch. On a GPU machine
-both sides run on the GPU with the config's bf16 AMP and channels_last.
+remaining CPUs, as in a real run; with more threads it shares them with the worker's torch. Both sides lay
+out the model and batches channels_last, as the worker does on CPU and GPU; on a GPU machine both sides also run
+with bf16 AMP.
 
     python benchmarks/train_overhead.py --quick --out train_overhead.json
 """
@@ -87,7 +88,7 @@ def make_config(args, image_size, batch_size, steps, epochs, cpus_per_worker, us
     cfg.train.warmup_epochs = 0.0
     cfg.train.ema = False
     cfg.train.amp = use_gpu
-    cfg.train.channels_last = use_gpu
+    cfg.train.channels_last = True  # as the worker runs it, on CPU and GPU alike (both sides)
     cfg.resources.num_workers = 1
     cfg.resources.cpus_per_worker = float(cpus_per_worker)
     cfg.resources.gpus_per_worker = 1.0 if use_gpu else 0.0
@@ -137,7 +138,7 @@ def run_baseline(cfg, frame, steps: int, device_name: str, threads: int) -> dict
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     on_gpu = device.type == "cuda"
-    channels_last = cfg.train.channels_last and on_gpu
+    channels_last = cfg.train.channels_last
     use_amp = cfg.train.amp and on_gpu
     rows = {
         c: frame[c].to_numpy() for c in ("cache_file", "cache_offset", "cache_nbytes", "cache_height", "cache_width")

@@ -321,3 +321,46 @@ def test_resources_plan_of_shipped_spaces(name: str) -> None:
 def test_steps_per_epoch(n_train: int, batch_size: int, workers: int, epoch_length: int | None, expected: int) -> None:
     cfg = _cfg(**{"train.batch_size": batch_size, "resources.num_workers": workers, "train.epoch_length": epoch_length})
     assert train.steps_per_epoch(cfg, n_train) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# channels_last on the CPU
+
+
+def test_channels_last_on_cpu_computes_what_nchw_does(tmp_path) -> None:
+    """The worker lays out batches and model channels_last on the CPU too (train.channels_last); the outputs
+    and the saved weights must not change with the layout."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from mammo_ray import data
+    from mammo_ray import model as model_mod
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": data.quantise(rng.random((3, 64, 48), dtype=np.float32)),
+        "label": np.array([0, 1, 0]),
+    }
+    cpu = torch.device("cpu")
+    images, labels = train._to_tensor(batch, cpu, channels_last=False)
+    images_cl, labels_cl = train._to_tensor(batch, cpu, channels_last=True)
+    assert images_cl.is_contiguous(memory_format=torch.channels_last)  # with one channel, so is NCHW
+    assert torch.equal(images, images_cl) and torch.equal(labels, labels_cl)
+
+    torch.manual_seed(0)
+    net = model_mod.create_model("convnext_atto", stem="deep", norm="batch", pool="max").eval()
+    with torch.no_grad():
+        expected = net(images)
+        net_cl = net.to(memory_format=torch.channels_last)
+        second = net_cl.stem[3].weight  # 24 -> 40 channels: the layouts differ (the 1-channel first conv's do not)
+        assert second.is_contiguous(memory_format=torch.channels_last) and not second.is_contiguous()
+        got = net_cl(images_cl)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    # The checkpoint writer saves .contiguous() tensors: safetensors refuses strided ones.
+    state = {k: v.detach().cpu().contiguous() for k, v in net_cl.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    fresh = model_mod.create_model("convnext_atto", stem="deep", norm="batch", pool="max").eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), expected, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,9 @@ positives of a class-aware sampler, several times per epoch) waits on it each ti
 
 Images travel as uint16 (N, 1, H, W), half the bytes of float32 through the object store and the
 host-to-device copy; :func:`to_model_input` scales and normalises them on the consumer's device.
+
+Every dataset built here carries :class:`mammo_ray.data_pace.SchedulerPace`, which keeps Ray Data's scheduling
+loop from spinning in the worker while the worker has data waiting (see that module).
 """
 
 from __future__ import annotations
@@ -175,7 +178,9 @@ def make_dataset(
         seed=augment_seed,
         positive_strength=positive_strength,
     )
-    return dataset.map_batches(fn, batch_size=load_batch_size, batch_format="numpy")
+    from mammo_ray.data_pace import paced
+
+    return paced(dataset.map_batches(fn, batch_size=load_batch_size, batch_format="numpy"))
 
 
 # Each block of metadata rows becomes one map task. Several blocks let a multi-CPU node load pixels in

@@ -22,10 +22,14 @@ from __future__ import annotations
 import time
 
 import ray.data
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+try:  # an internal module of Ray Data (2.60); a Ray that moves it gets no pace rather than a broken pipeline
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+except ImportError:  # pragma: no cover - depends on the installed Ray
+    ExecutionCallback = None
 
 
-class SchedulerPace(ExecutionCallback):
+class SchedulerPace(ExecutionCallback or object):
     """Sleeps at the end of a scheduling step that came sooner than ``min_step_s`` after the previous one,
     unless the consumer is waiting for data.
 
@@ -52,6 +56,12 @@ class SchedulerPace(ExecutionCallback):
                 now = time.perf_counter()
         self._last = now
 
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass
+
 
 def consumer_idling(executor) -> bool:
     """Whether the dataset's consumer is waiting on the executor (its output queue is empty).
@@ -69,7 +79,10 @@ def consumer_idling(executor) -> bool:
 
 
 def paced(dataset: ray.data.Dataset) -> ray.data.Dataset:
-    """``dataset`` with :class:`SchedulerPace` among its context's execution callbacks (once)."""
+    """``dataset`` with :class:`SchedulerPace` among its context's execution callbacks (once); unchanged where
+    the installed Ray has no execution callbacks."""
+    if ExecutionCallback is None:
+        return dataset
     context = dataset.context
     classes = list(context.custom_execution_callback_classes)
     if SchedulerPace not in classes:

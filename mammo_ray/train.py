@@ -335,8 +335,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.resources.torch_threads:
         torch.set_num_threads(cfg.resources.torch_threads)
     on_gpu = device.type == "cuda"
-    # channels_last also pays on CPU for the BatchNorm build (1.25-1.34x training images/s on 2 cores, where
-    # oneDNN's NHWC convolutions skip the layout reorders); for timm's LayerNorm build it is neutral (1.02-1.03x).
+    # channels_last also pays on CPU for the BatchNorm build (1.24-1.37x training images/s on 2 cores at 256x208,
+    # benchmarks/cpu_step.py); for timm's LayerNorm build it is neutral (1.02-1.04x).
     channels_last = cfg.train.channels_last
     use_amp = cfg.train.amp and on_gpu
 

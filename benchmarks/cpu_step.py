@@ -23,25 +23,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from gpu_throughput import make_step  # noqa: E402  (the same step as the GPU benchmark)
+from gpu_throughput import build, make_step  # noqa: E402  (the same model and step as the GPU benchmark)
 
 
 def measure(args, channels_last: bool) -> dict:
     """images/s over ``args.steps`` timed steps after ``args.warmup`` untimed ones."""
     import torch
 
-    from mammo_ray import losses, train
-    from mammo_ray import model as model_mod
-
     torch.manual_seed(0)
-    net = model_mod.create_model(args.backbone, in_chans=1, stem=args.stem, norm=args.norm, pool=args.pool)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    groups = model_mod.param_groups(net, 0.05)
-    optimizer = train.build_optimizer("adamw", groups, 1e-4)
-    params = [p for group in groups for p in group["params"]]
-    step = make_step(net, optimizer, params, losses.build_loss("bce"), amp=False, device_type="cpu")
+    net, optimizer, params, loss_fn = build(
+        args.backbone, torch.device("cpu"), channels_last, stem=args.stem, norm=args.norm, pool=args.pool
+    )
+    step = make_step(net, optimizer, params, loss_fn, amp=False, device_type="cpu")
     images = torch.randn(args.batch_size, 1, *args.size)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

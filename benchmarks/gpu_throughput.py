@@ -49,13 +49,15 @@ def peak_flops(device_name: str) -> tuple[str | None, float | None]:
     return None, None
 
 
-def build(backbone: str, device, channels_last: bool):
+def build(backbone: str, device, channels_last: bool, **model_kwargs):
+    """The model (``model.create_model``, 1 channel, ``model_kwargs`` such as stem/norm/pool), its AdamW, its
+    trainable parameters and the BCE loss, as the Train worker builds them."""
     import torch
 
     from mammo_ray import losses, train
     from mammo_ray import model as model_mod
 
-    net = model_mod.create_model(backbone, in_chans=1).to(device)
+    net = model_mod.create_model(backbone, in_chans=1, **model_kwargs).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     groups = model_mod.param_groups(net, 0.05)

@@ -148,8 +148,13 @@ def export_bundle(
     reference_files: bool = False,
     bootstrap: int = 1000,
     sweep_info: dict | None = None,
+    history_from: str | Path | None = None,
 ) -> Path:
-    """Write one checkpoint's bundle (a local folder or a URI) into the local ``out_dir``, replaced atomically."""
+    """Write one checkpoint's bundle (a local folder or a URI) into the local ``out_dir``, replaced atomically.
+
+    ``history_from``: a later local checkpoint of the same run whose ``history.csv`` (every epoch that ran) goes
+    into the bundle instead of the selected checkpoint's (the epochs up to it); ``train`` passes its last one.
+    """
     with local_checkpoint(checkpoint_dir) as local:
         return _write_bundle(
             local,
@@ -159,6 +164,7 @@ def export_bundle(
             reference_files=reference_files,
             bootstrap=bootstrap,
             sweep_info=sweep_info,
+            history_from=Path(history_from) if history_from is not None else None,
         )
 
 
@@ -171,6 +177,7 @@ def _write_bundle(
     reference_files: bool,
     bootstrap: int,
     sweep_info: dict | None,
+    history_from: Path | None = None,
 ) -> Path:
     from mammo_ray import metrics, plots, predict
 
@@ -178,8 +185,9 @@ def _write_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for name in ("model.safetensors", "config.yaml", "history.csv"):
+        for name in ("model.safetensors", "config.yaml"):
             shutil.copy2(checkpoint_dir / name, staging / name)
+        shutil.copy2((history_from or checkpoint_dir) / "history.csv", staging / "history.csv")
         report = json.loads((checkpoint_dir / "report.json").read_text())
         val = pd.read_csv(
             checkpoint_dir / "val_predictions.csv", dtype={c: str for c in predict.PREDICTION_COLUMNS[:6]}

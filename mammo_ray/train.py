@@ -759,7 +759,9 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
     if best is None:
         print("error: the run produced no checkpoint", file=sys.stderr)
         return 1
-    bundle = export.export_bundle(best, out_dir, cfg, frames, reference_files=True)
+    # The bundle is the best epoch's, but history.csv (and the curves drawn from it) covers every epoch that ran.
+    last = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    bundle = export.export_bundle(best, out_dir, cfg, frames, reference_files=True, history_from=last)
     print(f"best epoch exported to {bundle}")
     return 0
 

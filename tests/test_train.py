@@ -128,6 +128,61 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     assert "broken.dcm" in " ".join(table["path"].dropna()) if "path" in table else True
 
 
+def test_train_bundle_keeps_the_best_epoch_and_the_whole_history(prepared_data, tmp_path, monkeypatch):
+    """``train --out_dir``: the weights and predictions of the best epoch, history.csv of every epoch that ran."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from mammo_ray import cli
+
+    cfg = _config(**{"train.epochs": 3, "resources.num_workers": 1})
+    cfg.name = "whole"
+    frames = {"valid": manifest.read_manifest(prepared_data["valid"], "valid")}
+    net = train.model_from_config(cfg)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    reports = [{"epoch": e, "val_auc": auc, "train_loss": 0.7 - 0.1 * e} for e, auc in ((1, 0.6), (2, 0.9), (3, 0.7))]
+    folders = []
+    for i, report in enumerate(reports):
+        folder = tmp_path / "run" / f"checkpoint_{i}"
+        folder.mkdir(parents=True)
+        predictions = frames["valid"][list(predict.PREDICTION_COLUMNS[:7])].assign(
+            prob=np.random.default_rng(i).uniform(size=len(frames["valid"])), aleatoric=np.nan, epistemic=np.nan
+        )
+        train._write_checkpoint(
+            folder,
+            model=net,
+            optimizer=optimizer,
+            epoch=report["epoch"],
+            history=reports[: i + 1],
+            config_yaml=config.dump(cfg),
+            predictions=predictions,
+            metrics={},
+            report=report,
+        )
+        folders.append(folder)
+
+    def checkpoint(folder):
+        return types.SimpleNamespace(path=str(folder))
+
+    result = types.SimpleNamespace(
+        return_value=reports[-1],
+        metrics=reports[-1],
+        checkpoint=checkpoint(folders[-1]),  # Train's Result.checkpoint: the last one saved
+        best_checkpoints=[(checkpoint(f), r) for f, r in zip(folders, reports, strict=True)],
+        get_best_checkpoint=lambda metric, mode: checkpoint(folders[1]),
+    )
+    monkeypatch.setattr(cli, "start_ray", lambda address=None: None)
+    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: types.SimpleNamespace(fit=lambda: result))
+    out = tmp_path / "out"
+    assert train.run_single(cfg, frames, out, address=None) == 0
+    assert json.loads((out / "metrics.json").read_text())["selected"]["epoch"] == 2
+    best_probs = pd.read_csv(folders[1] / "val_predictions.csv")["prob"]
+    assert pd.read_csv(out / "val_predictions.csv")["prob"].tolist() == pytest.approx(best_probs.tolist())
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_train_on_reference_csv_decodes_on_the_fly(ray_session, synthetic_data, tmp_path):
     """The reference's CSVs (path_eq, cancer, datasettype) train without a prepared cache."""

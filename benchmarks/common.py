@@ -146,16 +146,6 @@ def _pin_address() -> None:
 # Machine facts and results.
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -185,25 +175,22 @@ def gpu_info() -> dict[str, Any] | None:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, GPU, load and library versions: what a reader needs to compare figures."""
-    versions = {"python": platform.python_version()}
-    for module in ("torch", "ray", "timm", "numpy", "pydicom"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # a missing library is a fact to record, not an error
-            versions[module] = None
+    from mammo_ray import environment
+
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": environment.cpu_model(),
+        "cpu_capability": environment.cpu_capability(),
         "cores": cores(),
         "host_cpus": os.cpu_count(),
         "ram_gib": _ram_gib(),
         "gpu": gpu_info(),
         "os": platform.platform(),
         "load_average_1_5_15": load,
-        "versions": versions,
+        "versions": environment.library_versions(),
     }
 
 

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from mammo_ray import config as config_mod
-from mammo_ray import io, storage
+from mammo_ray import environment, io, storage
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,9 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         f"{f' (positive fraction {cfg.train.positive_fraction:.2f})' if cfg.train.sampler == 'weighted' else ''}, "
         f"batch {cfg.train.batch_size} × {cfg.resources.num_workers} worker(s); selected epoch {report.get('epoch')} "
         f"of {cfg.train.epochs}.",
+        f"- Trained on: {environment.summary(report.get('environment') or {})}. The seed (train.seed "
+        f"{cfg.train.seed}) repeats a run only on the same kind of hardware and the same library versions: CPU and "
+        "GPU kernels round differently on different instruction sets and devices.",
         "",
         "## Data",
     ]

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_ray import config as config_mod
-from mammo_ray import data, manifest
+from mammo_ray import data, environment, manifest
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def _write_checkpoint(
     predictions: pd.DataFrame,
     metrics: dict,
     report: dict,
+    run_environment: dict | None = None,
     ema=None,
 ) -> None:
     import torch
@@ -272,7 +273,9 @@ def _write_checkpoint(
     (directory / "config.yaml").write_text(config_yaml)
     predictions.to_csv(directory / "val_predictions.csv", index=False)
     pd.DataFrame(history).to_csv(directory / "history.csv", index=False)
-    (directory / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    # The environment goes to report.json only: the epoch report itself (Tune's metrics, history.csv) stays numeric.
+    full_report = {**report, "environment": run_environment} if run_environment else report
+    (directory / "report.json").write_text(json.dumps(full_report, indent=2, default=_jsonable))
     (directory / "metrics.json").write_text(json.dumps({"val": metrics, "epoch": epoch}, indent=2, default=_jsonable))
 
 
@@ -355,6 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         ema = ModelEmaV3(_unwrap(net), decay=cfg.train.ema_decay, device=device)
 
+    run_environment = environment.describe(device, num_workers=context.get_world_size()) if rank == 0 else None
     steps = loop_config["steps_per_epoch"]
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -501,6 +505,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                         predictions=predictions,
                         metrics=val_metrics,
                         report=report,
+                        run_environment=run_environment,
                         ema=ema,
                     )
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))

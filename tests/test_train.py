@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mammo_ray import config, manifest, predict, train
+from mammo_ray import config, environment, manifest, predict, train
 
 
 def _config(**overrides) -> config.Config:
@@ -101,7 +101,16 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     resolved = config.load(out / "config.yaml")
     assert (resolved.train.sampler, resolved.train.loss, resolved.model.freeze_units) == ("balanced", "focal", 2)
     assert (resolved.model.stem, resolved.model.norm) == ("deep", "batch")
-    assert "deep stem, batch norm" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "deep stem, batch norm" in card
+    # The card names what the run ran on, as the worker recorded it (its 3 threads, not this process's).
+    import torch
+
+    trained_on = next(line for line in card.splitlines() if line.startswith("- Trained on: "))
+    assert f"{environment.cpu_model()} (CPU kernels {environment.cpu_capability()}, 3 thread(s)), 1 worker(s)" in (
+        trained_on
+    )
+    assert f"torch {torch.__version__}" in trained_on
     tsv = pd.read_csv(out / "results_last_ref.tsv", sep="\t")
     assert list(tsv.columns) == ["true_labels", "predicted_labels", "logits", "score", "uncertainty", "dataset"]
     history = pd.read_csv(out / "history.csv")

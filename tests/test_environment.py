@@ -1,0 +1,45 @@
+"""Tests for mammo_ray.environment: what a run records about the machine it ran on."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mammo_ray import environment
+
+
+def test_describe_records_hardware_kernels_threads_and_versions() -> None:
+    found = environment.describe(torch.device("cpu"), num_workers=2)
+    assert found["device"] == "cpu"
+    assert found["cpu_model"] == environment.cpu_model() and found["cpu_model"]
+    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert found["torch_threads"] == torch.get_num_threads()
+    assert found["num_workers"] == 2
+    assert found["versions"]["torch"] == torch.__version__
+    assert "gpu" not in found
+    json.dumps(found)  # stored in report.json as it is
+
+
+def test_summary_reads_a_cpu_and_a_gpu_record() -> None:
+    cpu = {
+        "device": "cpu",
+        "cpu_model": "Some CPU",
+        "cpu_capability": "AVX2",
+        "torch_threads": 2,
+        "num_workers": 1,
+        "versions": {"python": "3.11.9", "torch": "2.15.0", "timm": None},
+    }
+    assert (
+        environment.summary(cpu) == "Some CPU (CPU kernels AVX2, 2 thread(s)), 1 worker(s); python 3.11.9, torch 2.15.0"
+    )
+    gpu = {**cpu, "device": "cuda", "gpu": "NVIDIA H100", "cuda": "13.2", "num_workers": 8}
+    assert environment.summary(gpu).startswith("NVIDIA H100 (CUDA 13.2), 8 worker(s); ")
+    # A checkpoint written before the environment was recorded.
+    assert environment.summary({}) == "not recorded"
+
+
+def test_library_versions_name_a_missing_library_as_none(monkeypatch) -> None:
+    monkeypatch.setattr(environment, "LIBRARIES", ("torch", "no_such_module_here"))
+    versions = environment.library_versions()
+    assert versions["no_such_module_here"] is None and versions["torch"] == torch.__version__

@@ -4,17 +4,26 @@ Each checkpoint's ``report.json`` carries it under ``environment`` and the bundl
 because a seed fixes a run only on the same kind of machine: oneDNN and ATen pick their CPU kernels by
 the instruction set (``cpu_capability``: AVX2, AVX512, ...), and kernels of different width round
 differently. On a 2-core Intel Xeon, one forward and backward step of the BatchNorm ConvNeXt build gives
-outputs that differ in the sixth significant digit under ``ONEDNN_MAX_CPU_ISA=AVX2`` (docs/demo-log.md);
-over hundreds of steps such differences become different curves.
+outputs that differ in the sixth significant digit under ``ONEDNN_MAX_CPU_ISA=AVX2``, and such differences
+can grow over many training steps (docs/demo-log.md).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 LIBRARIES = ("torch", "timm", "ray", "numpy", "pydicom", "albumentations")
+# Variables that change which CPU kernels run (and so the rounding), recorded when set.
+KERNEL_VARIABLES = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 
 
 def cpu_model() -> str:
@@ -63,6 +72,9 @@ def describe(device: Any = None, num_workers: int | None = None) -> dict[str, An
         "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
     }
+    kernel_settings = {name: os.environ[name] for name in KERNEL_VARIABLES if os.environ.get(name)}
+    if kernel_settings:
+        found["kernel_settings"] = kernel_settings
     if found["device"] == "cuda" and torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name(device)
         found["cuda"] = torch.version.cuda
@@ -80,7 +92,10 @@ def summary(environment: dict[str, Any]) -> str:
     if environment.get("device") == "cuda" and environment.get("cuda"):
         hardware += f" (CUDA {environment['cuda']})"
     elif environment.get("cpu_capability"):
-        hardware += f" (CPU kernels {environment['cpu_capability']}, {environment.get('torch_threads')} thread(s))"
+        settings = "".join(f", {k}={v}" for k, v in (environment.get("kernel_settings") or {}).items())
+        hardware += (
+            f" (CPU kernels {environment['cpu_capability']}{settings}, {environment.get('torch_threads')} thread(s))"
+        )
     workers = environment.get("num_workers")
     versions = environment.get("versions") or {}
     listed = ", ".join(f"{name} {version}" for name, version in versions.items() if version)

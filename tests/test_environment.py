@@ -9,7 +9,9 @@ import torch
 from mammo_ray import environment
 
 
-def test_describe_records_hardware_kernels_threads_and_versions() -> None:
+def test_describe_records_hardware_kernels_threads_and_versions(monkeypatch) -> None:
+    for name in environment.KERNEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     found = environment.describe(torch.device("cpu"), num_workers=2)
     assert found["device"] == "cpu"
     assert found["cpu_model"] == environment.cpu_model() and found["cpu_model"]
@@ -17,8 +19,13 @@ def test_describe_records_hardware_kernels_threads_and_versions() -> None:
     assert found["torch_threads"] == torch.get_num_threads()
     assert found["num_workers"] == 2
     assert found["versions"]["torch"] == torch.__version__
-    assert "gpu" not in found
+    assert "gpu" not in found and "kernel_settings" not in found
     json.dumps(found)  # stored in report.json as it is
+    # A variable that limits oneDNN's kernels changes the rounding, so it is recorded and shown.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = environment.describe(torch.device("cpu"))
+    assert limited["kernel_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in environment.summary(limited)
 
 
 def test_summary_reads_a_cpu_and_a_gpu_record() -> None:

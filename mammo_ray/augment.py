@@ -63,7 +63,7 @@ def transform_names(transform: A.Compose) -> list[str]:
 
 
 def row_seed(seed: int, image_id: str, salt: int = 0) -> int:
-    """A reproducible per-image seed; ``salt`` varies it between epochs."""
+    """A reproducible per-image seed; ``salt`` (the row's position in its pass) varies it between occurrences."""
     return (zlib.crc32(str(image_id).encode()) ^ (seed * 1_000_003) ^ (salt * 7_919)) & 0x7FFFFFFF
 
 

@@ -43,6 +43,8 @@ from mammo_ray import augment, cache, manifest
 MEAN = 0.449
 STD = 0.226
 PIXEL_SCALE = 65535.0
+# The column make_dataset adds to an augmented stream: each row's position in the pass, which seeds its draw.
+DRAW_COLUMN = "draw"
 
 
 def resize_uint16(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -117,10 +119,17 @@ def load_batch(
     labels = batch["label"].astype(np.int64)
     out = {column: batch[column] for column in manifest.STREAM_COLUMNS if column in batch and column != "path"}
     if augment_images:
-        # The batch's order changes with every seeded per-epoch shuffle, so salting the per-image seed
-        # with it gives a new, reproducible draw each epoch.
-        salt = zlib.crc32("|".join(map(str, batch["image_id"])).encode())
-        seeds = np.array([augment.row_seed(seed, image_id, salt) for image_id in batch["image_id"]])
+        # Each row's draw is salted with its position in the pass (DRAW_COLUMN), so an image gets a new draw
+        # every time it comes round, and the draws do not depend on how Ray Data cuts the pass into blocks and
+        # batches (that depends on the pass length and the cluster's CPUs). A batch without the column (a
+        # direct call) counts positions from its first row.
+        draws = batch[DRAW_COLUMN] if DRAW_COLUMN in batch else np.arange(len(labels))
+        seeds = np.array(
+            [
+                augment.row_seed(seed, image_id, int(draw))
+                for image_id, draw in zip(batch["image_id"], draws, strict=True)
+            ]
+        )
         images = augment.augment_images(pixels.astype(np.float32) / PIXEL_SCALE, labels, seeds, positive_strength)
         out["image"] = quantise(images)
     else:
@@ -166,6 +175,8 @@ def make_dataset(
     if shuffle_seed is not None and len(rows):
         order = _cycled_permutations(len(rows), len(rows) * epochs_per_pass, shuffle_seed)
         rows = rows.iloc[order].reset_index(drop=True)
+    if augment_images:
+        rows[DRAW_COLUMN] = np.arange(len(rows), dtype=np.int64)
     # Split into blocks here: from_pandas(override_num_blocks=...) breaks on pandas 3 frames (Ray 2.60).
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     bounds = block_bounds(len(rows), load_batch_size, cpus)

@@ -453,6 +453,24 @@ def test_load_batch_augment_seed_matters(tmp_path: Path) -> None:
     assert not np.array_equal(first["image"], second["image"])
 
 
+def test_load_batch_draws_follow_the_row_position_not_the_batch(tmp_path: Path) -> None:
+    """A row's augmentation depends on the seed, its image and its position in the pass (``draw``), not on the
+    rows it shares a map batch with: Ray Data cuts a pass into blocks by its length and the cluster's CPUs."""
+    batch, _ = _cached_batch(tmp_path, 6)
+    batch[data.DRAW_COLUMN] = np.arange(100, 106)
+    kwargs = dict(image_size=(40, 30), use_cache=True, augment_images=True, seed=3)
+    whole = data.load_batch(batch, **kwargs)["image"]
+    for cut in (1, 2, 5):
+        parts = [{k: v[:cut] for k, v in batch.items()}, {k: v[cut:] for k, v in batch.items()}]
+        split = np.concatenate([data.load_batch(part, **kwargs)["image"] for part in parts])
+        np.testing.assert_array_equal(split, whole, err_msg=f"batch cut after row {cut}")
+    assert data.DRAW_COLUMN not in data.load_batch(batch, **kwargs), "the position stays out of the worker batches"
+    # The same image at another position (its next time round) gets another draw.
+    later = dict(batch, **{data.DRAW_COLUMN: np.arange(106, 112)})
+    redrawn = data.load_batch(later, **kwargs)["image"]
+    assert sum(not np.array_equal(a, b) for a, b in zip(redrawn, whole, strict=True)) >= 4
+
+
 def test_load_batch_row_order(tmp_path: Path) -> None:
     batch, images = _cached_batch(tmp_path, 4)
     order = np.array([3, 0, 2, 1])

@@ -326,6 +326,37 @@ def test_one_pass_holds_several_epochs_each_a_permutation(ray_session, prepared_
     assert sequence(1) != first
 
 
+def test_augmented_stream_does_not_depend_on_the_block_layout(ray_session, prepared_data, monkeypatch):
+    """The same seed gives the same augmented images however the pass is cut into blocks and map batches (the
+    layout follows the pass length and the cluster's CPUs), so a 15-epoch run repeats a 48-epoch run's first 15."""
+    import numpy as np
+    import ray
+
+    from mammo_ray import data
+
+    frame = manifest.load_manifests({"train": prepared_data["train"]})["train"]
+    rows, cpus = 2 * len(frame), int(ray.cluster_resources()["CPU"])
+
+    def stream(min_block_rows):
+        monkeypatch.setattr(data, "MIN_BLOCK_ROWS", min_block_rows)
+        dataset = data.make_dataset(
+            frame, image_size=(64, 48), use_cache=True, shuffle_seed=0, augment_images=True, augment_seed=5,
+            load_batch_size=8, epochs_per_pass=2,
+        )  # fmt: skip
+        dataset.context.execution_options = train._ingest_options()
+        ids, images = [], []
+        for batch in dataset.iter_batches(batch_size=16, batch_format="numpy"):
+            ids.extend(batch["image_id"].tolist())
+            images.append(batch["image"])
+        return data.block_bounds(rows, 8, cpus), ids, np.concatenate(images)
+
+    few_bounds, few_ids, few = stream(rows)  # as few blocks as the floor allows
+    many_bounds, many_ids, many = stream(7)  # more blocks, of sizes that are not all multiples of the 8-row batches
+    assert len(many_bounds) > len(few_bounds) and (np.diff(many_bounds) % 8).any()
+    assert len(few_ids) == rows and many_ids == few_ids
+    np.testing.assert_array_equal(many, few)
+
+
 def _coordinator_requests() -> set[str]:
     """Requester ids registered with Ray Data's cluster-wide AutoscalingCoordinator (Data streams and Train runs).
 

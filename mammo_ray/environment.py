@@ -24,6 +24,9 @@ KERNEL_VARIABLES = (
     "MKL_ENABLE_INSTRUCTIONS",
 )
 
+# glibc malloc settings (train.CPU_WORKER_ENV sets them for CPU Train workers): they change speed, not results.
+MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
@@ -74,6 +77,9 @@ def describe(device: Any = None, num_workers: int | None = None) -> dict[str, An
     kernel_settings = {name: os.environ[name] for name in KERNEL_VARIABLES if os.environ.get(name)}
     if kernel_settings:
         found["kernel_settings"] = kernel_settings
+    malloc_settings = {name: os.environ[name] for name in MALLOC_VARIABLES if os.environ.get(name)}
+    if malloc_settings:
+        found["malloc_settings"] = malloc_settings
     if found["device"] == "cuda" and torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name(device)
         found["cuda"] = torch.version.cuda

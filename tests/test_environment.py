@@ -26,6 +26,14 @@ def test_describe_records_hardware_kernels_threads_and_versions(monkeypatch) -> 
     limited = environment.describe(torch.device("cpu"))
     assert limited["kernel_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in environment.summary(limited)
+    # glibc's malloc settings change the speed, not the rounding: recorded, not on the card's line.
+    for name in environment.MALLOC_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert "malloc_settings" not in environment.describe(torch.device("cpu"))
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+    tuned = environment.describe(torch.device("cpu"))
+    assert tuned["malloc_settings"] == {"MALLOC_ARENA_MAX": "1"}
+    assert "MALLOC" not in environment.summary(tuned)
 
 
 def test_summary_reads_a_cpu_and_a_gpu_record() -> None:

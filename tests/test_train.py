@@ -111,6 +111,11 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
         trained_on
     )
     assert f"torch {torch.__version__}" in trained_on
+    # Ray started the CPU worker with the malloc settings (train.CPU_WORKER_ENV): its own record says so.
+    reports = sorted((out / "ray").rglob("checkpoint_*/report.json"))
+    assert reports, "no checkpoint report under the run folder"
+    recorded = json.loads(reports[-1].read_text())["environment"]
+    assert recorded["malloc_settings"] == train.worker_env(resolved)
     tsv = pd.read_csv(out / "results_last_ref.tsv", sep="\t")
     assert list(tsv.columns) == ["true_labels", "predicted_labels", "logits", "score", "uncertainty", "dataset"]
     history = pd.read_csv(out / "history.csv")

@@ -266,6 +266,21 @@ def test_backend_for(overrides: dict[str, Any], backend: str) -> None:
     assert train.resources_plan(cfg)["backend"] == backend
 
 
+def test_cpu_workers_get_the_malloc_settings_and_a_shell_variable_wins(monkeypatch) -> None:
+    for name in train.CPU_WORKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert train.worker_env(_cfg()) == {
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_TRIM_THRESHOLD_": "1073741824",
+        "MALLOC_MMAP_THRESHOLD_": "33554432",
+    }
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert train.worker_env(_cfg())["MALLOC_ARENA_MAX"] == "4"
+    # Measured on CPU only: GPU workers keep glibc's defaults.
+    assert train.worker_env(_cfg(**{"resources.gpus_per_worker": 1.0})) == {}
+    assert train.resources_plan(_cfg(**{"resources.gpus_per_worker": 1.0}))["worker_env"] == {}
+
+
 def test_resources_plan_cpu() -> None:
     cfg = _cfg(**{"resources.num_workers": 2, "resources.cpus_per_worker": 0.5, "resources.trial_cpus": 0.1})
     assert train.resources_plan(cfg) == {
@@ -276,6 +291,7 @@ def test_resources_plan_cpu() -> None:
         "backend": "gloo",
         "trial_total": {"CPU": 1.1, "GPU": 0.0},
         "max_concurrent_trials": 1,
+        "worker_env": train.worker_env(cfg),
     }
 
 

@@ -802,4 +802,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the importable module, not this ``__main__`` copy: Ray pickles a ``__main__`` function by value, and the
+    # cached ``_reuse_freed_memory`` it calls by name, which a Ray worker cannot find in its own ``__main__``.
+    from mammo_ray import prepare as _module
+
+    raise SystemExit(_module.main())

@@ -134,6 +134,29 @@ def test_main_end_to_end(ray_session, synth_set, tmp_path, capsys, source) -> No
     assert _tree_digest(root) == before  # the input folder is byte-for-byte unchanged
 
 
+def test_prepare_runs_as_a_module(ray_session, synth_set, tmp_path) -> None:
+    """`python -m mammo_ray.prepare`, as the README shows it: its Ray tasks must not need this process's __main__."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "prepared"
+    argv = ["--source", "generic", "--csv", synth_set["manifest_csv"], "--images", str(_root(synth_set))]
+    argv += ["--out", str(out), "--size", *map(str, SIZE), "--no-progress"]
+    address = ray_session.get_runtime_context().gcs_address  # join the tests' cluster: no second Ray instance
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammo_ray.prepare", *argv, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"prepared {synth_set['n_images']} of {synth_set['n_images']} images" in proc.stdout
+    assert "0 failed" in proc.stdout
+    frames = _load(out)
+    assert sum(len(f) for f in frames.values()) == synth_set["n_images"]
+
+
 @pytest.mark.slow
 def test_several_csv_files_are_passed_to_the_importer(ray_session, synth_set, tmp_path) -> None:
     full = pd.read_csv(synth_set["manifest_csv"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mammo_ray import config as config_mod
-from mammo_ray import manifest
+from mammo_ray import manifest, storage
 
 log = logging.getLogger("mammo_ray")
 
@@ -171,7 +171,18 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
     frames = manifest.load_manifests(paths, use_cache=cfg.data.use_cache)
     for role, frame in frames.items():
         frame.attrs["path"] = paths[role]
+        if cfg.data.use_cache:
+            manifest.check_cache_size(frame, cfg.data.image_size, storage.public(paths[role]), cache_size_remedy(cfg))
     return frames
+
+
+def cache_size_remedy(cfg: config_mod.Config) -> str:
+    height, width = cfg.data.image_size
+    return (
+        f"Prepare a cache at this size (`python -m mammo_ray.prepare ... --size {height} {width}`; a new cache "
+        f"folder, the old one is kept) and pass its manifests, set data.image_size to the cache's size, or set "
+        f"data.use_cache=false to decode the source images at {height}×{width}."
+    )
 
 
 def _reference_frames(csvs, test=None) -> dict[str, pd.DataFrame]:

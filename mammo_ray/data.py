@@ -48,7 +48,11 @@ DRAW_COLUMN = "draw"
 
 
 def resize_uint16(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a cached image whose size differs from ``data.image_size`` (area interpolation)."""
+    """Resize a cached image whose size differs from ``data.image_size`` (area interpolation when shrinking).
+
+    Manifests whose cache is smaller than ``data.image_size`` are refused before a run starts
+    (:func:`mammo_ray.manifest.check_cache_size`), so in a run this only shrinks.
+    """
     import cv2
 
     height, width = size

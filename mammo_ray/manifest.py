@@ -201,6 +201,29 @@ def has_cache(frame: pd.DataFrame) -> bool:
     return all(c in frame.columns for c in CACHE_COLUMNS) and bool(frame["cache_file"].notna().all())
 
 
+def check_cache_size(frame: pd.DataFrame, image_size, source: str, remedy: str) -> None:
+    """Refuse a pixel cache smaller than the size the model is fed: upsampling adds pixels, not detail.
+
+    A cache of at least ``image_size`` in both dimensions is resized down (area interpolation) as before. A smaller
+    one would be resized up without a word, and a run "at 256×208" would see what a 128×96 cache holds, e.g. after
+    the manifests were re-prepared at another size. ``remedy`` says what the caller's user can do about it.
+    """
+    if not has_cache(frame) or not {"cache_height", "cache_width"} <= set(frame.columns):
+        return
+    height, width = (int(v) for v in image_size)
+    small = frame[(frame["cache_height"].astype(int) < height) | (frame["cache_width"].astype(int) < width)]
+    if small.empty:
+        return
+    sizes = sorted({(int(h), int(w)) for h, w in zip(small["cache_height"], small["cache_width"], strict=True)})
+    first = small.iloc[0]
+    raise ManifestError(
+        f"{source}: {len(small)} of {len(frame)} row(s) point at pixel-cache images of "
+        f"{_examples([f'{h}×{w}' for h, w in sizes], 3)}, smaller than data.image_size {height}×{width} (first: "
+        f"image_id {first['image_id']}, {first['cache_file']}); they would be upsampled and show no more detail "
+        f"than the cache holds. {remedy}"
+    )
+
+
 def summary(frame: pd.DataFrame) -> dict[str, int]:
     return {
         "n_images": len(frame),

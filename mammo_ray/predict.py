@@ -259,13 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from mammo_ray import cli, io, metrics
+    from mammo_ray import cli, io, manifest, metrics
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     try:
         net, cfg, thresholds = load_bundle(args.model)
         frame = _input_frame(Path(args.input))
+        height, width = cfg.data.image_size
+        remedy = (
+            f"The model takes {height}×{width}: prepare a cache at that size (`python -m mammo_ray.prepare ... "
+            f"--size {height} {width}`) and pass its manifest, or pass the image files or their folder as --input."
+        )
+        manifest.check_cache_size(frame, cfg.data.image_size, args.input, remedy)
         name, threshold = resolve_threshold(thresholds, args.threshold, cfg.train.threshold)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -397,6 +397,45 @@ def test_has_cache(columns: dict[str, list[Any]], expected: bool) -> None:
     assert manifest.has_cache(pd.DataFrame({**_rows(2), **columns})) is expected
 
 
+def _cached(heights: list[int], widths: list[int]) -> pd.DataFrame:
+    n = len(heights)
+    cache = {"cache_file": ["cache/ab/s0.bin"] * n, "cache_offset": list(range(n)), "cache_nbytes": [1] * n}
+    return pd.DataFrame({**_rows(n), **cache, "cache_height": heights, "cache_width": widths})
+
+
+@pytest.mark.parametrize(
+    ("heights", "widths", "bad"),
+    [
+        ([128, 128, 128], [96, 96, 96], 3),  # the whole cache is smaller
+        ([256, 128, 256], [208, 96, 208], 1),  # one row is
+        ([256, 256], [96, 208], 1),  # narrower only
+    ],
+)
+def test_a_cache_smaller_than_the_image_size_is_refused(heights: list[int], widths: list[int], bad: int) -> None:
+    frame = _cached(heights, widths)
+    with pytest.raises(ManifestError) as err:
+        manifest.check_cache_size(frame, [256, 208], "prepared/train.parquet", "Re-run prepare.")
+    message = str(err.value)
+    first = next(i for i, (h, w) in enumerate(zip(heights, widths, strict=True)) if h < 256 or w < 208)
+    assert message.startswith(f"prepared/train.parquet: {bad} of {len(heights)} row(s)")
+    assert "smaller than data.image_size 256×208" in message and f"image_id tr-img{first}" in message
+    assert f"{heights[first]}×{widths[first]}" in message and message.endswith("Re-run prepare.")
+
+
+@pytest.mark.parametrize(
+    ("heights", "widths"),
+    [([256, 256], [208, 208]), ([1024, 512], [512, 832])],  # the same size, or larger (resized down, as before)
+)
+def test_a_cache_at_least_the_image_size_passes(heights: list[int], widths: list[int]) -> None:
+    manifest.check_cache_size(_cached(heights, widths), (256, 208), "m", "")
+
+
+def test_the_cache_size_check_skips_manifests_without_cache_sizes() -> None:
+    manifest.check_cache_size(pd.DataFrame(_rows(2)), (256, 208), "m", "")  # no cache: images are decoded
+    frame = _cached([64, 64], [48, 48]).drop(columns=["cache_height", "cache_width"])
+    manifest.check_cache_size(frame, (256, 208), "m", "")  # a hand-made manifest without the sizes
+
+
 @pytest.mark.parametrize(
     ("labels", "patients", "expected"),
     [

@@ -101,6 +101,29 @@ def test_bad_override_names_the_key(override, needle):
     assert needle in proc.stderr
 
 
+def test_a_cache_smaller_than_the_image_size_is_refused_before_ray(prepared_data, tmp_path):
+    # prepared_data's cache holds 64×48 images; a sweep at 128×96 would upsample them without a word.
+    results = tmp_path / "results"
+    proc = run_module(
+        "mammo_ray.tune",
+        "--space",
+        "demo",
+        "--train",
+        prepared_data["train"],
+        "--valid",
+        prepared_data["valid"],
+        "--results",
+        str(results),
+        "--set",
+        "data.image_size=[128,96]",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{prepared_data['train']}: " in proc.stderr and "pixel-cache images of 64×48" in proc.stderr
+    assert "smaller than data.image_size 128×96" in proc.stderr and "--size 128 96" in proc.stderr
+    assert "Ray dashboard" not in proc.stdout  # Ray never started
+    assert not results.exists()
+
+
 def test_leaking_manifests_are_refused_before_ray(tmp_path):
     rows = []
     for split, patients in (("train", ["p1", "p2"]), ("valid", ["p2", "p3"])):

@@ -54,7 +54,7 @@ def test_sampler_shares_across_two_workers(ray_session, prepared_data, tmp_path,
     assert sorted(predictions["image_id"].astype(str)) == sorted(frames["valid"]["image_id"])
 
 
-def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_data, tmp_path):
+def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = train.main(
         [
@@ -140,6 +140,15 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     assert set(scored["decision"]) <= {0, 1}
     assert scored["breast_score"].notna().all()
     assert "broken.dcm" in " ".join(table["path"].dropna()) if "path" in table else True
+
+    # A manifest whose cache is smaller than the model's 64×48 is refused, not upsampled.
+    small = manifest.read_manifest(tmp_path / "data-smoke" / "prepared" / "valid.parquet", "valid")
+    small = small.assign(cache_height=32, cache_width=24)
+    small.to_parquet(tmp_path / "small.parquet")
+    refused = tmp_path / "refused.csv"
+    assert predict.main(["--model", str(out), "--input", str(tmp_path / "small.parquet"), "--out", str(refused)]) == 2
+    assert "pixel-cache images of 32×24, smaller than data.image_size 64×48" in capsys.readouterr().err
+    assert not refused.exists()
 
 
 def test_train_bundle_keeps_the_best_epoch_and_the_whole_history(prepared_data, tmp_path, monkeypatch):

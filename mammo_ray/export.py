@@ -182,6 +182,17 @@ def _write_bundle(
     from mammo_ray import metrics, plots, predict
 
     trial_cfg = config_mod.load(checkpoint_dir / "config.yaml")
+    if frames and frames.get("test") is not None and trial_cfg.data.use_cache:
+        from mammo_ray import manifest
+
+        height, width = trial_cfg.data.image_size
+        manifest.check_cache_size(
+            frames["test"],
+            trial_cfg.data.image_size,
+            storage.public(frames["test"].attrs.get("path") or "the test manifest"),
+            f"The model takes {height}×{width}: prepare a cache at that size (`python -m mammo_ray.prepare ... "
+            f"--size {height} {width}`) and pass its test manifest with --test.",
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -453,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         test_path = args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
         if test_path:
             frames = manifest.load_manifests({"test": test_path})
+            frames["test"].attrs["path"] = test_path
     except (FileNotFoundError, ValueError, config_mod.ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -464,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         out = folder / "best"
     try:
         export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
+    except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except storage.StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from s3_server import KEY, LocalS3
 from sklearn.metrics import roc_auc_score
 
@@ -264,6 +265,28 @@ def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
     assert (out / "test_predictions.csv").is_file() and "test" in metrics
     assert export.main(["--experiment", str(results / "smoke"), "--metric", "nosuch"]) == 2
+
+
+def test_export_refuses_a_test_manifest_whose_cache_is_smaller_than_the_model_input(smoke_sweep, tmp_path, capsys):
+    """Re-export with --test checks the cache size as train, tune and predict do: nothing is written."""
+    from mammo_ray import export
+
+    results = smoke_sweep / "results"
+    cfg = yaml.safe_load((results / "smoke" / "best" / "config.yaml").read_text())
+    height, width = cfg["data"]["image_size"]
+    source = Path(json.loads((results / "smoke" / "manifests.json").read_text())["test"])
+    test = pd.read_parquet(source)
+    assert (test["cache_height"] >= height).all()  # the sweep's own cache passes
+    small = tmp_path / "small_test.parquet"
+    cache_files = [str((source.parent / f).resolve()) for f in test["cache_file"]]  # the copy lives elsewhere
+    test.assign(cache_height=height // 2, cache_file=cache_files).to_parquet(small)
+    out = tmp_path / "bundle"
+    code = export.main(["--experiment", str(results / "smoke"), "--test", str(small), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(small) in err and f"smaller than data.image_size {height}×{width}" in err
+    assert f"--size {height} {width}" in err and "--test" in err
+    assert not out.exists() and not list(tmp_path.glob(".bundle.*"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -311,4 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the importable module, not this ``__main__`` copy: Ray pickles what ``__main__`` defines by value, and
+    # a worker has none of its module-level state (see prepare.py, where that broke every shard task).
+    from mammo_ray import predict as _module
+
+    raise SystemExit(_module.main())

@@ -32,6 +32,30 @@ def test_tune_without_manifests_stops_before_ray():
     assert "Ray dashboard" not in proc.stdout  # Ray never started
 
 
+@pytest.mark.parametrize("name", ["cli", "export", "predict", "prepare", "synth", "train", "tune"])
+def test_python_dash_m_runs_the_importable_module(name, monkeypatch):
+    """`python -m mammo_ray.<name>` calls the imported module's main, not that of a second, `__main__` copy.
+
+    Ray pickles functions of `__main__` by value and what they call of it by name; a Ray worker has no such names
+    (this broke every shard task of `python -m mammo_ray.prepare`).
+    """
+    import importlib
+    import runpy
+    import warnings
+
+    module = importlib.import_module(f"mammo_ray.{name}")
+    calls = []
+    monkeypatch.setattr(module, "main", lambda argv=None: calls.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", [name, "--no-such-flag"])
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # train's block sets it; keep it local
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already in sys.modules
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(f"mammo_ray.{name}", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert calls == [None]
+
+
 def test_unknown_space_lists_available():
     proc = run_module("mammo_ray.tune", "--space", "nosuch", "--dry-run")
     assert proc.returncode == 2

@@ -11,11 +11,18 @@ Validation and test data are never augmented.
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 
-import albumentations as A
-import numpy as np
+# albumentations asks PyPI for a newer release on every import, synchronously, with a 2 s timeout: every process
+# that imports this module (the driver, each trial actor, Train worker and Ray Data worker) would contact pypi.org,
+# and on a cluster without internet access could wait the whole timeout (2.0 s per import measured behind a proxy
+# that never answers). A user who wants the check sets NO_ALBUMENTATIONS_UPDATE=0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Probability of each transform for a negative image; positives get p * positive_strength (capped).
 BASE_PROBABILITIES = {

@@ -151,3 +151,34 @@ def test_row_seed_is_a_valid_stable_seed(seed: int, image_id: str, salt: int) ->
 def test_row_seed_varies() -> None:
     seeds = {augment.row_seed(s, i, salt) for s in range(3) for i in ("a", "b", "c") for salt in range(3)}
     assert len(seeds) == 27
+
+
+PROBE = """
+import urllib.request
+calls = []
+def refuse(self, url, *args, **kwargs):
+    calls.append(getattr(url, "full_url", url))
+    raise OSError("no network in this test")
+urllib.request.OpenerDirector.open = refuse
+import mammo_ray.augment
+print(calls)
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"), [(None, "[]"), ("0", "['https://pypi.org/pypi/albumentations/json']")]
+)
+def test_importing_augment_does_not_ask_pypi_for_updates(setting, expected) -> None:
+    """albumentations checks PyPI on import (2 s timeout) unless told not to; each Ray worker process imports it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    if setting is not None:
+        env["NO_ALBUMENTATIONS_UPDATE"] = setting  # the user's own choice wins
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", PROBE], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == expected

@@ -25,6 +25,15 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 
+# Ray settings for a cluster that start_ray starts itself (a cluster started with `ray start` keeps its own).
+# Ray ends a worker process that has been idle for 1 s once the node runs more worker processes than CPUs, which a
+# sweep on a small machine always does (each trial has its actor, a Train controller, workers and their helper
+# actors). Each trial's Ray Data tasks then started in new processes, which import torch, albumentations and
+# mammo_ray again (2.4 s of CPU) before the trial's first batch. Kept for a minute, the next trial reuses them:
+# on 2 cores a later trial's own set-up plus its worker's wait for the first batch went from 10.9-11.3 s to
+# 6.5-6.9 s, and the demo's sweep from 304-317 s to 287-299 s (README, Benchmarks).
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
 
 class DataMissingError(ValueError):
     """No manifests were given and the space file does not generate data."""
@@ -63,6 +72,7 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     }
     if address is None:
         kwargs["dashboard_host"] = dashboard_host
+        kwargs["_system_config"] = dict(LOCAL_SYSTEM_CONFIG)
     context = ray.init(**kwargs)
     url = context.dashboard_url
     if url:

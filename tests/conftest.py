@@ -22,15 +22,18 @@ def ray_session():
     """Start Ray once per test session (2 CPUs, like CI) with the dashboard, and shut it down at the end."""
     import ray
 
+    from mammo_ray import cli
+
     if not ray.is_initialized():
-        # The same worker hook as cli.start_ray: with another Ray instance on the machine, Train's placement-group
-        # cleaner would otherwise query the wrong cluster and leave stopped trials' CPUs reserved.
+        # The same worker hook and settings as cli.start_ray: with another Ray instance on the machine, Train's
+        # placement-group cleaner would otherwise query the wrong cluster and leave stopped trials' CPUs reserved.
         ray.init(
             num_cpus=2,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             logging_level="ERROR",
             runtime_env={"worker_process_setup_hook": "mammo_ray.cli.pin_ray_address"},
+            _system_config=dict(cli.LOCAL_SYSTEM_CONFIG),
         )
     yield ray
     ray.shutdown()

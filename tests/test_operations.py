@@ -368,12 +368,14 @@ def test_start_ray_binds_the_dashboard_to_loopback_and_prints_its_url(monkeypatc
     assert calls[0]["include_dashboard"] is True
     assert calls[0]["dashboard_host"] == "127.0.0.1"
     assert calls[0]["runtime_env"]["worker_process_setup_hook"] == "mammo_ray.cli.pin_ray_address"
+    # Idle worker processes outlive a trial, so the next trial's Ray Data tasks need not import everything again.
+    assert calls[0]["_system_config"] == {"idle_worker_killing_time_threshold_ms": 60_000}
     assert info["dashboard_url"] == "http://127.0.0.1:8265"
     assert "Ray dashboard: http://127.0.0.1:8265" in capsys.readouterr().out
-    # Joining a cluster leaves its dashboard where the cluster put it.
+    # Joining a cluster leaves its dashboard and its settings (Ray refuses a _system_config there) as they are.
     calls.clear()
     cli.start_ray(address="auto")
-    assert "dashboard_host" not in calls[0]
+    assert "dashboard_host" not in calls[0] and "_system_config" not in calls[0]
 
 
 def test_dashboard_answers_on_loopback_and_not_on_other_interfaces(ray_session):

@@ -25,7 +25,7 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 
-# Ray settings for a cluster that start_ray starts itself (a cluster started with `ray start` keeps its own).
+# Ray settings for a cluster that start_ray starts itself (a cluster it joins keeps its own).
 # Ray ends a worker process that has been idle for 1 s once the node runs more worker processes than CPUs, which a
 # sweep on a small machine always does (each trial has its actor, a Train controller, workers and their helper
 # actors). Each trial's Ray Data tasks then started in new processes, which import torch, albumentations and
@@ -73,7 +73,15 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     if address is None:
         kwargs["dashboard_host"] = dashboard_host
         kwargs["_system_config"] = dict(LOCAL_SYSTEM_CONFIG)
-    context = ray.init(**kwargs)
+    try:
+        context = ray.init(**kwargs)
+    except ValueError as err:
+        # No address still joins the cluster that RAY_ADDRESS names (as in a `ray job submit` driver) or that a
+        # `ray start` on this machine recorded; Ray refuses settings of its own for a cluster it joins.
+        if "_system_config" not in kwargs or "_system_config" not in str(err):
+            raise
+        del kwargs["_system_config"]
+        context = ray.init(**kwargs)
     url = context.dashboard_url
     if url:
         print(f"Ray dashboard: http://{url}", flush=True)

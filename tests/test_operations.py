@@ -378,6 +378,28 @@ def test_start_ray_binds_the_dashboard_to_loopback_and_prints_its_url(monkeypatc
     assert "dashboard_host" not in calls[0] and "_system_config" not in calls[0]
 
 
+def test_start_ray_without_an_address_joins_the_cluster_that_ray_address_names(ray_session):
+    """A `ray job submit` driver has RAY_ADDRESS set: start_ray joins that cluster, which refuses Ray settings."""
+    import os
+    import subprocess
+    import sys
+
+    address = ray_session.get_runtime_context().gcs_address
+    script = (
+        "from mammo_ray import cli; cli.start_ray(); import ray; print('joined', ray.get_runtime_context().gcs_address)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, RAY_ADDRESS=address),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"joined {address}" in proc.stdout
+
+
 def test_dashboard_answers_on_loopback_and_not_on_other_interfaces(ray_session):
     import ray
 

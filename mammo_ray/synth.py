@@ -1332,8 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module, not this ``__main__`` copy: Ray pickles what ``__main__`` defines by value, and
-    # a worker has none of its module-level state (see prepare.py, where that broke every shard task).
+    # The importable module's main, not this ``__main__`` copy's: Ray pickles ``__main__`` by value (see prepare.py).
     from mammo_ray import synth as _module
 
     raise SystemExit(_module.main())

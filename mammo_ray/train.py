@@ -798,8 +798,7 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Run the importable module, not this ``__main__`` copy: Ray pickles what ``__main__`` defines by value, and
-    # a worker has none of its module-level state (see prepare.py, where that broke every shard task).
+    # The importable module's main, not this ``__main__`` copy's: Ray pickles ``__main__`` by value (see prepare.py).
     from mammo_ray import train as _module
 
     raise SystemExit(_module.main())

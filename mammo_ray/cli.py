@@ -203,6 +203,15 @@ def cache_size_remedy(cfg: config_mod.Config) -> str:
     )
 
 
+def model_size_remedy(image_size, then: str) -> str:
+    """What to do about a cache smaller than a trained model's input (``predict``, ``export --test``)."""
+    height, width = image_size
+    return (
+        f"The model takes {height}×{width}: prepare a cache at that size (`python -m mammo_ray.prepare ... "
+        f"--size {height} {width}`) and {then}."
+    )
+
+
 def _reference_frames(csvs, test=None) -> dict[str, pd.DataFrame]:
     from mammo_ray import importers
 

@@ -183,15 +183,13 @@ def _write_bundle(
 
     trial_cfg = config_mod.load(checkpoint_dir / "config.yaml")
     if frames and frames.get("test") is not None and trial_cfg.data.use_cache:
-        from mammo_ray import manifest
+        from mammo_ray import cli, manifest
 
-        height, width = trial_cfg.data.image_size
         manifest.check_cache_size(
             frames["test"],
             trial_cfg.data.image_size,
             storage.public(frames["test"].attrs.get("path") or "the test manifest"),
-            f"The model takes {height}×{width}: prepare a cache at that size (`python -m mammo_ray.prepare ... "
-            f"--size {height} {width}`) and pass its test manifest with --test.",
+            cli.model_size_remedy(trial_cfg.data.image_size, "pass its test manifest with --test"),
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -266,10 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         net, cfg, thresholds = load_bundle(args.model)
         frame = _input_frame(Path(args.input))
-        height, width = cfg.data.image_size
-        remedy = (
-            f"The model takes {height}×{width}: prepare a cache at that size (`python -m mammo_ray.prepare ... "
-            f"--size {height} {width}`) and pass its manifest, or pass the image files or their folder as --input."
+        remedy = cli.model_size_remedy(
+            cfg.data.image_size, "pass its manifest, or pass the image files or their folder as --input"
         )
         manifest.check_cache_size(frame, cfg.data.image_size, args.input, remedy)
         name, threshold = resolve_threshold(thresholds, args.threshold, cfg.train.threshold)

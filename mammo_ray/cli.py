@@ -132,11 +132,48 @@ def apply_smoke_test(cfg: config_mod.Config) -> None:
 
 
 def manifest_paths(cfg: config_mod.Config, args) -> dict[str, str | None]:
+    """The manifests from the flags or the space file, local ones made absolute (:func:`absolute_path`)."""
     return {
-        "train": getattr(args, "train", None) or cfg.data.train,
-        "valid": getattr(args, "valid", None) or cfg.data.valid,
-        "test": getattr(args, "test", None) or cfg.data.test,
+        role: absolute_path(getattr(args, role, None) or getattr(cfg.data, role)) for role in ("train", "valid", "test")
     }
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path made absolute against this process's working directory; None and URIs stay as they are.
+
+    Every path that travels to Ray has to be absolute: Tune runs each trial in its own trial folder and Train each
+    worker in its run's folder, so a relative path given on the command line finds nothing there. Symbolic links
+    are kept (not resolved), so that nodes that mount shared storage at the same path see the same name.
+    """
+    if not path or storage.is_uri(str(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def resolve_weights(cfg: config_mod.Config) -> None:
+    """Make ``model.pretrained`` (and its values in the search space) absolute, and check the files exist.
+
+    Checked before Ray starts: the Train workers load the file in their run's folder, where a relative path finds
+    nothing, and a missing file would otherwise fail every trial after Ray's start-up. ``timm:<tag>`` is left alone; a URI
+    is refused (the model loads local files only).
+    On a multi-node cluster the file must exist at the same path on every node.
+
+    Raises:
+        ConfigError: a weights file that does not exist, named with its key.
+    """
+
+    def resolve(value, key: str):
+        if not isinstance(value, str) or not value or value.startswith("timm:"):
+            return value
+        path = absolute_path(value)
+        if storage.is_uri(path) or not Path(path).is_file():
+            raise config_mod.ConfigError(f"{key}: local weights file {value!r} not found (looked for {path})")
+        return path
+
+    cfg.model.pretrained = resolve(cfg.model.pretrained, "model.pretrained")
+    spec = cfg.space.get("model.pretrained")
+    if isinstance(spec, dict) and isinstance(spec.get("values"), list):
+        spec["values"] = [resolve(value, "space.model.pretrained") for value in spec["values"]]
 
 
 def needs_synthetic(cfg: config_mod.Config, args) -> bool:

@@ -763,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config, overrides)
         if args.smoke_test:
             cli.apply_smoke_test(cfg)
+        cli.resolve_weights(cfg)
         out_dir = Path(args.out_dir or Path("results") / cfg.name)
         frames = cli.resolve_data(cfg, args, reference_csvs=(args.train_csv_pth, args.valid_csv_pth))
         frames = cli.subset_frames(frames, args, seed=cfg.train.seed)

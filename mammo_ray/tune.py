@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             cli.apply_smoke_test(cfg)
             if args.num_samples:
                 cfg.search.num_samples = args.num_samples
+        cli.resolve_weights(cfg)
         if args.dry_run:
             print(dry_run_text(cfg))
             return 0
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, cli.DataMissingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # A local --storage reaches Ray as an absolute path (Ray reads a relative one as a URI without a scheme).
+    args.storage = cli.absolute_path(args.storage)
     results = Path(args.results)
     experiment = experiment_path(cfg, results, args.storage)
     out_dir = output_dir(cfg, results, args.storage)

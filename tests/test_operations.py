@@ -281,9 +281,14 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
     space_file = tmp_path / "failing.yaml"
     space_file.write_text(json.dumps(space))
     results = tmp_path / "results"
+    # Run from the manifests' folder and name them relatively, as a user does: Tune runs each trial in its own
+    # trial folder, so the driver must hand the trials absolute paths (before, every trial failed to find them).
+    data_dir = Path(prepared_data["train"]).parent
+    relative = {role: os.path.relpath(path, data_dir) for role, path in prepared_data.items()}
+    assert not Path(relative["train"]).is_absolute()
     proc = subprocess.run(
-        _sweep_command(str(space_file), "failing", results, prepared_data),
-        cwd=REPO,
+        _sweep_command(str(space_file), "failing", results, relative),
+        cwd=data_dir,
         env=ray_env,
         capture_output=True,
         text=True,
@@ -299,6 +304,8 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
     assert "NonFiniteLossError" in failed["stop_reason"] and "non-finite" in failed["stop_reason"]
     good = board[board["train.lr"] == 1.0e-3].iloc[0]
     assert good["status"] == "TERMINATED" and good["stop_reason"] == "completed"
+    manifests = json.loads((results / "failing" / "manifests.json").read_text())
+    assert manifests["train"] == prepared_data["train"] and manifests["valid"] == prepared_data["valid"]
     # The exported model is the trial that worked.
     metrics = json.loads((results / "failing" / "best" / "metrics.json").read_text())
     assert metrics["selected"]["report"]["nonfinite_loss"] == 0.0

@@ -14,7 +14,7 @@ import yaml
 from s3_server import KEY, LocalS3
 from sklearn.metrics import roc_auc_score
 
-from mammo_ray import config, tune
+from mammo_ray import cli, config, tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -481,3 +481,65 @@ def test_export_reexports_an_s3_sweep_from_the_uri_and_from_the_pointer(s3, s3_s
     assert export.main(["--experiment", str(s3_sweep["out"]), "--out", str(again), "--bootstrap", "20"]) == 0
     assert len(table) == 1
     assert json.loads((again / "metrics.json").read_text())["selected"]["checkpoint"] == table.at[0, "checkpoint"]
+
+
+def test_manifest_paths_are_made_absolute_for_the_trials(tmp_path, monkeypatch):
+    """Tune runs each trial in its own folder: a manifest named relative to the driver's folder must reach the
+    trials as an absolute path. URIs and unset roles stay as they are."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("demo", {"data.valid": "prep/valid.parquet"})
+    args = SimpleNamespace(train="prep/../prep/train.parquet", valid=None, test="s3://bucket/test.parquet")
+    assert cli.manifest_paths(cfg, args) == {
+        "train": str(tmp_path / "prep" / "train.parquet"),
+        "valid": str(tmp_path / "prep" / "valid.parquet"),  # from the space file, relative to the same folder
+        "test": "s3://bucket/test.parquet",
+    }
+    assert cli.manifest_paths(config.load("demo"), SimpleNamespace())["train"] is None
+
+
+def test_resolve_weights_makes_local_files_absolute_and_refuses_missing_ones_before_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    for name in ("a.safetensors", "b.pt"):
+        (tmp_path / "w" / name).write_bytes(b"x")
+    cfg = config.load("demo", {"model.pretrained": "w/a.safetensors"})
+    cfg.space["model.pretrained"] = {"type": "choice", "values": ["w/a.safetensors", "w/b.pt", "timm:fb_in1k"]}
+    cli.resolve_weights(cfg)
+    assert cfg.model.pretrained == str(tmp_path / "w" / "a.safetensors")
+    assert cfg.space["model.pretrained"]["values"] == [
+        str(tmp_path / "w" / "a.safetensors"),
+        str(tmp_path / "w" / "b.pt"),
+        "timm:fb_in1k",  # a hub tag is not a file
+    ]
+    unset = config.load("demo")
+    cli.resolve_weights(unset)
+    assert unset.model.pretrained is None
+    for value in ("w/missing.safetensors", "s3://bucket/a.safetensors"):
+        with pytest.raises(config.ConfigError, match=r"model\.pretrained.*not found"):
+            cli.resolve_weights(config.load("demo", {"model.pretrained": value}))
+
+
+def test_tune_refuses_a_missing_weights_file_before_ray(tmp_path):
+    proc = run_module("mammo_ray.tune", "--space", "demo", "--results", str(tmp_path), "--set",
+                      f"model.pretrained={tmp_path / 'none.safetensors'}")  # fmt: skip
+    assert proc.returncode == 2
+    assert "model.pretrained" in proc.stderr and "none.safetensors" in proc.stderr
+    assert "Ray dashboard" not in proc.stdout and not any(tmp_path.iterdir())
+
+
+def test_a_relative_local_storage_reaches_the_sweep_as_an_absolute_path(tmp_path, monkeypatch):
+    """Ray reads a relative storage_path as a URI without a scheme and failed after it had started (ArrowInvalid);
+    tune makes a local --storage absolute first (URIs stay as they are: cli.absolute_path, test above)."""
+    seen = {}
+
+    def run_sweep(cfg, args, results, experiment, out_dir):
+        seen.update(storage=args.storage, experiment=experiment, out_dir=out_dir)
+        return 0
+
+    monkeypatch.setattr(tune, "run_sweep", run_sweep)
+    monkeypatch.chdir(tmp_path)
+    assert tune.main(["--space", "demo", "--train", "t.parquet", "--valid", "v.parquet", "--storage", "store"]) == 0
+    assert seen["storage"] == str(tmp_path / "store")
+    assert seen["experiment"] == seen["out_dir"] == tmp_path / "store" / "demo"

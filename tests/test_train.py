@@ -206,6 +206,43 @@ def test_train_bundle_keeps_the_best_epoch_and_the_whole_history(prepared_data, 
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 
+def test_train_loads_a_weights_file_named_relative_to_the_working_directory(
+    ray_session, prepared_data, tmp_path, monkeypatch
+):
+    """``model.pretrained`` as a user writes it, relative to where they run: the Train worker, which runs in its
+    run's folder, loads that file (before, it looked for the name in its own folder and failed after Ray started)."""
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(123)
+    weights = {k: v.contiguous() for k, v in timm.create_model("convnext_atto", in_chans=1).state_dict().items()}
+    (tmp_path / "weights").mkdir()
+    save_file(weights, tmp_path / "weights" / "atto.safetensors")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    sets = {
+        "model.pretrained": "weights/atto.safetensors",
+        "model.freeze_units": 1,  # the stem: frozen, so the bundle must carry the file's stem unchanged
+        "data.image_size": "[64,48]",
+        "train.epochs": 1,
+        "train.epoch_length": 32,
+        "train.batch_size": 8,
+        "train.augment": "false",
+        "resources.cpus_per_worker": 0.5,
+    }
+    args = ["--config", "demo", "--train", prepared_data["train"], "--valid", prepared_data["valid"]]
+    code = train.main([*args, "--out_dir", str(out), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
+    assert code == 0
+    trained = load_file(out / "model.safetensors")
+    for key in ("stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"):
+        assert torch.equal(trained[key], weights[key]), key
+    # The unfrozen stages trained away from the file, and the bundle names the file by its absolute path.
+    assert not torch.equal(trained["stages.0.blocks.0.conv_dw.weight"], weights["stages.0.blocks.0.conv_dw.weight"])
+    resolved = config.load(out / "config.yaml")
+    assert resolved.model.pretrained == str(tmp_path / "weights" / "atto.safetensors")
+
+
 @pytest.mark.slow
 def test_train_on_reference_csv_decodes_on_the_fly(ray_session, synthetic_data, tmp_path):
     """The reference's CSVs (path_eq, cancer, datasettype) train without a prepared cache."""

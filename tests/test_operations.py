@@ -312,6 +312,51 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
     assert Path(metrics["selected"]["checkpoint"]).parent.name == f"trial_{good['trial_id']}"
 
 
+# Trials that run side by side, as the shipped spaces' max_concurrent_trials: 4 asks on a GPU node. The driver's
+# Ray gets 4 logical CPUs on the 2 cores, so that two 0.6-CPU trials still leave Ray Data a whole CPU.
+CONCURRENT_DRIVER = """
+import functools, sys
+import ray
+ray.init = functools.partial(ray.init, num_cpus=4)
+from mammo_ray import tune
+sys.exit(tune.main(sys.argv[1:]))
+"""
+
+
+def _trial_spans(experiment: Path) -> list[tuple[float, float]]:
+    """(start, end) of each trial from Tune's result.json rows: the first report's time less its run time."""
+    spans = []
+    for result in experiment.glob("trial_function_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    return spans
+
+
+@pytest.mark.slow
+def test_concurrent_trials_run_side_by_side_and_the_sweep_completes(prepared_data, tmp_path, ray_env):
+    results = tmp_path / "results"
+    trials = 4
+    command = _sweep_command("demo", "concurrent", results, prepared_data, "--num-samples", str(trials))
+    command[1:3] = ["-c", CONCURRENT_DRIVER]  # replaces "-m mammo_ray.tune"
+    sets = {"resources.max_concurrent_trials": 2, "resources.torch_threads": 1, "train.epochs": 2}
+    proc = subprocess.run(
+        [*command, *_sets(sets)], cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=420, check=False
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, _tail(output)
+    assert "running 1 at a time" not in output  # fit_concurrency kept both
+    experiment = results / "concurrent"
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == trials and (board["status"] == "TERMINATED").all(), board
+    assert (board["epochs"] >= 1).all()
+    spans = sorted(_trial_spans(experiment))
+    assert len(spans) == trials
+    overlapping = [a for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    assert overlapping, f"no two trials ran at the same time: {spans}"
+    assert max(sum(start <= t < end for start, end in spans) for t, _ in spans) <= 2  # the limit held
+    assert (experiment / "best" / "model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. Prometheus metrics from ray.util.metrics, labelled with the run.
 

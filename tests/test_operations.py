@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import os
 import pickle
@@ -351,7 +352,7 @@ def test_concurrent_trials_run_side_by_side_and_the_sweep_completes(prepared_dat
     assert (board["epochs"] >= 1).all()
     spans = sorted(_trial_spans(experiment))
     assert len(spans) == trials
-    overlapping = [a for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    overlapping = [a for a, b in itertools.pairwise(spans) if b[0] < a[1]]
     assert overlapping, f"no two trials ran at the same time: {spans}"
     assert max(sum(start <= t < end for start, end in spans) for t, _ in spans) <= 2  # the limit held
     assert (experiment / "best" / "model.safetensors").is_file()

@@ -35,6 +35,11 @@ QUIET_ENV = {
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+# True once start_ray has started a Ray instance of its own on this machine (no node will ever join it); False
+# when it joined a cluster, which an autoscaler may grow.
+_STARTED_HERE = False
+
+
 class DataMissingError(ValueError):
     """No manifests were given and the space file does not generate data."""
 
@@ -73,8 +78,10 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     if address is None:
         kwargs["dashboard_host"] = dashboard_host
         kwargs["_system_config"] = dict(LOCAL_SYSTEM_CONFIG)
+    global _STARTED_HERE
     try:
         context = ray.init(**kwargs)
+        _STARTED_HERE = "_system_config" in kwargs
     except ValueError as err:
         # No address still joins the cluster that RAY_ADDRESS names (as in a `ray job submit` driver) or that a
         # `ray start` on this machine recorded; Ray refuses settings of its own for a cluster it joins.
@@ -86,6 +93,62 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     if url:
         print(f"Ray dashboard: http://{url}", flush=True)
     return {"dashboard_url": f"http://{url}" if url else None}
+
+
+def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fixed: bool | None = None) -> list[str]:
+    """Refuse a run whose Train workers no node can host, before a trial waits for them forever.
+
+    Ray queues a worker that asks for more than any node has, without an error: a GPU space on a machine without
+    a GPU, or more CPUs per worker than a node has, left ``tune`` and ``train`` waiting silently. On a cluster
+    that this process started (``fixed``) nothing will join, so that is an error. On a cluster it joined, an
+    autoscaler may still add such nodes, so it is a warning, printed and returned. (Ray Data's share of the CPUs is
+    ``tune.fit_concurrency``'s.)
+
+    Args:
+        nodes: the alive nodes' resources (default: asked from Ray).
+        fixed: whether the cluster cannot grow (default: whether :func:`start_ray` started it).
+
+    Raises:
+        ValueError: the run cannot start here; the message names the keys to change.
+    """
+    if nodes is None:
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if fixed is None:
+        fixed = _STARTED_HERE
+    res = cfg.resources
+    cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
+
+    def hosts(node: dict) -> float:
+        fits = [node.get("CPU", 0.0) / cpus if cpus > 0 else float("inf")]
+        if gpus > 0:
+            fits.append(node.get("GPU", 0.0) / gpus)
+        return int(min(fits) + 1e-9)
+
+    total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    where = (
+        f"this machine has {total_cpus:g} CPUs and {total_gpus:g} GPUs"
+        if len(nodes) == 1
+        else f"the cluster's {len(nodes)} nodes have {total_cpus:g} CPUs and {total_gpus:g} GPUs"
+    )
+    problems = []
+    hosted = sum(hosts(n) for n in nodes)
+    if hosted < res.num_workers:
+        need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPU(s)" if gpus > 0 else "")
+        problems.append(
+            f"{res.num_workers} Train worker(s) of {need} each (resources.num_workers, resources.cpus_per_worker, "
+            f"resources.gpus_per_worker) do not fit: {where}, room for {hosted} such worker(s)"
+            + ("; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else "")
+        )
+    messages = []
+    for problem in problems:
+        if fixed:
+            raise ValueError(problem)
+        messages.append(f"{problem}; the run waits until nodes with these resources join the cluster")
+        print(f"warning: {messages[-1]}", file=sys.stderr)
+    return messages
 
 
 def pin_ray_address() -> None:

@@ -775,9 +775,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir: Path, address: str | None) -> int:
     """Fit one TorchTrainer and export its best epoch to ``out_dir``."""
-    from mammo_ray import cli, export
+    from mammo_ray import cli, export, tune
 
     cli.start_ray(address=address)
+    try:
+        cli.check_placement(cfg)
+        tune.fit_concurrency(cfg, single_run=True)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     storage = str((out_dir / "ray").resolve())
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = make_trainer(cfg, frames, run_name=run_name, storage_path=storage)

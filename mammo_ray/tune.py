@@ -445,12 +445,13 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
         frames = None if cli.needs_synthetic(cfg, args) else cli.resolve_data(cfg, args)
         ray_info = cli.start_ray(address=args.address, dashboard_host=args.dashboard_host, verbose=args.verbose)
         check_storage(args)
+        cli.check_placement(cfg)
+        fit_concurrency(cfg)
         if frames is None:
             frames = cli.resolve_data(cfg, args)
     except (manifest.ManifestError, cli.DataMissingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fit_concurrency(cfg)
     manifests = {role: frame.attrs.get("path") for role, frame in frames.items()}
     remote = storage.is_uri(str(experiment))
     try:
@@ -551,40 +552,42 @@ def write_sweep_files(
     storage.write_text(storage.join(experiment, "manifests.json"), json.dumps(recorded, indent=2) + "\n")
 
 
-def fit_concurrency(cfg: config_mod.Config, total: float | None = None) -> None:
+def fit_concurrency(cfg: config_mod.Config, total: float | None = None, *, single_run: bool = False) -> None:
     """Cap concurrent trials so that Ray Data keeps at least one whole CPU free on this cluster.
 
     Ray Data's tasks need a whole CPU; if the trials' reservations leave less than one, every trial's data
     pipeline waits forever ("backpressured"). On GPU clusters the per-node layout matters too (see README).
     ``total`` is the cluster's CPU count (default: asked from Ray). Also warns when ``resources.torch_threads``
     asks for more torch threads than the cluster has CPUs: threads are not reserved, so they would compete.
+    ``single_run``: the ``train`` command's one run, which has no trial actor and no concurrency to cap.
     """
     if total is None:
         import ray
 
         total = ray.cluster_resources().get("CPU", 0.0)
     res = cfg.resources
-    per_trial = res.trial_cpus + res.num_workers * res.cpus_per_worker
+    per_trial = (0.0 if single_run else res.trial_cpus) + res.num_workers * res.cpus_per_worker
     if per_trial <= 0 or total <= 0:
         return
     fitting = int((total - 1.0) // per_trial)
     if fitting < 1:
         raise ValueError(
-            f"one trial reserves {per_trial:g} CPUs of the cluster's {total:g}, leaving Ray Data less than one CPU; "
-            "lower resources.cpus_per_worker or resources.num_workers"
+            f"one {'run' if single_run else 'trial'} reserves {per_trial:g} CPUs of the cluster's {total:g}, leaving "
+            "Ray Data less than one CPU; lower resources.cpus_per_worker or resources.num_workers"
         )
-    if res.max_concurrent_trials > fitting:
+    if not single_run and res.max_concurrent_trials > fitting:
         print(
             f"warning: {res.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
             f"Data less than one of the cluster's {total:g} CPUs; running {fitting} at a time",
             file=sys.stderr,
         )
         res.max_concurrent_trials = fitting
-    threads = res.torch_threads * res.num_workers * res.max_concurrent_trials
+    concurrent = 1 if single_run else res.max_concurrent_trials
+    threads = res.torch_threads * res.num_workers * concurrent
     if threads > total:
         print(
             f"warning: resources.torch_threads {res.torch_threads} × {res.num_workers} worker(s) × "
-            f"{res.max_concurrent_trials} concurrent trial(s) = {threads} torch threads on the cluster's {total:g} "
+            f"{concurrent} concurrent trial(s) = {threads} torch threads on the cluster's {total:g} "
             "CPUs; they will compete for cores (0 lets Ray set them from the CPUs each worker holds)",
             file=sys.stderr,
         )

@@ -358,6 +358,37 @@ def test_concurrent_trials_run_side_by_side_and_the_sweep_completes(prepared_dat
     assert (experiment / "best" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        # Before, the trial waited forever for a worker with a GPU, silently. 64 GPUs per worker fit no machine,
+        # so this case holds on a GPU host too.
+        ("resources.gpus_per_worker=64", "do not fit: this machine has"),
+        # Before, a traceback (the refusal was raised outside the command's error handling).
+        ("resources.cpus_per_worker=1.5", "leaving Ray Data less than one CPU"),
+    ],
+)
+def test_a_trial_that_cannot_run_here_stops_the_sweep_with_an_error(prepared_data, tmp_path, ray_env, override, needle):
+    results = tmp_path / "results"
+    command = _sweep_command("demo", "cannot", results, prepared_data, "--set", override)
+    proc = subprocess.run(command, cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, _tail(proc.stdout + proc.stderr)
+    assert "error: " in proc.stderr and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (results / "cannot").exists()  # nothing written that a later run would find
+
+
+def test_a_train_run_whose_worker_fits_no_node_stops_with_an_error(prepared_data, tmp_path, ray_env):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "mammo_ray.train", "--config", "demo", "--train", prepared_data["train"],
+        "--valid", prepared_data["valid"], "--out_dir", str(out), *_sets({**TINY, "resources.gpus_per_worker": 64}),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, _tail(proc.stdout + proc.stderr)
+    assert "error: 1 Train worker(s) of 0.5 CPUs and 64 GPU(s) each" in proc.stderr
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. Prometheus metrics from ray.util.metrics, labelled with the run.
 

@@ -95,6 +95,50 @@ def test_fit_concurrency_refuses_a_trial_that_leaves_ray_data_no_cpu():
         tune.fit_concurrency(cfg, total=2.0)
 
 
+def test_fit_concurrency_for_the_train_command_counts_no_trial_actor_and_caps_nothing(capsys):
+    cfg = config.load("demo", {"resources.cpus_per_worker": 1.0, "resources.max_concurrent_trials": 4})
+    tune.fit_concurrency(cfg, total=2.0, single_run=True)  # 1 CPU held, 1 left to Ray Data: fits
+    assert cfg.resources.max_concurrent_trials == 4  # the config is recorded as written
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one run reserves 1.5 CPUs"):
+        tune.fit_concurrency(config.load("demo", {"resources.cpus_per_worker": 1.5}), total=2.0, single_run=True)
+
+
+CPU_NODE = {"CPU": 2.0}
+GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nodes", "problem"),
+    [
+        ({}, [CPU_NODE], None),  # the demo on the 2-core machine
+        ({"resources.gpus_per_worker": 1}, [CPU_NODE], "this machine has 2 CPUs and 0 GPUs, room for 0"),
+        ({"resources.cpus_per_worker": 4}, [CPU_NODE], "1 Train worker(s) of 4 CPUs each"),
+        ({"resources.gpus_per_worker": 1, "resources.cpus_per_worker": 4}, [CPU_NODE, GPU_NODE], None),
+        # Two 1-GPU workers need two such nodes; a 2-GPU worker needs both GPUs on one node.
+        ({"resources.gpus_per_worker": 1, "resources.num_workers": 2}, [CPU_NODE, GPU_NODE], "room for 1"),
+        ({"resources.gpus_per_worker": 1, "resources.num_workers": 2}, [GPU_NODE, GPU_NODE], None),
+        ({"resources.gpus_per_worker": 2}, [GPU_NODE, GPU_NODE], "the cluster's 2 nodes have 32 CPUs and 2 GPUs"),
+        ({"resources.gpus_per_worker": 0.5, "resources.num_workers": 2}, [GPU_NODE], None),
+    ],
+)
+def test_check_placement_refuses_workers_no_node_can_host(overrides, nodes, problem, capsys):
+    cfg = config.load("demo", overrides)
+    if problem is None:
+        assert cli.check_placement(cfg, nodes=nodes, fixed=True) == []
+        return
+    # A cluster this process started never grows: an error that names the keys.
+    with pytest.raises(ValueError, match="resources.gpus_per_worker") as raised:
+        cli.check_placement(cfg, nodes=nodes, fixed=True)
+    assert problem in str(raised.value)
+    no_gpu_asked_for_one = cfg.resources.gpus_per_worker > 0 and not any("GPU" in n for n in nodes)
+    assert ("set resources.gpus_per_worker=0" in str(raised.value)) == no_gpu_asked_for_one
+    # A cluster it joined may grow (an autoscaler adding GPU nodes): a warning, and the run waits.
+    (warned,) = cli.check_placement(cfg, nodes=nodes, fixed=False)
+    assert problem in warned and "waits until nodes with these resources join" in warned
+    assert capsys.readouterr().err.count("warning:") == 1
+
+
 @pytest.mark.parametrize(
     ("split", "candidates", "has_test", "expected"),
     [

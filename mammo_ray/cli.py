@@ -95,6 +95,44 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     return {"dashboard_url": f"http://{url}" if url else None}
 
 
+def check_model(cfg: config_mod.Config, searched: bool = True) -> None:
+    """Refuse, before Ray starts, a backbone that timm does not have or a freeze depth beyond a backbone's units.
+
+    Both failed in every Train worker before: after Ray's start-up, as a traceback (the reference's
+    ``--upto_freeze 30`` on the default convnext_atto, which has 18 units). With ``searched`` (``tune``), every
+    backbone and freeze depth that the search space can draw is checked in place of the fixed value it overrides;
+    ``train`` ignores the space.
+
+    Raises:
+        ConfigError: naming the key, the value and the backbone's unit count.
+    """
+    from mammo_ray import model as model_mod
+
+    def drawn(key: str, fixed):
+        spec = cfg.space.get(key) if searched else None
+        if not isinstance(spec, dict):
+            return [(key, fixed)]
+        if isinstance(spec.get("values"), list):
+            return [(f"space.{key}", value) for value in spec["values"]]
+        return [(f"space.{key}", spec[bound]) for bound in ("low", "high") if bound in spec]
+
+    known = model_mod.available_backbones()
+    for key, backbone in drawn("model.backbone", cfg.model.backbone):
+        if backbone not in known:
+            raise config_mod.ConfigError(
+                f"{key}: unknown backbone {backbone!r}; mammo_ray builds timm's ConvNeXt V1/V2 models: "
+                f"{', '.join(known)}"
+            )
+        units = model_mod.count_units(backbone)
+        for freeze_key, depth in drawn("model.freeze_units", cfg.model.freeze_units):
+            if isinstance(depth, int | float) and not 0 <= depth <= units:
+                raise config_mod.ConfigError(
+                    f"{freeze_key}: {depth:g} freeze units, but {backbone} has {units} (0 … {units}; README, "
+                    "'Model, freeze depth and losses'). The reference's --upto_freeze numbers count "
+                    "convnext_small's 42 units."
+                )
+
+
 def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fixed: bool | None = None) -> list[str]:
     """Refuse a run whose Train workers no node can host, before a trial waits for them forever.
 

@@ -764,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke_test:
             cli.apply_smoke_test(cfg)
         cli.resolve_weights(cfg)
+        cli.check_model(cfg, searched=False)
         out_dir = Path(args.out_dir or Path("results") / cfg.name)
         frames = cli.resolve_data(cfg, args, reference_csvs=(args.train_csv_pth, args.valid_csv_pth))
         frames = cli.subset_frames(frames, args, seed=cfg.train.seed)

@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.num_samples:
                 cfg.search.num_samples = args.num_samples
         cli.resolve_weights(cfg)
+        cli.check_model(cfg)
         if args.dry_run:
             print(dry_run_text(cfg))
             return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -587,3 +588,50 @@ def test_a_relative_local_storage_reaches_the_sweep_as_an_absolute_path(tmp_path
     assert tune.main(["--space", "demo", "--train", "t.parquet", "--valid", "v.parquet", "--storage", "store"]) == 0
     assert seen["storage"] == str(tmp_path / "store")
     assert seen["experiment"] == seen["out_dir"] == tmp_path / "store" / "demo"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "space", "searched", "needle"),
+    [
+        ({}, {}, True, None),
+        ({"model.backbone": "resnet50"}, {}, True, "model.backbone: unknown backbone 'resnet50'"),
+        (
+            {},
+            {"model.backbone": {"type": "choice", "values": ["convnext_atto", "vit_b"]}},
+            True,
+            "space.model.backbone",
+        ),
+        ({"model.freeze_units": 30}, {}, False, "model.freeze_units: 30 freeze units, but convnext_atto has 18"),
+        ({"model.freeze_units": 18}, {}, False, None),  # every unit, the head included: allowed
+        # train ignores the space; tune checks the space's range in place of the fixed value it overrides.
+        ({"model.freeze_units": 30}, {"model.freeze_units": {"type": "int", "low": 0, "high": 2}}, True, None),
+        ({}, {"model.freeze_units": {"type": "int", "low": 0, "high": 41}}, True, "space.model.freeze_units: 41"),
+        (
+            {"model.backbone": "convnext_small"},
+            {
+                "model.freeze_units": {"type": "int", "low": 0, "high": 41},
+                "model.backbone": {"type": "choice", "values": ["convnext_small", "convnext_tiny"]},
+            },
+            True,
+            "but convnext_tiny has 24",
+        ),
+    ],
+)
+def test_check_model_refuses_backbones_and_freeze_depths_the_model_cannot_take(overrides, space, searched, needle):
+    cfg = config.load("demo", overrides)
+    cfg.space = {key: spec for key, spec in cfg.space.items() if key != "model.freeze_units"} | space
+    if needle is None:
+        cli.check_model(cfg, searched=searched)
+    else:
+        with pytest.raises(config.ConfigError, match=re.escape(needle)):
+            cli.check_model(cfg, searched=searched)
+
+
+def test_the_reference_freeze_depth_on_the_default_backbone_stops_train_before_ray(monkeypatch, capsys):
+    """Before, every Train worker raised "freeze units must be in [0, 18]" after Ray's start-up."""
+    from mammo_ray import train
+
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    argv = ["--train_csv_pth", "t.csv", "--valid_csv_pth", "v.csv", "--fine_tuning", "partial", "--upto_freeze", "30"]
+    assert train.main(argv) == 2
+    assert "model.freeze_units: 30 freeze units, but convnext_atto has 18" in capsys.readouterr().err

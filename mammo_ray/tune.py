@@ -397,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.num_samples:
                 cfg.search.num_samples = args.num_samples
         cli.resolve_weights(cfg)
+        if not args.dry_run:
+            cli.check_data_given(cfg, args)  # first: it needs no torch import, so it answers in a fraction of a second
         cli.check_model(cfg)
         if args.dry_run:
             print(dry_run_text(cfg))
             return 0
-        cli.check_data_given(cfg, args)
     except (config_mod.ConfigError, cli.DataMissingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -163,6 +163,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search.searcher": ("optuna", "random"),
     "search.scheduler": ("asha", "fifo"),
 }
+# The per-epoch validation metrics every run reports, each with the direction that makes it better: the choices
+# of search.metric, whose search.mode must agree (ASHA, Optuna, checkpoint retention and export all follow it).
+SELECTION_METRICS: dict[str, str] = {
+    "val_auc": "max",
+    "val_pr_auc": "max",
+    "val_auc_breast": "max",
+    "val_sensitivity@0.3": "max",
+    "val_specificity@0.3": "max",
+    "val_loss": "min",
+    "val_ece": "min",
+    "val_brier": "min",
+}
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.synthetic.patients": (4, None),
     "data.synthetic.prevalence": (0.0, 1.0),
@@ -416,6 +428,18 @@ def validate(config: Config, source: str = "config") -> Config:
         raise ConfigError(
             f"{source}: model.pretrained {config.model.pretrained!r} is an ImageNet ConvNeXt, which fits only "
             f"model.stem=patchify and model.norm=layer (got {config.model.stem}, {config.model.norm})"
+        )
+    metric, mode = config.search.metric, config.search.mode
+    if metric not in SELECTION_METRICS:
+        raise ConfigError(
+            f"{source}: search.metric {metric!r} is not a metric that runs report; choose one of "
+            f"{', '.join(SELECTION_METRICS)}"
+        )
+    if mode != SELECTION_METRICS[metric]:
+        raise ConfigError(
+            f"{source}: search.mode {mode} would select the worst {metric}; {metric} is better when higher"
+            if SELECTION_METRICS[metric] == "max"
+            else f"{source}: search.mode {mode} would select the worst {metric}; {metric} is better when lower"
         )
     _check_space(config.space, source)
     if config.search.searcher == "optuna" and any(spec["type"] == "grid" for spec in config.space.values()):

@@ -336,11 +336,11 @@ def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
 
 def _epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The validation metrics that go into the per-epoch report (numbers only; None → NaN)."""
-    keep = ("auc", "pr_auc", "sensitivity@0.3", "specificity@0.3", "auc_breast", "ece", "brier")
     out = {}
-    for key in keep:
-        value = metrics.get(key)
-        out[f"val_{key}"] = float("nan") if value is None else float(value)
+    for name in config_mod.SELECTION_METRICS:
+        if name != "val_loss":  # the loop's own mean loss, reported beside these
+            value = metrics.get(name.removeprefix("val_"))
+            out[name] = float("nan") if value is None else float(value)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +432,27 @@ def test_save_leaves_no_temp_file_when_writing_fails(tmp_path: Path, monkeypatch
         config.save(cfg, target)
     assert [p.name for p in target.parent.iterdir()] == ["config.yaml"]
     assert target.read_text() == old, "a failed save must leave the previous file intact"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            {"search.metric": "val_acc"},
+            "search.metric 'val_acc' is not a metric that runs report; choose one of val_auc",
+        ),
+        ({"search.mode": "min"}, "search.mode min would select the worst val_auc; val_auc is better when higher"),
+        ({"search.metric": "val_loss"}, "search.mode max would select the worst val_loss"),
+        ({"search.metric": "val_ece", "search.mode": "max"}, "val_ece is better when lower"),
+    ],
+)
+def test_search_metric_must_be_reported_and_its_mode_must_pick_the_best(overrides: dict, needle: str) -> None:
+    """Before, an unknown metric crashed the sweep at the first report (Tune's ValueError, after Ray started), and
+    mode: min on val_auc would have exported the worst model."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.load("demo", overrides)
+
+
+@pytest.mark.parametrize(("metric", "mode"), list(config.SELECTION_METRICS.items()))
+def test_every_selection_metric_loads_with_its_direction(metric: str, mode: str) -> None:
+    assert config.load("demo", {"search.metric": metric, "search.mode": mode}).search.metric == metric

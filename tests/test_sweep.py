@@ -267,6 +267,10 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
 
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert len(study.trials) == 2
+    # Every metric that search.metric may name is in every trial's per-epoch report.
+    for result in experiment.glob("trial_function_*/result.json"):
+        report = json.loads(result.read_text().splitlines()[0])
+        assert set(config.SELECTION_METRICS) <= set(report), result.parent.name
 
     best = experiment / "best"
     for name in (

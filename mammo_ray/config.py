@@ -412,9 +412,12 @@ def validate(config: Config, source: str = "config") -> Config:
     for key, value in _walk(config):
         if key != "space":
             _check_value(key, value, source)
-    if len(config.data.image_size) != 2 or min(config.data.image_size) < 16:
+    # ConvNeXt shrinks its input 32-fold (stem 4, three 2× downsamplings); a smaller side leaves its last stage no
+    # pixel and every Train worker failed at its first step.
+    if len(config.data.image_size) != 2 or min(config.data.image_size) < 32:
         raise ConfigError(
-            f"{source}: data.image_size must be [height, width], each >= 16, got {config.data.image_size}"
+            f"{source}: data.image_size must be [height, width], each >= 32 (ConvNeXt's total stride), "
+            f"got {config.data.image_size}"
         )
     fractions = config.data.synthetic.split
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:

@@ -252,6 +252,7 @@ def test_space_file_scientific_notation(tmp_path: Path) -> None:
         (BASE, ["resources.num_workers=0"], ["resources.num_workers"]),
         (BASE, ["resources.torch_threads=-1"], ["resources.torch_threads"]),
         (BASE, ["data.image_size=[8, 8]"], ["data.image_size"]),
+        (BASE, ["data.image_size=[40, 30]"], ["data.image_size", ">= 32", "[40, 30]"]),
         (BASE, ["data.image_size=[64, 48, 3]"], ["data.image_size"]),
         (BASE, ["data.synthetic.split=[0.5, 0.5, 0.5]"], ["data.synthetic.split"]),
         (BASE, ["model.attenuation=true", "train.loss=focal"], ["model.attenuation", "train.loss"]),

@@ -400,3 +400,18 @@ def test_unrelated_weights_are_an_error(tmp_path) -> None:
     save_file({"linear.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="No tensor .* fits convnext_atto"):
         create_model("convnext_atto", pretrained=str(path))
+
+
+@pytest.mark.parametrize("stem", ["patchify", "deep"])
+def test_the_smallest_image_size_the_config_accepts_runs_through_both_stems(stem: str) -> None:
+    """config refuses a side under 32 (data.image_size): ConvNeXt shrinks its input 32-fold. 32 must run; 31 leaves
+    the patchify stem's last downsampling less than its 2×2 kernel."""
+    from mammo_ray import config
+
+    with pytest.raises(config.ConfigError, match=">= 32"):
+        config.load("demo", {"data.image_size": [31, 32]})
+    model = create_model("convnext_atto", stem=stem).eval()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 1)
+    if stem == "patchify":
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 1, 31, 31))

@@ -158,7 +158,7 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
     res = cfg.resources
     cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
 
-    def hosts(node: dict) -> float:
+    def hosts(node: dict) -> int:
         fits = [node.get("CPU", 0.0) / cpus if cpus > 0 else float("inf")]
         if gpus > 0:
             fits.append(node.get("GPU", 0.0) / gpus)
@@ -171,22 +171,20 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
         if len(nodes) == 1
         else f"the cluster's {len(nodes)} nodes have {total_cpus:g} CPUs and {total_gpus:g} GPUs"
     )
-    problems = []
     hosted = sum(hosts(n) for n in nodes)
-    if hosted < res.num_workers:
-        need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPU(s)" if gpus > 0 else "")
-        problems.append(
-            f"{res.num_workers} Train worker(s) of {need} each (resources.num_workers, resources.cpus_per_worker, "
-            f"resources.gpus_per_worker) do not fit: {where}, room for {hosted} such worker(s)"
-            + ("; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else "")
-        )
-    messages = []
-    for problem in problems:
-        if fixed:
-            raise ValueError(problem)
-        messages.append(f"{problem}; the run waits until nodes with these resources join the cluster")
-        print(f"warning: {messages[-1]}", file=sys.stderr)
-    return messages
+    if hosted >= res.num_workers:
+        return []
+    need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPU(s)" if gpus > 0 else "")
+    problem = (
+        f"{res.num_workers} Train worker(s) of {need} each (resources.num_workers, resources.cpus_per_worker, "
+        f"resources.gpus_per_worker) do not fit: {where}, room for {hosted} such worker(s)"
+        + ("; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else "")
+    )
+    if fixed:
+        raise ValueError(problem)
+    message = f"{problem}; the run waits until nodes with these resources join the cluster"
+    print(f"warning: {message}", file=sys.stderr)
+    return [message]
 
 
 def pin_ray_address() -> None:
@@ -255,9 +253,9 @@ def resolve_weights(cfg: config_mod.Config) -> None:
     """Make ``model.pretrained`` (and its values in the search space) absolute, and check the files exist.
 
     Checked before Ray starts: the Train workers load the file in their run's folder, where a relative path finds
-    nothing, and a missing file would otherwise fail every trial after Ray's start-up. ``timm:<tag>`` is left alone; a URI
-    is refused (the model loads local files only).
-    On a multi-node cluster the file must exist at the same path on every node.
+    nothing, and a missing file would otherwise fail every trial after Ray's start-up. ``timm:<tag>`` is left
+    alone; a URI is refused (the model loads local files only). On a multi-node cluster the file must exist at the
+    same path on every node.
 
     Raises:
         ConfigError: a weights file that does not exist, named with its key.

@@ -439,10 +439,9 @@ def validate(config: Config, source: str = "config") -> Config:
             f"{', '.join(SELECTION_METRICS)}"
         )
     if mode != SELECTION_METRICS[metric]:
+        better = "higher" if SELECTION_METRICS[metric] == "max" else "lower"
         raise ConfigError(
-            f"{source}: search.mode {mode} would select the worst {metric}; {metric} is better when higher"
-            if SELECTION_METRICS[metric] == "max"
-            else f"{source}: search.mode {mode} would select the worst {metric}; {metric} is better when lower"
+            f"{source}: search.mode {mode} would select the worst {metric}; {metric} is better when {better}"
         )
     _check_space(config.space, source)
     if config.search.searcher == "optuna" and any(spec["type"] == "grid" for spec in config.space.values()):

@@ -50,7 +50,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "optuna"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "optuna", "tensorboardX"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 

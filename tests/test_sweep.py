@@ -639,3 +639,15 @@ def test_the_reference_freeze_depth_on_the_default_backbone_stops_train_before_r
     argv = ["--train_csv_pth", "t.csv", "--valid_csv_pth", "v.csv", "--fine_tuning", "partial", "--upto_freeze", "30"]
     assert train.main(argv) == 2
     assert "model.freeze_units: 30 freeze units, but convnext_atto has 18" in capsys.readouterr().err
+
+
+def test_quiet_logging_hides_tensorboardx_renaming_every_metric_with_an_at_sign():
+    """Without -v, each trial's first report printed four INFO lines from tensorboardX ("Summary name
+    ray/tune/val_sensitivity@0.3 is illegal") into the sweep's terminal: 24 in the demo."""
+    import logging
+
+    cli.setup_logging(verbose=False)
+    assert not logging.getLogger("tensorboardX.summary").isEnabledFor(logging.INFO)
+    cli.setup_logging(verbose=True)
+    assert logging.getLogger("tensorboardX.summary").isEnabledFor(logging.INFO)
+    cli.setup_logging(verbose=False)

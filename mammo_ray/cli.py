@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
 
     if ray.is_initialized():
         return {}
+    check_address(address)
     if not verbose:
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
@@ -185,6 +187,31 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
     message = f"{problem}; the run waits until nodes with these resources join the cluster"
     print(f"warning: {message}", file=sys.stderr)
     return [message]
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at ``--address`` ``host:port`` (or ``ray://host:port``).
+
+    ``ray.init`` on an address where no cluster answers retried for minutes, printing only GCS time-outs. ``auto``
+    and addresses without a port are left to Ray.
+
+    Raises:
+        ValueError: naming the address and what the connection attempt said.
+    """
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 literal, [::1]:6379
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ValueError(
+            f"--address {address}: no Ray cluster answers at {host or '127.0.0.1'}:{port} ({err}); give the head "
+            "node's address as `ray start --head` printed it (GCS port 6379 by default, ray://…:10001 for Ray "
+            "Client), or `auto` on a node of the cluster"
+        ) from err
 
 
 def pin_ray_address() -> None:

@@ -778,10 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.out, args.images)  # before reading a single table
         table = importers.import_source(args.source, args.csv, args.images)
         table = plan(table, args)
+        cli.start_ray(address=args.address, verbose=args.verbose)
     except (ValueError, manifest.ManifestError, PrepareError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cli.start_ray(address=args.address, verbose=args.verbose)
     try:
         result = prepare_table(
             table,

@@ -778,8 +778,8 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
     """Fit one TorchTrainer and export its best epoch to ``out_dir``."""
     from mammo_ray import cli, export, tune
 
-    cli.start_ray(address=address)
     try:
+        cli.start_ray(address=address)
         cli.check_placement(cfg)
         tune.fit_concurrency(cfg, single_run=True)
     except ValueError as err:

@@ -452,7 +452,9 @@ def test_start_ray_binds_the_dashboard_to_loopback_and_prints_its_url(monkeypatc
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or Context())
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)
     info = cli.start_ray()
+    assert cli._STARTED_HERE  # a Ray instance of its own: check_placement refuses what it cannot host
     assert calls[0]["include_dashboard"] is True
     assert calls[0]["dashboard_host"] == "127.0.0.1"
     assert calls[0]["runtime_env"]["worker_process_setup_hook"] == "mammo_ray.cli.pin_ray_address"
@@ -464,6 +466,33 @@ def test_start_ray_binds_the_dashboard_to_loopback_and_prints_its_url(monkeypatc
     calls.clear()
     cli.start_ray(address="auto")
     assert "dashboard_host" not in calls[0] and "_system_config" not in calls[0]
+    assert not cli._STARTED_HERE  # a joined cluster may grow: check_placement only warns
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_address_where_no_cluster_answers_fails_in_seconds_before_ray_init(monkeypatch):
+    """Before, ray.init retried for minutes on such an address, printing only GCS time-outs."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    port = _closed_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=rf"--address {re.escape(address)}: no Ray cluster answers"):
+            cli.start_ray(address=address)
+        assert time.monotonic() - started < 10
+    with socket.socket() as listening:  # something answers: the address is Ray's to judge
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        cli.check_address(f"127.0.0.1:{listening.getsockname()[1]}")
+    for left_to_ray in (None, "auto", "head-node"):
+        cli.check_address(left_to_ray)
 
 
 def test_start_ray_without_an_address_joins_the_cluster_that_ray_address_names(ray_session):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -119,7 +120,8 @@ def check_model(cfg: config_mod.Config, searched: bool = True) -> None:
         return [(f"space.{key}", spec[bound]) for bound in ("low", "high") if bound in spec]
 
     known = model_mod.available_backbones()
-    for key, backbone in drawn("model.backbone", cfg.model.backbone):
+    backbones = drawn("model.backbone", cfg.model.backbone)
+    for key, backbone in backbones:
         if backbone not in known:
             raise config_mod.ConfigError(
                 f"{key}: unknown backbone {backbone!r}; mammo_ray builds timm's ConvNeXt V1/V2 models: "
@@ -132,6 +134,50 @@ def check_model(cfg: config_mod.Config, searched: bool = True) -> None:
                     f"{freeze_key}: {depth:g} freeze units, but {backbone} has {units} (0 … {units}; README, "
                     "'Model, freeze depth and losses'). The reference's --upto_freeze numbers count "
                     "convnext_small's 42 units."
+                )
+    files = [
+        (key, value)
+        for key, value in drawn("model.pretrained", cfg.model.pretrained)
+        if isinstance(value, str) and value and not value.startswith(model_mod.TIMM_PREFIX)
+    ]
+    if files:
+        builds = itertools.product(
+            [backbone for _, backbone in backbones],
+            [stem for _, stem in drawn("model.stem", cfg.model.stem)],
+            [norm for _, norm in drawn("model.norm", cfg.model.norm)],
+        )
+        check_weights(files, list(builds), cfg.model.in_chans)
+
+
+def check_weights(files: list[tuple[str, str]], builds: list[tuple[str, str, str]], in_chans: int = 1) -> None:
+    """Refuse, before Ray starts, a weights file in which no tensor fits the model, and warn of partial fits.
+
+    Each file is matched against each (backbone, stem, norm) the run can build, on the meta device (no weights
+    are allocated), by the rules of ``model.load_pretrained``: before, a file of another architecture failed in
+    every Train worker ("No tensor ... fits") after Ray's start-up.
+
+    Raises:
+        ConfigError: naming the key and the file, with the loader's reason.
+    """
+    import torch
+
+    from mammo_ray import model as model_mod
+
+    for key, path in files:
+        for backbone, stem, norm in builds:
+            with torch.device("meta"):
+                net = model_mod.create_model(backbone, in_chans=in_chans, stem=stem, norm=norm)
+            try:
+                report = model_mod.check_pretrained(net, path)
+            except (OSError, ValueError, model_mod.UnsafeCheckpointError) as err:
+                raise config_mod.ConfigError(f"{key}: {err} (backbone {backbone}, stem={stem}, norm={norm})") from err
+            problems = report.problems
+            if problems:
+                print(
+                    f"warning: {key}: {len(report.loaded)} of {len(net.state_dict())} tensors of {backbone} "
+                    f"(stem={stem}, norm={norm}) load from {path}; the rest keep their random initialisation "
+                    f"({len(problems)} mismatches, first: {problems[0]})",
+                    file=sys.stderr,
                 )
 
 

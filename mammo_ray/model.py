@@ -61,6 +61,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "apply_freeze",
     "available_backbones",
+    "check_pretrained",
     "count_units",
     "create_model",
     "deep_stem",
@@ -326,8 +327,28 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     Raises:
         FileNotFoundError: If the file does not exist.
         UnsafeCheckpointError: If a torch file holds arbitrary pickled objects.
-        ValueError: If the file holds no tensor that fits the model.
+        ValueError: If no tensor of the file fits the model outside its classifier.
     """
+    report, to_load = _match_pretrained(model, path)
+    model.load_state_dict(to_load, strict=False)
+    model.load_report = report
+    _log_report(report)
+    return report
+
+
+def check_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
+    """What :func:`load_pretrained` would load into ``model``, without loading it.
+
+    ``model`` may live on the meta device (``with torch.device("meta"): create_model(...)``): only its keys and
+    shapes are read, so a driver can check a weights file against the architecture before any worker starts.
+
+    Raises:
+        The errors of :func:`load_pretrained`.
+    """
+    return _match_pretrained(model, path)[0]
+
+
+def _match_pretrained(model: nn.Module, path: str | Path) -> tuple[LoadReport, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
@@ -362,16 +383,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     report.loaded = list(to_load)
     not_loaded = set(report.missing_keys) | {key for key, _, _ in report.shape_mismatches}
     report.skipped_head = [key for key in model_state if key.startswith(f"{classifier}.") and key in not_loaded]
-    if not to_load:
+    if not any(not key.startswith(f"{classifier}.") for key in to_load):
+        # A 1-logit head's bias fits any other 1-logit model: a file that gives nothing else is the wrong file.
         raise ValueError(
-            f"No tensor in {path} fits {cfg.get('architecture', type(model).__name__)}: "
+            f"No tensor in {path} fits {cfg.get('architecture', type(model).__name__)}'s backbone: "
             f"{len(report.missing_keys)} model keys missing, {len(report.unexpected_keys)} file keys unexpected "
             f"(first file keys: {list(state_dict)[:5]})"
         )
-    model.load_state_dict(to_load, strict=False)
-    model.load_report = report
-    _log_report(report)
-    return report
+    return report, to_load
 
 
 def _log_report(report: LoadReport, max_lines: int = 20) -> None:

@@ -402,6 +402,15 @@ def test_unrelated_weights_are_an_error(tmp_path) -> None:
         create_model("convnext_atto", pretrained=str(path))
 
 
+def test_weights_of_another_backbone_that_fit_only_the_head_bias_are_an_error(tmp_path) -> None:
+    """Every 1-logit model has a head.fc.bias of shape [1]: that alone fitting passed as a load before."""
+    path = tmp_path / "atto.safetensors"
+    save_file({key: value.contiguous() for key, value in create_model("convnext_atto").state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match="No tensor .* fits convnext_femto's backbone"):
+        create_model("convnext_femto", pretrained=str(path))
+    assert create_model("convnext_atto", pretrained=str(path)).load_report.problems == []
+
+
 @pytest.mark.parametrize("stem", ["patchify", "deep"])
 def test_the_smallest_image_size_the_config_accepts_runs_through_both_stems(stem: str) -> None:
     """config refuses a side under 32 (data.image_size): ConvNeXt shrinks its input 32-fold. 32 must run; 31 leaves

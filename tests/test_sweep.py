@@ -631,6 +631,59 @@ def test_check_model_refuses_backbones_and_freeze_depths_the_model_cannot_take(o
             cli.check_model(cfg, searched=searched)
 
 
+def test_check_model_matches_weights_files_against_every_build_before_ray(tmp_path, capsys):
+    """A file of another architecture failed in every Train worker ("No tensor ... fits") after Ray's start-up;
+    a file that fits in part loaded with a warning only the workers' logs showed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mammo_ray import model as model_mod
+
+    atto = model_mod.create_model("convnext_atto").state_dict()
+    save_file({key: value.contiguous() for key, value in atto.items()}, tmp_path / "atto.safetensors")
+    torch.save({"conv1.weight": torch.zeros(8, 1, 7, 7), "fc.weight": torch.zeros(1, 8)}, tmp_path / "resnet.pt")
+    partial = {key: value for key, value in atto.items() if not key.startswith("stages.3.")}
+    torch.save({"state_dict": partial}, tmp_path / "partial.pt")
+
+    def check(fixed, space=None, searched=True):
+        cfg = config.load("demo", {"model.pretrained": str(tmp_path / fixed)})
+        cfg.space = {key: spec for key, spec in cfg.space.items() if key != "model.pretrained"} | (space or {})
+        cli.check_model(cfg, searched=searched)
+
+    check("atto.safetensors")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(config.ConfigError, match=r"model\.pretrained: No tensor in .*resnet\.pt fits convnext_atto"):
+        check("resnet.pt")
+    check("partial.pt")
+    warning = capsys.readouterr().err
+    assert "model.pretrained" in warning and "partial.pt" in warning and "missing in file: stages.3." in warning
+    # The file's stem fits the patchify stem only: with the deep stem, a partial fit, still loadable.
+    cfg = config.load("demo", {"model.pretrained": str(tmp_path / "atto.safetensors"), "model.stem": "deep"})
+    cli.check_model(cfg, searched=False)
+    assert "stem=deep" in capsys.readouterr().err
+    # tune checks every file the space can draw; train ignores the space.
+    space = {"model.pretrained": {"type": "choice", "values": [str(tmp_path / "atto.safetensors"),
+                                                                 str(tmp_path / "resnet.pt")]}}  # fmt: skip
+    with pytest.raises(config.ConfigError, match=r"space\.model\.pretrained: No tensor in .*resnet\.pt"):
+        check("atto.safetensors", space)
+    check("atto.safetensors", space, searched=False)
+    # ... and every backbone it can draw the file into (convnext_femto's widths differ from atto's everywhere).
+    space = {"model.backbone": {"type": "choice", "values": ["convnext_atto", "convnext_femto"]}}
+    with pytest.raises(config.ConfigError, match=r"model\.pretrained: No tensor .* fits convnext_femto's backbone"):
+        check("atto.safetensors", space)
+
+
+def test_train_refuses_a_weights_file_of_another_architecture_before_ray(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from mammo_ray import train
+
+    torch.save({"conv1.weight": torch.zeros(8, 1, 7, 7)}, tmp_path / "resnet.pt")
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert train.main(["--config", "demo", "--set", f"model.pretrained={tmp_path / 'resnet.pt'}"]) == 2
+    assert "model.pretrained: No tensor in" in capsys.readouterr().err
+
+
 def test_the_reference_freeze_depth_on_the_default_backbone_stops_train_before_ray(monkeypatch, capsys):
     """Before, every Train worker raised "freeze units must be in [0, 18]" after Ray's start-up."""
     from mammo_ray import train

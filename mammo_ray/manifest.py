@@ -52,13 +52,15 @@ def _resolve(base: str | Path, value: object) -> object:
     return str((Path(base) / value).resolve())
 
 
-def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
+def read_manifest(path: str | Path, role: str | None = None, required: tuple[str, ...] = REQUIRED) -> pd.DataFrame:
     """Read a manifest (Parquet, or CSV with the same columns) and resolve its relative paths.
 
     Args:
         path: the manifest file: a local path or a URI (``s3://…``, ``gs://…``).
         role: ``train``/``valid``/``test``; fills ``split`` when the file has none and keeps only
             that split's rows when the file holds several.
+        required: the columns the file must have (``predict`` needs only ``image_id`` and ``path``; the other
+            id columns it lacks are filled with empty text).
 
     Raises:
         ManifestError: unreadable file or missing columns, naming them.
@@ -82,7 +84,7 @@ def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
             frame = pd.read_parquet(_buffer(source))
     except Exception as err:  # pyarrow and pandas raise many types for a bad file
         raise ManifestError(f"manifest {shown}: cannot read it ({type(err).__name__}: {err})") from err
-    missing = [c for c in REQUIRED if c not in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ManifestError(
             f"manifest {shown}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
@@ -100,7 +102,7 @@ def read_manifest(path: str | Path, role: str | None = None) -> pd.DataFrame:
         if column in frame.columns:
             frame[column] = [_resolve(base, v) for v in frame[column]]
     for column in ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset"):
-        frame[column] = frame[column].astype(str)
+        frame[column] = frame[column].fillna("").astype(str) if column in frame.columns else ""
     frame.attrs["source"] = shown
     return frame
 
@@ -155,7 +157,7 @@ def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = T
         raise ManifestError(f"manifest {source}: {len(missing)} missing {what}, e.g. {_examples(shown, 3)}")
 
 
-def check_overlap(frames: dict[str, pd.DataFrame]) -> None:
+def check_overlap(frames: dict[str, pd.DataFrame], refusing: str = "to train") -> None:
     """Refuse splits that share a patient, an exam or an image id.
 
     Raises:
@@ -170,7 +172,7 @@ def check_overlap(frames: dict[str, pd.DataFrame]) -> None:
                     raise ManifestError(
                         f"{len(shared)} {what}(s) appear in both {first} and {second} "
                         f"({frames[first].attrs.get('source', first)} / {frames[second].attrs.get('source', second)}): "
-                        f"{_examples(shared, 10)}. Patient-level splits are required; refusing to train."
+                        f"{_examples(shared, 10)}. Patient-level splits are required; refusing {refusing}."
                     )
             if "pixel_hash" in frames[first].columns and "pixel_hash" in frames[second].columns:
                 shared = sorted(set(frames[first]["pixel_hash"].dropna()) & set(frames[second]["pixel_hash"].dropna()))
@@ -178,7 +180,7 @@ def check_overlap(frames: dict[str, pd.DataFrame]) -> None:
                     ids = frames[first].loc[frames[first]["pixel_hash"].isin(shared), "image_id"]
                     raise ManifestError(
                         f"{len(shared)} identical image(s) (same pixels) in both {first} and {second}: "
-                        f"{_examples(ids, 10)}. Refusing to train."
+                        f"{_examples(ids, 10)}. Refusing {refusing}."
                     )
 
 

@@ -75,7 +75,12 @@ def predict_tensor(model, images, *, mc_samples: int = 0, tta: bool = False, use
 def predictions_frame(batch: dict[str, np.ndarray], scored: dict) -> pd.DataFrame:
     rows = {column: np.asarray(batch[column]).astype(str) for column in _META if column in batch}
     frame = pd.DataFrame(rows)
-    frame["label"] = np.asarray(batch["label"]).astype(int) if "label" in batch else -1
+    if "label" in batch:
+        # A blank label (a manifest of unlabelled images) is -1, unknown; a cast of NaN to int is INT64_MIN.
+        labels = pd.to_numeric(pd.Series(np.asarray(batch["label"])), errors="coerce").fillna(-1)
+        frame["label"] = labels.astype(int).to_numpy()
+    else:
+        frame["label"] = -1
     for key in ("prob", "logit", "aleatoric", "epistemic"):
         frame[key] = scored[key].astype(np.float64)
     return frame
@@ -181,10 +186,21 @@ def load_bundle(bundle: str | Path):
             raise FileNotFoundError(f"{bundle} is not an exported bundle: {name} is missing")
     cfg = config_mod.load(bundle / "config.yaml")
     net = model_from_config(cfg, for_inference=True)
-    net.load_state_dict(load_file(str(bundle / "model.safetensors")))
+    weights = bundle / "model.safetensors"
+    try:
+        net.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # safetensors' SafetensorError (a damaged file), torch's RuntimeError (another model)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{weights}: cannot be loaded into the model that {bundle / 'config.yaml'} describes "
+            f"({cfg.model.backbone}): {first}"
+        ) from err
     net.eval()
     thresholds_path = bundle / "thresholds.json"
-    thresholds = json.loads(thresholds_path.read_text()) if thresholds_path.is_file() else {}
+    try:
+        thresholds = json.loads(thresholds_path.read_text()) if thresholds_path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{thresholds_path}: not valid JSON ({err})") from err
     return net, cfg, thresholds
 
 
@@ -193,10 +209,24 @@ def _input_frame(path: Path) -> pd.DataFrame:
     from mammo_ray import manifest
 
     if path.is_file() and path.suffix.lower() in (".parquet", ".csv"):
-        return manifest.read_manifest(path)
+        frame = manifest.read_manifest(path, required=("image_id", "path"))
+        if "label" not in frame.columns:
+            frame["label"] = -1
+        repeated = frame["image_id"][frame["image_id"].duplicated()].unique()
+        if len(repeated):
+            raise ValueError(
+                f"manifest {path}: {len(repeated)} image_id(s) appear more than once, e.g. {', '.join(repeated[:5])}; "
+                "each row of the predictions is keyed by its image_id"
+            )
+        return frame
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ".dicom", ".png", ""))
-        files = [p for p in files if not p.name.startswith(".")]
+        files = sorted(
+            file
+            for file in path.rglob("*")
+            if file.is_file()
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+            and _looks_like_an_image(file)
+        )
     elif path.is_file():
         files = [path]
     else:
@@ -208,6 +238,22 @@ def _input_frame(path: Path) -> pd.DataFrame:
             {"image_id": str(file.relative_to(path)) if path.is_dir() else file.name, "path": str(file), **meta}
         )
     return pd.DataFrame(rows)
+
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", "")
+
+
+def _looks_like_an_image(path: Path) -> bool:
+    """A file a folder scan scores: by its name (``.dcm``, ``.dicom``, ``.png`` or none), else by the DICOM
+    ``DICM`` marker, as PACS exports name files by their UID (``1.2.840….320``, whose "suffix" is ``.320``)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
 
 
 def _dicom_meta(path: Path) -> dict:
@@ -229,16 +275,38 @@ def _dicom_meta(path: Path) -> dict:
 
 
 def resolve_threshold(thresholds: dict, choice: str | None, default: float = 0.3) -> tuple[str, float]:
-    """The decision threshold by name (``0.3``, ``youden``, ``spec0.90``, ``spec0.987``) or number."""
-    name = choice or thresholds.get("default", "0.3")
+    """The decision threshold by name (``0.3``, ``youden``, ``spec0.90``, ``spec0.987``) or number.
+
+    Without a choice, the bundle's ``thresholds.json`` default, else ``default`` (the bundle's ``train.threshold``).
+
+    Raises:
+        ValueError: an unknown name (listing the bundle's), or a number that is not a probability.
+    """
+    name = choice or thresholds.get("default") or f"{default:g}"
     entry = thresholds.get(name)
     if isinstance(entry, dict) and entry.get("threshold") is not None:
         return name, float(entry["threshold"])
     try:
-        return name, float(name)
+        value = float(name)
     except ValueError:
         known = ", ".join(k for k in thresholds if k != "default") or "none"
         raise ValueError(f"unknown threshold {name!r}; the bundle has: {known}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"--threshold {name}: a threshold on the probability must lie in [0, 1]")
+    return name, value
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,30 +315,107 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="a DICOM or PNG file, a folder (recursive) or a manifest")
     parser.add_argument("--out", default="predictions.csv", help="output CSV")
     parser.add_argument("--threshold", help="0.3, youden, spec0.90, spec0.987 or a number (default: the bundle's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--mc-samples", type=int, default=None, help="MC-dropout passes (default: the bundle's)")
+    parser.add_argument("--batch-size", type=_count(1), default=16)
+    parser.add_argument("--mc-samples", type=_count(0), default=None, help="MC-dropout passes (default: the bundle's)")
     parser.add_argument("--tta", action="store_true", default=None, help="add test-time flips")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
     parser.add_argument("--smoke-test", action="store_true", help="score at most 8 images")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
+# The CSV's columns, in order (README, "predict"); ``error`` is filled on the rows that could not be read.
+OUTPUT_COLUMNS = (
+    "image_id",
+    "path",
+    "patient_id",
+    "exam_id",
+    "laterality",
+    "view",
+    "dataset",
+    "label",
+    "prob",
+    "logit",
+    "aleatoric",
+    "epistemic",
+    "decision",
+    "threshold",
+    "threshold_name",
+    "breast_score",
+    "error",
+)
+
+
+def check_output(out: Path, source: Path) -> None:
+    """Refuse, before any image is scored, an ``--out`` that cannot take the CSV or would write into the input.
+
+    Raises:
+        ValueError: a folder, the input file itself, a path inside the input folder, or a folder that cannot be
+            created.
+    """
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'predictions.csv'}")
+    if source.is_file() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the --input manifest itself; write the predictions elsewhere")
+    if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"--out {out} lies inside the --input folder {source}; predict does not write into the data")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create its folder ({err})") from err
+
+
+def output_frame(
+    frame: pd.DataFrame, predictions: pd.DataFrame, failures: pd.DataFrame, threshold, name
+) -> pd.DataFrame:
+    """One row per input image, scored or not, in :data:`OUTPUT_COLUMNS` order and the input's order."""
+    from mammo_ray import metrics
+
+    predictions = predictions.assign(decision=(predictions["prob"] >= threshold).astype(int))
+    known = predictions["laterality"].isin(["L", "R"])
+    if known.any():
+        keys = ["patient_id", "exam_id", "laterality"]
+        breast = metrics.breast_level(predictions[known])[[*keys, "prob"]].rename(columns={"prob": "breast_score"})
+        predictions = predictions.merge(breast, on=keys, how="left")
+    else:
+        predictions["breast_score"] = np.nan
+    inputs = frame.reset_index(drop=True)
+    inputs = inputs.assign(
+        path=inputs["path"].astype(str) if "path" in inputs.columns else "",
+        label=pd.to_numeric(inputs["label"], errors="coerce").fillna(-1).astype(int),
+    )
+    ids = [column for column in _META if column in inputs.columns]
+    scores = predictions.drop(columns=[c for c in (*_META, "label") if c != "image_id"], errors="ignore")
+    out = inputs[[*ids, "path", "label"]].merge(scores, on="image_id", how="left")
+    out = out.merge(failures[["image_id", "error"]], on="image_id", how="left")
+    scored = out["prob"].notna() | out["error"].isna()
+    out["decision"] = out["decision"].where(scored, -1).fillna(-1).astype(int)
+    out["threshold"] = threshold
+    out["threshold_name"] = name
+    return out.reindex(columns=list(OUTPUT_COLUMNS))
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from mammo_ray import cli, io, manifest, metrics
+    from mammo_ray import cli, io, manifest
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    source, out = Path(args.input), Path(args.out)
     try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
         net, cfg, thresholds = load_bundle(args.model)
-        frame = _input_frame(Path(args.input))
+        name, threshold = resolve_threshold(thresholds, args.threshold, cfg.train.threshold)
+        frame = _input_frame(source)
+        if frame.empty:
+            raise ValueError(f"--input {source}: no DICOM or PNG files to score")
         remedy = cli.model_size_remedy(
             cfg.data.image_size, "pass its manifest, or pass the image files or their folder as --input"
         )
         manifest.check_cache_size(frame, cfg.data.image_size, args.input, remedy)
-        name, threshold = resolve_threshold(thresholds, args.threshold, cfg.train.threshold)
+        check_output(out, source)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -289,22 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         progress=True,
     )
-    predictions["decision"] = (predictions["prob"] >= threshold).astype(int)
-    predictions["threshold"] = threshold
-    predictions["threshold_name"] = name
-    known = predictions["laterality"].isin(["L", "R"])
-    if known.any():
-        breast = metrics.breast_level(predictions[known])
-        keys = ["patient_id", "exam_id", "laterality"]
-        breast = breast[[*keys, "prob"]].rename(columns={"prob": "breast_score"})
-        predictions = predictions.merge(breast, on=keys, how="left")
-    else:
-        predictions["breast_score"] = np.nan
-    if not failures.empty:
-        failed = failures.assign(prob=np.nan, decision=-1, error=failures["error"])
-        predictions = pd.concat([predictions, failed], ignore_index=True)
-    io.atomic_write_csv(args.out, predictions)
-    print(f"scored {len(predictions) - len(failures)} image(s), {len(failures)} unreadable → {args.out}")
+    io.atomic_write_csv(out, output_frame(frame, predictions, failures, threshold, name))
+    print(f"scored {len(predictions)} image(s), {len(failures)} unreadable → {out}")
+    if predictions.empty:
+        print(
+            f"error: no image of {source} could be read; the reasons are in the error column of {out}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

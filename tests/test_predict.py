@@ -1,0 +1,152 @@
+"""The ``predict`` command on a bundle built here (no Ray, no training): inputs, outputs and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import save_file
+
+from mammo_ray import config, predict
+from mammo_ray.train import model_from_config
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A bundle as export writes it: random weights for the demo's model at 64×48, its config and thresholds."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("bundle")
+    cfg = config.load("demo", {"data.image_size": [64, 48], "train.threshold": 0.4})
+    torch.manual_seed(0)
+    net = model_from_config(cfg, for_inference=True)
+    save_file({key: value.contiguous() for key, value in net.state_dict().items()}, folder / "model.safetensors")
+    config.save(cfg, folder / "config.yaml")
+    thresholds = {"default": "0.3", "0.3": {"threshold": 0.3}, "youden": {"threshold": 0.5}}
+    (folder / "thresholds.json").write_text(json.dumps(thresholds))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dicoms(synthetic_data) -> list[Path]:
+    return sorted(Path(synthetic_data["manifest_csv"]).parent.rglob("*.dcm"))[:4]
+
+
+def run(bundle: Path, source: Path, out: Path, *extra: str) -> int:
+    return predict.main(["--model", str(bundle), "--input", str(source), "--out", str(out), *extra])
+
+
+def test_a_folder_gives_one_row_per_image_with_the_documented_columns(bundle, dicoms, tmp_path):
+    """Files named by their UID (a suffix like ``.320``) are scored: the folder scan once skipped them; hidden
+    folders and files that are neither DICOM nor PNG are not scored, and an unreadable .dcm gets its error row."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    names = ["a.dcm", "IM00002", "1.2.840.113619.2.55.3.320", "sub/b.DCM"]
+    for name, path in zip(names, dicoms, strict=True):
+        shutil.copy(path, images / name)
+    (images / "broken.dcm").write_bytes(b"not a dicom file")
+    (images / "notes.txt").write_text("reader notes")
+    (images / ".git").mkdir()
+    (images / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    out = tmp_path / "scores.csv"
+    assert run(bundle, images, out) == 0
+    table = pd.read_csv(out, dtype={"patient_id": str, "exam_id": str})
+    assert list(table.columns) == list(predict.OUTPUT_COLUMNS)
+    assert sorted(table["image_id"]) == sorted([*names, "broken.dcm"])
+    scored = table[table["error"].isna()]
+    assert len(scored) == 4 and scored["prob"].between(0, 1).all()
+    assert (scored["path"].map(lambda p: Path(p).is_file())).all()
+    assert (scored["patient_id"] != "").all() and scored["laterality"].isin(["L", "R"]).all()
+    assert set(scored["decision"]) <= {0, 1} and (scored["label"] == -1).all()
+    assert (table["threshold"] == 0.3).all() and (table["threshold_name"].astype(str) == "0.3").all()
+    broken = table[table["image_id"] == "broken.dcm"].iloc[0]
+    assert broken["decision"] == -1 and np.isnan(broken["prob"]) and broken["path"].endswith("broken.dcm")
+    assert not list(images.glob("*.csv"))  # nothing written into the input folder
+
+
+def test_a_manifest_needs_only_image_id_and_path_and_a_blank_label_is_unknown(bundle, dicoms, tmp_path):
+    frame = pd.DataFrame({"image_id": ["x", "y"], "path": [str(dicoms[0]), str(dicoms[1])], "label": [1, None]})
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "out" / "scores.csv"  # its folder is created
+    assert run(bundle, tmp_path / "m.csv", out) == 0
+    table = pd.read_csv(out)
+    assert table["label"].tolist() == [1, -1]  # the blank label was INT64_MIN
+    assert table["prob"].notna().all()
+
+
+def test_nothing_readable_is_an_error_after_the_csv_with_the_reasons(bundle, tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("image_id,path\na,missing1.dcm\nb,missing2.dcm\n")
+    out = tmp_path / "scores.csv"
+    assert run(bundle, tmp_path / "m.csv", out) == 1
+    assert pd.read_csv(out)["error"].notna().all()
+    assert "no image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "needle"),
+    [
+        ("empty", [], "no DICOM or PNG files"),
+        ("out_is_input", [], "is the --input manifest itself"),
+        ("out_in_input", [], "inside the --input folder"),
+        ("out_is_folder", [], "is a folder"),
+        ("dup_ids", [], "appear more than once"),
+        (None, ["--threshold", "5"], "must lie in [0, 1]"),
+        (None, ["--threshold", "nan"], "must lie in [0, 1]"),
+        (None, ["--threshold", "spec0.5"], "unknown threshold 'spec0.5'; the bundle has: 0.3, youden"),
+    ],
+)
+def test_bad_inputs_and_outputs_are_refused_before_scoring(bundle, dicoms, tmp_path, capsys, setup, extra, needle):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source, out = folder, tmp_path / "scores.csv"
+    if setup != "empty":
+        shutil.copy(dicoms[0], folder / "a.dcm")
+    if setup in ("out_is_input", "dup_ids"):
+        ids = ["a", "a"] if setup == "dup_ids" else ["a", "b"]
+        source = tmp_path / "m.csv"
+        pd.DataFrame({"image_id": ids, "path": [str(folder / "a.dcm")] * 2}).to_csv(source, index=False)
+        if setup == "out_is_input":
+            out = source
+    if setup == "out_in_input":
+        out = folder / "scores.csv"
+    if setup == "out_is_folder":
+        out = tmp_path
+    before = source.read_bytes() if source.is_file() else None
+    assert run(bundle, source, out, *extra) == 2
+    assert needle in capsys.readouterr().err
+    if before is not None:
+        assert source.read_bytes() == before
+    assert not (tmp_path / "scores.csv").is_file() and not (folder / "scores.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--batch-size", "0"], ["--batch-size", "-1"], ["--mc-samples", "-3"], ["--device", "gpu"]]
+)
+def test_bad_numbers_and_devices_are_usage_errors(bundle, tmp_path, extra):
+    with pytest.raises(SystemExit) as exit_info:
+        run(bundle, tmp_path, tmp_path / "s.csv", *extra)
+    assert exit_info.value.code == 2
+
+
+def test_a_damaged_or_mismatched_bundle_names_its_file(bundle, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    (damaged / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes()[:100])
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    config.save(config.load(other / "config.yaml", {"model.backbone": "convnext_femto"}), other / "config.yaml")
+    for folder in (damaged, other):
+        assert run(folder, tmp_path, tmp_path / "s.csv") == 2
+        err = capsys.readouterr().err
+        assert f"{folder / 'model.safetensors'}: cannot be loaded" in err
+
+
+def test_the_bundles_own_threshold_applies_without_thresholds_json(bundle):
+    """resolve_threshold took a default and ignored it: 0.3 whatever the bundle's train.threshold."""
+    assert predict.resolve_threshold({}, None, 0.4) == ("0.4", 0.4)
+    assert predict.resolve_threshold({"default": "youden", "youden": {"threshold": 0.2}}, None, 0.4) == ("youden", 0.2)
+    assert predict.resolve_threshold({}, "0.25") == ("0.25", 0.25)

@@ -192,7 +192,7 @@ def _write_bundle(
             cli.model_size_remedy(trial_cfg.data.image_size, "pass its test manifest with --test"),
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = io.staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         for name in ("model.safetensors", "config.yaml"):
             shutil.copy2(checkpoint_dir / name, staging / name)
@@ -242,9 +242,20 @@ def _write_bundle(
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging``; other files already in ``out_dir`` (a train run's) are kept."""
-    if out_dir.exists() and any(p.name not in _bundle_names(staging) for p in out_dir.iterdir()):
-        # train --out_dir also holds the Ray run folder: merge the bundle into it file by file.
+    """Replace the bundle in ``out_dir`` by ``staging``; other files in ``out_dir`` (a train run's) are kept.
+
+    ``out_dir`` has passed :func:`check_bundle_folder`. A file of an earlier bundle that this one does not write
+    (``test_predictions.csv`` from an export with ``--test``) is removed: it described another model.
+    """
+    if out_dir.exists() and any(not _is_bundle_item(p.name) for p in out_dir.iterdir()):
+        # train --out_dir also holds the Ray run folder: replace the bundle in it item by item.
+        staged = {item.name for item in staging.iterdir()}
+        for item in out_dir.iterdir():
+            if _is_bundle_item(item.name) and item.name not in staged:
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
         for item in staging.iterdir():
             target = out_dir / item.name
             if target.is_dir():
@@ -261,8 +272,52 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _bundle_names(staging: Path) -> set[str]:
-    return {p.name for p in staging.iterdir()}
+# What a bundle folder holds (README, "What a bundle looks like"), and train's Ray run folder beside it.
+BUNDLE_ITEMS = (
+    "model.safetensors",
+    "config.yaml",
+    "history.csv",
+    "metrics.json",
+    "thresholds.json",
+    "val_predictions.csv",
+    "test_predictions.csv",
+    "test_failures.csv",
+    "MODEL_CARD.md",
+    "plots",
+)
+TRAIN_RUN_FOLDER = "ray"
+
+
+def _is_bundle_item(name: str) -> bool:
+    reference = (name.startswith("results_last_") and name.endswith(".tsv")) or name.endswith("_metrics.csv")
+    return name in BUNDLE_ITEMS or reference
+
+
+def check_bundle_folder(out_dir: str | Path) -> None:
+    """Refuse, before anything is computed, an output folder whose files an export would replace or delete.
+
+    A bundle is written into a new or empty folder, or over an earlier bundle (with ``model.safetensors``) or a
+    ``train --out_dir`` (with its ``ray/`` run folder). Anything else (a sweep's own folder, whose ``config.yaml``
+    holds the search space, or a folder of the user's) is refused: an export replaced its ``config.yaml`` and
+    ``plots/`` before.
+
+    Raises:
+        ValueError: naming the folder and the first items that are not a bundle's.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a bundle folder")
+    names = sorted(p.name for p in out_dir.iterdir())
+    foreign = [name for name in names if not _is_bundle_item(name) and name != TRAIN_RUN_FOLDER]
+    ours = "model.safetensors" in names or TRAIN_RUN_FOLDER in names
+    if names and (foreign or not ours):
+        shown = ", ".join((foreign or names)[:5])
+        raise ValueError(
+            f"{out_dir} is not empty and holds no bundle ({shown}); the bundle would replace or delete files in it. "
+            "Name a new or empty folder, or an earlier bundle"
+        )
 
 
 def _json_ready(obj: Any) -> Any:
@@ -428,6 +483,16 @@ def _metric_row(name: str, values: dict) -> str:
     )
 
 
+def _resamples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no confidence intervals) or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mammo-ray export", description="(Re)export the best trial of a sweep.")
     parser.add_argument(
@@ -436,12 +501,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sweep folder, results/<name>, or the sweep on its --storage URI, e.g. s3://bucket/mammo-ray/<name>",
     )
     parser.add_argument("--metric", help="metric to choose by (default: the sweep's, e.g. val_auc)")
-    parser.add_argument("--mode", choices=["max", "min"], help="default: the sweep's, or max")
+    parser.add_argument(
+        "--mode", choices=["max", "min"], help="the metric's better direction (default: known for every metric a run "
+        "reports; needed only for another report column)"
+    )  # fmt: skip
     parser.add_argument("--out", help="bundle folder (default: <experiment>/best; results/<name>/best for a URI)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--test", help="test manifest to score (default: the sweep's)")
+    parser.add_argument("--bootstrap", type=_resamples, default=1000, help="bootstrap resamples for the CIs")
+    tests = parser.add_mutually_exclusive_group()
+    tests.add_argument("--test", help="test manifest to score (default: the sweep's)")
+    tests.add_argument("--no-test", action="store_true", help="score no test manifest, not even the sweep's")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def selection_mode(metric: str, mode: str | None, sweep_cfg: config_mod.Config | None) -> str:
+    """The direction in which ``metric`` is better: known for the metrics runs report (``config.SELECTION_METRICS``).
+
+    Raises:
+        ValueError: a ``mode`` that would select the worst checkpoint, or an unknown metric without a ``mode``.
+    """
+    better = config_mod.SELECTION_METRICS.get(metric)
+    if better is None and sweep_cfg is not None and metric == sweep_cfg.search.metric:
+        better = sweep_cfg.search.mode
+    if better is None:
+        if mode is None:
+            raise ValueError(f"--metric {metric}: give --mode max or min, the direction in which {metric} is better")
+        return mode
+    if mode is not None and mode != better:
+        raise ValueError(
+            f"--mode {mode} would export the worst {metric}; {metric} is better when "
+            f"{'higher' if better == 'max' else 'lower'} (leave --mode out)"
+        )
+    return better
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,29 +540,40 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    folder = args.experiment if storage.is_uri(args.experiment) else Path(args.experiment)
+    folder = args.experiment if storage.is_uri(args.experiment) else Path(cli.absolute_path(args.experiment))
     try:
+        if not storage.is_uri(folder) and not folder.is_dir():
+            raise FileNotFoundError(f"--experiment {args.experiment}: no such folder")
         experiment = experiment_location(folder)
         sweep_cfg = _sweep_config(storage.join(folder, "config.yaml"))
         metric = args.metric or (sweep_cfg.search.metric if sweep_cfg else "val_auc")
-        mode = args.mode or (sweep_cfg.search.mode if sweep_cfg else "max")
+        mode = selection_mode(metric, args.mode, sweep_cfg)
+        if args.out:
+            out = Path(args.out)
+        elif storage.is_uri(folder):
+            out = Path("results") / storage.name(folder) / "best"  # where tune's default --results puts it
+        else:
+            out = folder / "best"
+        check_bundle_folder(out)
         checkpoint = best_checkpoint(experiment, metric, mode)
         frames = {}
         recorded = storage.join(folder, "manifests.json")  # what the sweep actually trained on (incl. synthetic)
         swept = json.loads(storage.read_text(recorded)) if storage.is_file(recorded) else {}
-        test_path = args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
+        test_path = (
+            None if args.no_test else args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
+        )
         if test_path:
+            if not args.test and not storage.exists(test_path):
+                raise FileNotFoundError(
+                    f"the sweep's test manifest {storage.public(test_path)} (recorded in {storage.public(recorded)}) "
+                    "no longer exists; pass its new place with --test, or --no-test"
+                )
             frames = manifest.load_manifests({"test": test_path})
             frames["test"].attrs["path"] = test_path
+            check_test_is_held_out(frames["test"], swept)
     except (FileNotFoundError, ValueError, config_mod.ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.out:
-        out = Path(args.out)
-    elif storage.is_uri(folder):
-        out = Path("results") / storage.name(folder) / "best"  # where tune's default --results puts it
-    else:
-        out = folder / "best"
     try:
         export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
     except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input
@@ -482,6 +584,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"exported {storage.public(checkpoint)} (best by {metric}, {mode}) → {out}")
     return 0
+
+
+def check_test_is_held_out(test: pd.DataFrame, swept: dict) -> None:
+    """Refuse a test manifest that shares patients, exams or images with the manifests the sweep trained on.
+
+    The model card calls the test split held out, so a ``--test`` drawn from the training rows would report a
+    leaked figure as one. The sweep's manifests come from its ``manifests.json``; one that has moved since is
+    skipped with a warning.
+
+    Raises:
+        ManifestError: naming the shared patients, as ``tune`` does.
+    """
+    from mammo_ray import manifest
+
+    frames = {}
+    for role in ("train", "valid"):
+        path = swept.get(role)
+        if not path:
+            continue
+        if not storage.exists(path):
+            log.warning("cannot check --test against the sweep's %s manifest: %s no longer exists", role, path)
+            continue
+        frames[role] = manifest.read_manifest(path, role)
+    manifest.check_overlap({**frames, "test": test}, refusing="to report it as a held-out test")
 
 
 def experiment_location(folder: str | Path) -> str | Path:

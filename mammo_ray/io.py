@@ -33,6 +33,19 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
+def staging_dir(parent: str | Path, prefix: str) -> Path:
+    """A new hidden folder in ``parent`` to build an output in before it is renamed into place.
+
+    ``mkdtemp`` creates it 0700, which the rename would carry to the output: colleagues on shared storage could not
+    read an exported bundle. It gets the permissions an ordinary ``mkdir`` would.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

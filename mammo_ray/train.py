@@ -752,7 +752,7 @@ def reference_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mammo_ray import cli
+    from mammo_ray import cli, export
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -766,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.resolve_weights(cfg)
         cli.check_model(cfg, searched=False)
         out_dir = Path(args.out_dir or Path("results") / cfg.name)
+        export.check_bundle_folder(out_dir)  # a folder of the user's, whose files the bundle would replace
         frames = cli.resolve_data(cfg, args, reference_csvs=(args.train_csv_pth, args.valid_csv_pth))
         frames = cli.subset_frames(frames, args, seed=cfg.train.seed)
     except (config_mod.ConfigError, manifest.ManifestError, ValueError) as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,96 @@ def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     assert export.main(["--experiment", str(results / "smoke"), "--metric", "nosuch"]) == 2
 
 
+def test_export_picks_the_direction_of_the_metric_and_refuses_the_opposite(smoke_sweep, tmp_path, capsys):
+    """--metric val_loss without --mode took the sweep's max and exported the highest loss."""
+    from mammo_ray import export
+
+    experiment = smoke_sweep / "results" / "smoke"
+    table = export.find_checkpoints(experiment)
+    out = tmp_path / "by_loss"
+    assert export.main(["--experiment", str(experiment), "--metric", "val_loss", "--out", str(out),
+                        "--bootstrap", "0", "--no-test"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
+    assert "test" not in metrics and not (out / "test_predictions.csv").exists()
+    for argv, needle in (
+        (["--metric", "val_auc", "--mode", "min"], "--mode min would export the worst val_auc"),
+        (["--metric", "train_loss"], "--metric train_loss: give --mode max or min"),
+    ):
+        assert export.main(["--experiment", str(experiment), "--out", str(tmp_path / "x"), *argv]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        export.main(["--experiment", str(experiment), "--bootstrap", "-5"])
+
+
+def test_export_refuses_an_out_folder_that_is_not_a_bundle(smoke_sweep, tmp_path, capsys):
+    """--out into a folder of the user's replaced its config.yaml and deleted its plots/; --out <experiment> lost
+    the sweep's search space and plots."""
+    from mammo_ray import export
+
+    experiment = smoke_sweep / "results" / "smoke"
+    user = tmp_path / "mine"
+    (user / "plots").mkdir(parents=True)
+    (user / "notes.txt").write_text("reading notes")
+    (user / "plots" / "figure.png").write_bytes(b"png")
+    sweep_config = (experiment / "config.yaml").read_bytes()
+    for out in (user, experiment):
+        assert export.main(["--experiment", str(experiment), "--out", str(out), "--no-test", "--bootstrap", "0"]) == 2
+        assert "is not empty and holds no bundle" in capsys.readouterr().err
+    assert (user / "plots" / "figure.png").is_file() and (user / "notes.txt").is_file()
+    assert (experiment / "config.yaml").read_bytes() == sweep_config and (experiment / "plots").is_dir()
+
+
+def test_export_checks_the_test_manifest_and_records_absolute_paths(smoke_sweep, tmp_path, monkeypatch, capsys):
+    from mammo_ray import export
+
+    results = smoke_sweep / "results"
+    swept = json.loads((results / "smoke" / "manifests.json").read_text())
+    # A --test drawn from the training rows is refused: the card would call it held out.
+    leak = tmp_path / "leak.parquet"
+    train = pd.read_parquet(swept["train"]).head(6)
+    cache_files = [str((Path(swept["train"]).parent / f).resolve()) for f in train["cache_file"]]
+    train.assign(split="test", cache_file=cache_files).to_parquet(leak)
+    assert export.main(["--experiment", str(results / "smoke"), "--test", str(leak), "--out", str(tmp_path / "a")]) == 2
+    assert "appear in both train and test" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    # A sweep whose recorded test manifest has moved: named, with the way out.
+    moved = tmp_path / "moved"
+    shutil.copytree(results / "smoke", moved, ignore=shutil.ignore_patterns("best"))
+    (moved / "manifests.json").write_text(json.dumps({**swept, "test": str(tmp_path / "gone.parquet")}))
+    assert export.main(["--experiment", str(moved), "--bootstrap", "0"]) == 2
+    assert "gone.parquet" in capsys.readouterr().err
+    # Relative --experiment: the bundle records where the checkpoint is, not where export ran; folders as mkdir.
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--experiment", "moved", "--no-test", "--bootstrap", "0"]) == 0
+    recorded = json.loads((moved / "best" / "metrics.json").read_text())["selected"]["checkpoint"]
+    assert Path(recorded).is_absolute() and Path(recorded).is_dir()
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (moved / "best").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert export.main(["--experiment", "nowhere"]) == 2
+    assert "--experiment nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_a_bundle_replaced_beside_a_train_run_loses_the_files_it_no_longer_writes(tmp_path):
+    from mammo_ray import export
+
+    out = tmp_path / "run"
+    (out / "ray" / "run-1").mkdir(parents=True)
+    for name in ("model.safetensors", "metrics.json", "test_predictions.csv", "results_last_old.tsv"):
+        (out / name).write_text("old")
+    staging = tmp_path / "staging"
+    (staging / "plots").mkdir(parents=True)
+    for name in ("model.safetensors", "metrics.json"):
+        (staging / name).write_text("new")
+    export.check_bundle_folder(out)
+    export._swap_into_place(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors", "plots", "ray"]
+    assert (out / "model.safetensors").read_text() == "new" and (out / "ray" / "run-1").is_dir()
+
+
 def test_export_refuses_a_test_manifest_whose_cache_is_smaller_than_the_model_input(smoke_sweep, tmp_path, capsys):
     """Re-export with --test checks the cache size as train, tune and predict do: nothing is written."""
     from mammo_ray import export
@@ -671,6 +762,16 @@ def test_check_model_matches_weights_files_against_every_build_before_ray(tmp_pa
     space = {"model.backbone": {"type": "choice", "values": ["convnext_atto", "convnext_femto"]}}
     with pytest.raises(config.ConfigError, match=r"model\.pretrained: No tensor .* fits convnext_femto's backbone"):
         check("atto.safetensors", space)
+
+
+def test_train_refuses_an_out_dir_of_the_users_before_ray(tmp_path, monkeypatch, capsys):
+    from mammo_ray import train
+
+    (tmp_path / "config.yaml").write_text("mine: true\n")
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert train.main(["--config", "demo", "--out_dir", str(tmp_path)]) == 2
+    assert "is not empty and holds no bundle (config.yaml)" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
 
 
 def test_train_refuses_a_weights_file_of_another_architecture_before_ray(tmp_path, monkeypatch, capsys):

@@ -165,6 +165,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # The per-epoch validation metrics every run reports, each with the direction that makes it better: the choices
 # of search.metric, whose search.mode must agree (ASHA, Optuna, checkpoint retention and export all follow it).
+# ConvNeXt's total stride: data.image_size (and prepare --size) sides must be at least this.
+MIN_IMAGE_SIDE = 32
 SELECTION_METRICS: dict[str, str] = {
     "val_auc": "max",
     "val_pr_auc": "max",
@@ -414,7 +416,7 @@ def validate(config: Config, source: str = "config") -> Config:
             _check_value(key, value, source)
     # ConvNeXt shrinks its input 32-fold (stem 4, three 2× downsamplings); a smaller side leaves its last stage no
     # pixel and every Train worker failed at its first step.
-    if len(config.data.image_size) != 2 or min(config.data.image_size) < 32:
+    if len(config.data.image_size) != 2 or min(config.data.image_size) < MIN_IMAGE_SIDE:
         raise ConfigError(
             f"{source}: data.image_size must be [height, width], each >= 32 (ConvNeXt's total stride), "
             f"got {config.data.image_size}"

@@ -43,6 +43,7 @@ from pathlib import Path
 import pandas as pd
 
 from mammo_ray import cache, io, manifest
+from mammo_ray import config as config_mod
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class PrepareResult:
         report: the report file.
         peak_in_flight: the most shard tasks that were running or queued at once.
         shard_size: images per shard (the last one may hold fewer).
+        failed_reused: of ``n_failed``, the failures that came from reused shards (their files unchanged since).
     """
 
     paths: dict[str, Path]
@@ -120,6 +122,7 @@ class PrepareResult:
     peak_in_flight: int = 0
     shard_size: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failed_reused: int = 0
 
     @property
     def n_cached(self) -> int:
@@ -130,6 +133,7 @@ class PrepareResult:
             "counts": self.counts,
             "n_input": self.n_input,
             "n_failed": self.n_failed,
+            "failed_reused": self.failed_reused,
             "shards_total": self.shards_total,
             "shards_reused": self.shards_reused,
             "shard_size": self.shard_size,
@@ -160,6 +164,11 @@ class PrepareResult:
             lines.append(f"  {role}: {path}")
         lines.append(f"  cache: {self.cache_dir} ({self.cache_bytes / 2**20:.1f} MiB{per_image})")
         lines.append(f"  report: {self.report} ({self.n_failed} file(s))")
+        if self.failed_reused:
+            lines.append(
+                f"  {self.failed_reused} of the failures come from reused shards, whose files have not changed since; "
+                "--retry-failed reads them again (e.g. after a network file system error)"
+            )
         return lines
 
 
@@ -247,6 +256,27 @@ def leak_message(table: pd.DataFrame) -> str | None:
     )
 
 
+def check_images_and_out(images: str, out: str) -> None:
+    """Refuse, before any table is read or Ray starts, an ``--images`` that is not a local folder and an ``--out``
+    that is a file.
+
+    Before, a missing ``--images`` started Ray and reported every image as failed, a URI gave mangled paths
+    (``s3:/bucket/…``: images are decoded from local files only), and a file as ``--out`` gave a traceback.
+
+    Raises:
+        PrepareError: naming the flag and the path.
+    """
+    if manifest.is_remote(str(images)):
+        raise PrepareError(
+            f"--images {images}: prepare decodes images from local files only (or a file system every node mounts); "
+            "copy or mount them, and put the prepared manifests and cache on the bucket afterwards"
+        )
+    if not Path(images).is_dir():
+        raise PrepareError(f"--images {images}: no such folder")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PrepareError(f"--out {out} is a file; name a folder for the manifests and the cache")
+
+
 def check_output_folder(out: str | Path, images_root: str | Path | None = None, paths: Iterable[str] = ()) -> None:
     """Refuse an output folder inside ``--images`` or inside any folder that holds an input image.
 
@@ -263,8 +293,10 @@ def check_output_folder(out: str | Path, images_root: str | Path | None = None, 
                     f"--out {out_abs} is inside --images {root}; prepare never writes into input folders. "
                     "Choose an --out outside the image tree."
                 )
-    # String work only (no file-system calls): a million paths cost a second, not a crawl of the archive.
+    # String work per path; one realpath per folder (not per file), as a folder reached through a symlink (an NFS
+    # mount linked into a home folder) is the same folder: a million images in ten thousand folders cost a second.
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and not manifest.is_remote(p)}
+    folders |= {os.path.realpath(folder) for folder in folders}
     inside = sorted(folders & ancestors)
     if inside:
         raise PrepareError(
@@ -308,6 +340,9 @@ def process_shard(
         with open(bin_tmp, "wb") as out:
             for row in rows.itertuples(index=False):
                 side = row.laterality if row.laterality in ("L", "R") else None
+                # Taken before the read: a file replaced while it is read then looks changed to the next run.
+                source_size, source_mtime_ns = source_stat(row.path)
+                stats = {"source_size": source_size, "source_mtime_ns": source_mtime_ns}
                 try:
                     pixels, provenance = imaging.preprocess_file(
                         row.path, size=size, laterality=side, reduced_decode=reduced_decode
@@ -315,7 +350,7 @@ def process_shard(
                     blob = cache.encode(pixels)
                 except Exception as err:  # every failure is reported per file and the run goes on
                     records.append(
-                        {"image_id": row.image_id, "path": row.path, "error": f"{type(err).__name__}: {err}"}
+                        {"image_id": row.image_id, "path": row.path, "error": f"{type(err).__name__}: {err}", **stats}
                     )
                     continue
                 out.write(blob)
@@ -323,6 +358,7 @@ def process_shard(
                     {
                         "image_id": row.image_id,
                         "path": row.path,
+                        **stats,
                         "cache_file": shard.name,
                         "cache_offset": offset,
                         "cache_nbytes": len(blob),
@@ -338,8 +374,54 @@ def process_shard(
     finally:
         bin_tmp.unlink(missing_ok=True)
     index = pd.DataFrame(records)
+    for column in SOURCE_STAT_COLUMNS:
+        # From the Python ints: a column with a None in it would pass through float64 and round nanoseconds.
+        index[column] = pd.array([record[column] for record in records], dtype="Int64")
     io.atomic_write_parquet(index_path, index)
     return index
+
+
+SOURCE_STAT_COLUMNS = ("source_size", "source_mtime_ns")
+
+
+def source_stat(path: str) -> tuple[int | None, int | None]:
+    """A source file's size and modification time (ns), as recorded with its cached pixels; None, None when the
+    file cannot be read (missing, a URI)."""
+    try:
+        info = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None, None
+    return info.st_size, info.st_mtime_ns
+
+
+def changed_sources(indices: Sequence[pd.DataFrame], threads: int = 16) -> list[bool]:
+    """For each reusable shard index, whether any of its source files changed since it was cached.
+
+    A file replaced in place (re-exported, re-downloaded, fixed after a failure) keeps its path and image id, so
+    the shard name alone would reuse pixels of the old file. Its size and modification time are compared with what
+    the index recorded, as ``make`` and ``rsync`` do. An index without that record (written before it existed) is
+    redone. The stats run in threads, as a network file system answers each one with a round trip.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    usable = [all(column in index.columns for column in SOURCE_STAT_COLUMNS) for index in indices]
+    paths = [path for index, ok in zip(indices, usable, strict=True) if ok for path in index["path"].astype(str)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        now = dict(zip(paths, pool.map(source_stat, paths), strict=True))
+
+    def recorded(value) -> int | None:
+        return None if pd.isna(value) else int(value)
+
+    changed = []
+    for index, ok in zip(indices, usable, strict=True):
+        changed.append(
+            not ok
+            or any(
+                now[str(path)] != (recorded(size), recorded(mtime))
+                for path, size, mtime in index[["path", *SOURCE_STAT_COLUMNS]].itertuples(index=False)
+            )
+        )
+    return changed
 
 
 def load_complete_shard(
@@ -546,16 +628,28 @@ def prepare_table(
     queue: deque[tuple[Path, pd.DataFrame]] = deque()
     n_shards = 0
     shard_size = shard_size or auto_shard_size(len(table))
+    complete: list[tuple[Path, pd.DataFrame, pd.DataFrame]] = []
     for number, start in enumerate(range(0, len(table), shard_size)):
         rows = table.iloc[start : start + shard_size][list(SHARD_COLUMNS)].reset_index(drop=True)
         shard = cache_dir / f"{_shard_name(number, rows)}.bin"
         n_shards += 1
         done = load_complete_shard(shard, rows["image_id"].tolist(), tuple(size))
         if done is not None and not (retry_failed and done["error"].notna().any()):
-            indices.append(done)
+            complete.append((shard, rows, done))
         else:
             queue.append((shard, rows))
+    changed = changed_sources([done for _, _, done in complete])
+    for (shard, rows, done), redo in zip(complete, changed, strict=True):
+        if redo:
+            queue.append((shard, rows))
+        else:
+            indices.append(done)
+    if any(changed):
+        log.info(
+            "prepare: %d complete shard(s) redone: their source files changed since they were cached", sum(changed)
+        )
     reused = len(indices)
+    reused_failures = sum(int(index["error"].notna().sum()) for index in indices)
     to_process = sum(len(rows) for _, rows in queue)
     log.info("prepare: %d image(s) in %d shard(s), %d reused, cache %s", len(table), n_shards, reused, cache_dir)
 
@@ -612,7 +706,10 @@ def prepare_table(
             f"--max-bad-fraction {max_bad_fraction:.1%}; see {report_path}. First: {examples}"
         )
 
-    good = _normalise_types(index[index["error"].isna()].drop(columns=["error", "path"], errors="ignore").copy())
+    if len(report) == len(table):
+        raise PrepareError(f"none of the {len(table)} files could be used; see {report_path}")
+    dropped = ["error", "path", *SOURCE_STAT_COLUMNS]
+    good = _normalise_types(index[index["error"].isna()].drop(columns=dropped, errors="ignore").copy())
     merged = table.merge(good, on="image_id", how="inner")
     merged["cache_file"] = [f"cache/{key}/{name}" for name in merged["cache_file"]]
     # Image paths stay absolute (the images live outside --out); cache paths are relative to the manifests.
@@ -659,6 +756,7 @@ def prepare_table(
         peak_in_flight=peak_in_flight,
         shard_size=shard_size,
         failures=list(report[["path", "error"]].itertuples(index=False, name=None)),
+        failed_reused=reused_failures,
     )
     io.atomic_write_json(out / SUMMARY, result.as_dict())
     log.info("prepare: %d images cached, %d failed, %d shard(s) reused", result.n_cached, len(report), reused)
@@ -750,8 +848,21 @@ def plan(table: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
         ValueError, ManifestError, PrepareError: with the reason.
     """
     size = tuple(args.size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"--size must be two positive integers, got {' '.join(map(str, args.size))}")
+    if len(size) != 2 or min(size) < config_mod.MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"--size must be two integers of at least {config_mod.MIN_IMAGE_SIDE} (ConvNeXt's total stride; data.image_size refuses "
+            f"less), got {' '.join(map(str, args.size))}"
+        )
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    for flag, value in (
+        ("--dataset_partition", args.dataset_partition),
+        ("--finite_sample_rate", args.finite_sample_rate),
+    ):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{flag} is a fraction of the training patients, in (0, 1]; got {value}")
+    if args.rows_experiment is not None and args.rows_experiment < 1:
+        raise ValueError(f"--rows_experiment must be at least 1, got {args.rows_experiment}")
     if not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     if args.shard_size is not None and args.shard_size < 1:
@@ -775,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     try:
+        check_images_and_out(args.images, args.out)
         check_output_folder(args.out, args.images)  # before reading a single table
         table = importers.import_source(args.source, args.csv, args.images)
         table = plan(table, args)

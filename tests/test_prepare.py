@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 from mammo_ray import cache, imaging, importers, manifest, prepare, synth
 from mammo_ray.prepare import PrepareError
 
-SIZE = (32, 24)  # tiny cached images keep every Ray run to a second or two on 2 shared cores
+SIZE = (40, 32)  # tiny cached images (sides >= 32, as --size requires) keep each Ray run to a second or two
 
 PREP_COLUMNS = {f"prep_{f.name}" for f in dataclasses.fields(imaging.Provenance) if f.name != "crop_box"} | {
     "prep_crop_y0",
@@ -262,6 +263,32 @@ def test_check_output_folder_refuses_image_folders(tmp_path, out, paths, refused
         prepare.check_output_folder(tmp_path / out, None, absolute)
 
 
+def test_an_image_folder_reached_through_a_symlink_is_still_an_input_folder(tmp_path) -> None:
+    (tmp_path / "images" / "p1").mkdir(parents=True)
+    (tmp_path / "images" / "p1" / "a.dcm").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    with pytest.raises(PrepareError, match="never writes into input folders"):
+        prepare.check_output_folder(tmp_path / "images" / "p1" / "out", None, [str(tmp_path / "link" / "p1" / "a.dcm")])
+
+
+@pytest.mark.parametrize(
+    ("images", "out", "needle"),
+    [
+        ("missing", "out", "--images {tmp}/missing: no such folder"),
+        ("s3://bucket/images", "out", "prepare decodes images from local files only"),
+        ("images", "afile", "--out {tmp}/afile is a file"),
+    ],
+)
+def test_images_and_out_are_checked_before_ray(tmp_path, capsys, images, out, needle) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "afile").write_text("x")
+    images = images if "://" in images else str(tmp_path / images)
+    argv = ["--source", "generic", "--csv", str(tmp_path / "m.csv"), "--images", images, "--out", str(tmp_path / out)]
+    assert prepare.main(argv) == 2
+    assert needle.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Resume: complete, valid shards are reused; damaged ones are redone; stale temporaries are ignored
 
@@ -312,6 +339,54 @@ def test_resume_redoes_only_the_damaged_shard(prepared_once, how) -> None:
         pd.testing.assert_frame_equal(pd.read_parquet(result.paths[role]), frame)
 
 
+def _copied_table(synth_set, folder: Path, n: int) -> pd.DataFrame:
+    """The first ``n`` images of the set, copied to ``folder`` (the test changes them)."""
+    table = _table(synth_set, n)
+    folder.mkdir(parents=True)
+    paths = []
+    for path in table["path"]:
+        paths.append(str(folder / Path(path).name))
+        shutil.copy2(path, paths[-1])
+    return table.assign(path=paths)
+
+
+def test_a_source_file_changed_in_place_is_read_again(ray_session, synth_set, tmp_path) -> None:
+    """The shard name hashes ids and paths only: a re-exported file kept its old pixels in the cache before. So did
+    a file that failed and was fixed, until --retry-failed; an unchanged failure says that flag's name."""
+    table = _copied_table(synth_set, tmp_path / "images", 6)
+    out = tmp_path / "prepared"
+    missing = Path(table["path"][5])
+    kept = missing.read_bytes()
+    missing.unlink()
+    run = functools.partial(prepare.prepare_table, table, out, size=SIZE, shard_size=2, progress=False,
+                            max_bad_fraction=0.5)  # fmt: skip
+    first = run()
+    assert (first.n_failed, first.failed_reused) == (1, 0)
+    again = run()
+    assert (again.shards_reused, again.n_failed, again.failed_reused) == (3, 1, 1)
+    assert any("--retry-failed" in line for line in again.summary_lines())
+    # Replace an image by another one's bytes (a re-export), and bring the missing file back.
+    changed = Path(table["path"][0])
+    changed.write_bytes(Path(table["path"][2]).read_bytes())
+    missing.write_bytes(kept)
+    third = run()
+    assert (third.shards_reused, third.images_processed, third.n_failed) == (1, 4, 0)
+    frames = _load(out)
+    rows = pd.concat(frames.values()).set_index("image_id")
+    assert rows.at[table["image_id"][0], "pixel_hash"] == rows.at[table["image_id"][2], "pixel_hash"]
+    _assert_cache_matches_source(pd.concat(frames.values()), SIZE, rows=6)
+    # An index written before the record existed cannot be checked, so it is redone.
+    index_path = next(third.cache_dir.glob("*.index.parquet"))
+    pd.read_parquet(index_path).drop(columns=list(prepare.SOURCE_STAT_COLUMNS)).to_parquet(index_path)
+    assert run().shards_reused == 2
+
+
+def test_a_run_where_every_file_fails_names_the_report(ray_session, synth_set, tmp_path) -> None:
+    table = _table(synth_set, 2).assign(path=[str(tmp_path / "in" / "gone1.dcm"), str(tmp_path / "in" / "gone2.dcm")])
+    with pytest.raises(PrepareError, match="none of the 2 files could be used; see .*prepare_report.csv"):
+        prepare.prepare_table(table, tmp_path / "out", size=SIZE, max_bad_fraction=1.0, progress=False)
+
+
 def test_load_complete_shard_checks_ids_and_size(tmp_path, synth_set) -> None:
     rows = _table(synth_set, 3)[list(prepare.SHARD_COLUMNS)]
     shard = tmp_path / "shard-00000-x.bin"
@@ -333,15 +408,15 @@ def test_other_size_builds_a_new_cache(ray_session, synth_set, tmp_path) -> None
     out = tmp_path / "prepared"
     first = prepare.prepare_table(table, out, size=SIZE, shard_size=6, progress=False)
     old = _tree_digest(first.cache_dir)
-    second = prepare.prepare_table(table, out, size=(40, 32), shard_size=6, progress=False)
+    second = prepare.prepare_table(table, out, size=(48, 32), shard_size=6, progress=False)
     assert second.cache_dir != first.cache_dir and second.shards_reused == 0
     assert _tree_digest(first.cache_dir) == old  # the old cache is left alone, never reused
     frames = _load(out)
     key = second.cache_dir.name
     for frame in frames.values():
         assert frame["cache_file"].map(lambda p: Path(p).parent.name == key).all()
-        assert (frame["cache_height"] == 40).all()
-    _assert_cache_matches_source(frames["train"], (40, 32), rows=2)
+        assert (frame["cache_height"] == 48).all()
+    _assert_cache_matches_source(frames["train"], (48, 32), rows=2)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -476,6 +551,21 @@ def test_training_subsets_are_patient_level_and_seeded(flags, kept_patients) -> 
 )
 def test_bad_flags_are_refused_before_ray(flags) -> None:
     with pytest.raises(ValueError):
+        prepare.plan(_big_table(), _args(*flags))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--size", "16", "16"),  # training refuses a side under 32, and then such a cache
+        ("--size", "33", "17"),
+        ("--seed", "-1"),
+        ("--dataset_partition", "0"),
+        ("--rows_experiment", "0"),
+    ],
+)
+def test_bad_values_name_their_flag(flags) -> None:
+    with pytest.raises(ValueError, match=re.escape(flags[0])):
         prepare.plan(_big_table(), _args(*flags))
 
 

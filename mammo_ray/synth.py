@@ -407,8 +407,14 @@ def _plan(seed: int, patients: int, prevalence: float, bank_size: int) -> list[_
     plan = [_plan_patient(seed, index, bank_size) for index in range(patients)]
     breasts = [(p, e, side) for p, patient in enumerate(plan) for e in range(len(patient.exams)) for side in _SIDES]
     n_positive = int(round(prevalence * len(breasts)))
-    if prevalence > 0:
-        n_positive = max(n_positive, min(MIN_POSITIVE_BREASTS, len(breasts)))
+    if prevalence > 0 and n_positive < min(MIN_POSITIVE_BREASTS, len(breasts)):
+        raised = min(MIN_POSITIVE_BREASTS, len(breasts))
+        print(
+            f"synth: prevalence {prevalence:g} of {len(breasts)} breasts gives {n_positive} cancer(s); drawing "
+            f"{raised}, the least a data set with cancers gets (so that AUC is defined)",
+            file=sys.stderr,
+        )
+        n_positive = raised
     chosen = _rng(seed, 4).choice(len(breasts), size=n_positive, replace=False)
     for k in sorted(int(c) for c in chosen):
         p, e, side = breasts[k]
@@ -1016,8 +1022,8 @@ def _validate(patients: int, prevalence: float, size: tuple[int, int], seed: int
     rows, cols = int(size[0]), int(size[1])
     if rows < MIN_SIZE[0] or cols < MIN_SIZE[1]:
         raise ValueError(f"size must be at least {MIN_SIZE[0]}x{MIN_SIZE[1]} (rows x columns), got {rows}x{cols}")
-    if int(seed) != seed:
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be an integer of 0 or more, got {seed!r}")
     return int(patients), float(prevalence), (rows, cols), int(seed)
 
 
@@ -1050,7 +1056,9 @@ def _existing(out_dir: Path, params: dict) -> dict | None:
         )
     summary = _summary(out_dir, marker["counts"])
     missing = [
-        name for name in ("manifest_csv", "embed_csv", "reference_csv", "dicom_dir") if not Path(summary[name]).exists()
+        name
+        for name in ("manifest_csv", "embed_csv", "embed_clinical_csv", "reference_csv", "dicom_dir")
+        if not Path(summary[name]).exists()
     ]
     if missing:
         raise FileExistsError(f"{out_dir} is marked complete but lacks {', '.join(missing)}; remove it and rerun")

@@ -341,6 +341,22 @@ def test_crash_leaves_nothing_to_trust(tmp_path: Path, monkeypatch: pytest.Monke
     assert (out / synth.MARKER_FILE).is_file() and summary["n_images"] >= 8
 
 
+def test_a_complete_folder_missing_one_of_its_tables_is_not_reused(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    synth.generate(out, patients=1, size=(96, 80), progress=False)
+    (out / "clinical_embed.csv").unlink()  # --source embed needs it
+    with pytest.raises(FileExistsError, match="lacks embed_clinical_csv"):
+        synth.generate(out, patients=1, size=(96, 80), progress=False)
+
+
+def test_the_floor_of_two_cancers_is_said(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = synth._plan(0, 1, 0.01, 8)
+    assert sum(len(exam.cancer) for patient in plan for exam in patient.exams) == 2
+    assert "gives 0 cancer(s); drawing 2" in capsys.readouterr().err
+    synth._plan(0, 100, 0.05, 8)
+    assert capsys.readouterr().err == ""
+
+
 def test_stale_partial_of_dead_process_is_removed(tmp_path: Path) -> None:
     out = tmp_path / "set"
     stale = synth._partial_name(out).with_name(synth._partial_name(out).name.rsplit("-", 1)[0] + "-999999999")
@@ -368,7 +384,7 @@ def test_existing_output_without_marker(tmp_path: Path, content: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"patients": 0}, {"prevalence": 1.5}, {"prevalence": -0.1}, {"size": (32, 32)}, {"size": (128,)}],
+    [{"patients": 0}, {"prevalence": 1.5}, {"prevalence": -0.1}, {"size": (32, 32)}, {"size": (128,)}, {"seed": -1}],
 )
 def test_invalid_parameters(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError):

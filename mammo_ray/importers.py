@@ -161,6 +161,33 @@ def _laterality(values: pd.Series) -> pd.Series:
     return mapped.fillna("U").astype(object)
 
 
+def _laterality_or_name(values: pd.Series, parsed: pd.Series, where: pd.Series) -> pd.Series:
+    """A table's laterality column, and where a row's value is not L/R (blank, ``X``, ``B``), what its file name
+    says, else "U".
+
+    A value that is neither blank nor "U" and is not a side is warned about with its rows: an image of unknown side
+    is scored as a breast of its own at breast level. ``where`` names each row ("file.csv row 3").
+    """
+    given = _laterality(values)
+    text = values.astype("string").str.strip().str.upper()
+    odd = given.eq("U") & text.notna() & ~text.isin(["", "U", "UNKNOWN"])
+    if odd.any():
+        shown = [f"{where[i]} ({values[i]!r})" for i in odd[odd].index[:3]]
+        warnings.warn(
+            f"{int(odd.sum())} laterality value(s) other than L, R, LEFT or RIGHT, e.g. {', '.join(shown)}: those "
+            "rows take the side their file name gives (…_L_CC, RMLO), else U; an image of unknown side counts as a "
+            "breast of its own in the breast-level metrics",
+            UserWarning,
+            stacklevel=3,
+        )
+    return given.where(given != "U", parsed)
+
+
+def _row_names(path: Path | str, index: pd.Index) -> pd.Series:
+    """ "file.csv row N" for each data row (1-based, header excluded), kept through a concat of several files."""
+    return pd.Series([f"{path} row {int(i) + 1}" for i in index], index=index, dtype=object)
+
+
 def _view(values: pd.Series) -> pd.Series:
     # CC and MLO are the screening views; anything else (ML, LM, XCCL, AT...) is kept as its own code.
     text = values.astype("string").str.strip().str.upper().str.replace(" ", "", regex=False)
@@ -228,8 +255,12 @@ def _finalize(frame: pd.DataFrame, files: Sequence[Path], extra: Sequence[str] =
         text = out[column].astype("string").str.strip()
         empty = out.index[text.isna() | (text == "")]
         if len(empty):
+            if ROW_NAME in frame.columns:  # several files: the file and its own row, not the row of the concat
+                shown = f"e.g. {_examples([frame.at[i, ROW_NAME] for i in empty])}"
+            else:
+                shown = f"e.g. rows {_examples([int(i) + 1 for i in empty])}"
             raise ImportErrorWithContext(
-                f"{where}: {len(empty)} row(s) with an empty {column}, e.g. rows {_examples([int(i) + 1 for i in empty])}",
+                f"{where}: {len(empty)} row(s) with an empty {column}, {shown}",
                 file=where,
                 rows=[int(i) + 1 for i in empty[:5]],
             )
@@ -249,6 +280,7 @@ def _finalize(frame: pd.DataFrame, files: Sequence[Path], extra: Sequence[str] =
     return out.reset_index(drop=True)
 
 
+ROW_NAME = "_row_name"  # "file.csv row N", carried by importers that concatenate several files
 _LAT_TOKENS = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}
 _COMBINED = re.compile(r"^(L|R)(" + "|".join(sorted(_VIEW_CODES, key=len, reverse=True)) + r")$")
 
@@ -912,6 +944,7 @@ def import_seed(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
         frame = _read_csv(path)
         _require(frame, path, ("path_eq", "cancer"), "reference (seed)")
         frame["label"] = _check_binary(frame["cancer"], path, "cancer")
+        frame[ROW_NAME] = _row_names(path, frame.index)
         frames.append(frame)
     # One table for all files: the reference ships one CSV per split, and derived ids must agree across them.
     frame = pd.concat(frames, ignore_index=True)
@@ -925,7 +958,8 @@ def import_seed(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
         exam = pd.Series(derived_exam, index=frame.index).where(given.isna(), None)
         what = "no patient_id column" if "patient_id" not in frame.columns else "blank patient_id on some rows"
         warnings.warn(
-            f"{', '.join(map(str, paths))}: {what}; derived {int(given.isna().sum())} patient id(s) from the image "
+            f"{', '.join(map(str, paths))}: {what}; derived {len(set(patient[given.isna()]))} patient id(s) for "
+            f"{int(given.isna().sum())} row(s) from the image "
             f"folders (e.g. {_examples(sorted(set(patient[given.isna()])), 3)}). Check them: a wrong patient id "
             "lets one woman's images leak across splits.",
             UserWarning,
@@ -940,7 +974,11 @@ def import_seed(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
     if "exam_id" in frame.columns:
         exam = _norm_id(frame["exam_id"]).astype(object).where(frame["exam_id"].notna(), exam)
     parsed_lat, parsed_view = _parse_names(relative)
-    laterality = _laterality(frame["laterality"]) if "laterality" in frame.columns else parsed_lat
+    laterality = (
+        _laterality_or_name(frame["laterality"], parsed_lat, frame[ROW_NAME])
+        if "laterality" in frame.columns
+        else parsed_lat
+    )
     view = _view(frame["view"]) if "view" in frame.columns else parsed_view
     dataset = (
         frame["datasettype"].astype("string").str.strip().fillna("SEED").replace("", "SEED")
@@ -965,6 +1003,7 @@ def import_seed(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
     )
     if "ETHNICITY_DESC" in frame.columns:
         rows["ethnicity"] = frame["ETHNICITY_DESC"]
+    rows[ROW_NAME] = frame[ROW_NAME]
     return _finalize(rows, paths, extra=("ethnicity",))
 
 
@@ -997,7 +1036,9 @@ def import_generic(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame
                 "label": label,
                 "patient_id": patient,
                 "exam_id": _norm_id(frame["exam_id"]).fillna(patient) if "exam_id" in frame.columns else patient,
-                "laterality": _laterality(frame["laterality"]) if "laterality" in frame.columns else parsed_lat,
+                "laterality": _laterality_or_name(frame["laterality"], parsed_lat, _row_names(path, frame.index))
+                if "laterality" in frame.columns
+                else parsed_lat,
                 "view": _view(frame["view"]) if "view" in frame.columns else parsed_view,
                 "dataset": frame["dataset"].astype("string").str.strip().fillna("GENERIC")
                 if "dataset" in frame.columns
@@ -1009,6 +1050,13 @@ def import_generic(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame
             },
             index=frame.index,
         )
+        rows[ROW_NAME] = _row_names(path, frame.index)
+        if "split" in frame.columns:
+            warnings.warn(
+                f"{path}: its split column is ignored; prepare draws its own patient-level split (--split, --seed)",
+                UserWarning,
+                stacklevel=2,
+            )
         frames.append(rows)
     return _finalize(pd.concat(frames, ignore_index=True), paths)
 

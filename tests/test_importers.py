@@ -329,7 +329,7 @@ def test_seed_without_patient_id_derives_it_and_warns(tmp_path):
         "data/p002/exam7/RCC.png,0,CSAW,B,White\n"
         "data/p003/exam2/1.2.840.1234.dcm,0,EMBED,,\n",
     )
-    with pytest.warns(UserWarning, match="patient"):
+    with pytest.warns(UserWarning, match=r"derived 3 patient id\(s\) for 4 row\(s\)"):
         manifest = import_seed([table], tmp_path)
     rows = by_id(manifest)
     assert rows["patient_id"].tolist() == ["p001", "p001", "p002", "p003"]
@@ -386,7 +386,8 @@ def test_generic(tmp_path):
         f"a/1_R_CC.png,0,1,,2,train\n"
         f"{root.as_posix()}/a/1_L_CC.png,1,1,MLO,D,test\n",
     )
-    manifest = import_generic([table], root)
+    with pytest.warns(UserWarning, match="its split column is ignored"):
+        manifest = import_generic([table], root)
     assert manifest["image_id"].tolist() == ["a/1_R_CC.png", "a/1_L_CC.png"]
     assert manifest["path"].tolist() == [f"{root.as_posix()}/a/1_R_CC.png", f"{root.as_posix()}/a/1_L_CC.png"]
     assert manifest["exam_id"].tolist() == ["1", "1"] and manifest["dataset"].tolist() == ["GENERIC"] * 2
@@ -530,3 +531,27 @@ def test_subset_by_rows():
     for kwargs in ({}, {"fraction": 0.5, "n_rows": 10}, {"fraction": 0.0}, {"n_rows": 0}):
         with pytest.raises(ValueError):
             subset_patients(manifest, **kwargs)
+
+
+def test_a_laterality_that_is_not_a_side_falls_back_to_the_file_name_with_a_warning(tmp_path):
+    """``X`` became U without a word, even where the file name said R; breast-level metrics then pooled the
+    exam's U images as one breast."""
+    table = write(
+        tmp_path / "m.csv",
+        "path,label,patient_id,laterality\n1_R_CC.png,0,1,X\n1_L_CC.png,0,1,\n1_CC.png,0,1,B\n1_RMLO.png,0,1,L\n",
+    )
+    with pytest.warns(UserWarning, match=r"2 laterality value\(s\) other than L, R.*m\.csv row 1 \('X'\)"):
+        manifest = import_generic([table], tmp_path)
+    # the table's L wins over the file name; blank, X and B take the name's side, else U
+    assert manifest["laterality"].tolist() == ["R", "L", "U", "L"]
+
+
+def test_errors_across_several_files_name_the_file_and_its_own_row(tmp_path):
+    first = write(tmp_path / "a.csv", "path,label,patient_id\n1_L_CC.png,0,1\n1_R_CC.png,0,1\n")
+    second = write(tmp_path / "b.csv", "path,label,patient_id\n2_L_CC.png,0,2\n2_R_CC.png,0,\n")
+    with pytest.raises(ImportErrorWithContext, match=r"empty patient_id, e\.g\. .*b\.csv row 2"):
+        import_generic([first, second], tmp_path)
+    seed = write(tmp_path / "s.csv", "path_eq,cancer,patient_id\np/1_L_CC.png,0,1\np/1_R_CC.png,0,1\n")
+    seed_bad = write(tmp_path / "t.csv", "path_eq,cancer,patient_id\np/2_L_CC.png,0,2\n,0,2\n")
+    with pytest.raises(ImportErrorWithContext, match=r"empty path, e\.g\. .*t\.csv row 2"):
+        import_seed([seed, seed_bad], tmp_path)

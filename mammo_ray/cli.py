@@ -460,9 +460,19 @@ def subset_frames(frames: dict[str, pd.DataFrame], args, seed: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     """``mammo-ray <command> [flags]``: the same commands as ``python -m mammo_ray.<command>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: mammo-ray {{{','.join(COMMANDS)}}} [flags]   (each also runs as python -m mammo_ray.<command>)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    usage = f"usage: mammo-ray {{{','.join(COMMANDS)}}} [flags]   (each also runs as python -m mammo_ray.<command>)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        import difflib
+
+        print(usage, file=sys.stderr)
+        if argv:
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            print(f"mammo-ray: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+        return 2
     import importlib
 
     module = importlib.import_module(f"mammo_ray.{argv[0]}")

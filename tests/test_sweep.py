@@ -805,3 +805,11 @@ def test_quiet_logging_hides_tensorboardx_renaming_every_metric_with_an_at_sign(
     cli.setup_logging(verbose=True)
     assert logging.getLogger("tensorboardX.summary").isEnabledFor(logging.INFO)
     cli.setup_logging(verbose=False)
+
+
+def test_the_console_script_names_an_unknown_command_and_the_closest_one(capsys):
+    assert cli.main(["predcit"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'predcit'; did you mean predict?" in err and "usage: mammo-ray" in err
+    assert cli.main(["--help"]) == 0 and "usage: mammo-ray" in capsys.readouterr().out
+    assert cli.main([]) == 2

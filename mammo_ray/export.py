@@ -204,6 +204,7 @@ def _write_bundle(
         val = val[[c for c in val.columns if c != "logit"]]
         io.atomic_write_csv(staging / "val_predictions.csv", val[list(predict.PREDICTION_COLUMNS)])
         results = {"val": metrics.compute_metrics(val, bootstrap=bootstrap, seed=trial_cfg.train.seed)}
+        cuts = metrics.operating_points(val["label"], val["prob"])  # the validation's, applied to test as they are
         test = None
         if frames and frames.get("test") is not None:
             net, _, _ = predict.load_bundle(staging)
@@ -218,7 +219,7 @@ def _write_bundle(
             if not failures.empty:
                 io.atomic_write_csv(staging / "test_failures.csv", failures)
             io.atomic_write_csv(staging / "test_predictions.csv", test[list(predict.PREDICTION_COLUMNS)])
-            results["test"] = metrics.compute_metrics(test, bootstrap=bootstrap, seed=trial_cfg.train.seed)
+            results["test"] = metrics.compute_metrics(test, bootstrap=bootstrap, seed=trial_cfg.train.seed, cuts=cuts)
         results["selected"] = {
             "checkpoint": recorded,
             "epoch": report.get("epoch"),
@@ -228,9 +229,9 @@ def _write_bundle(
         io.atomic_write_json(staging / "metrics.json", _json_ready(results))
         io.atomic_write_json(staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold)))
         history = pd.read_csv(staging / "history.csv")
-        plots.plot_all_bundle(val, history, staging / "plots")
+        plots.plot_all_bundle(val, history, staging / "plots", threshold=trial_cfg.train.threshold)
         if test is not None and not test.empty:
-            plots.plot_roc(test, staging / "plots" / "roc_test.png")
+            plots.plot_roc(test, staging / "plots" / "roc_test.png", threshold=trial_cfg.train.threshold, split="test")
         (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
         if reference_files:
             write_reference_files(staging, trial_cfg.name, val, results["val"])
@@ -427,9 +428,13 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "validation and test images are never augmented.",
         "",
         "## Metrics",
-        "95% CIs from a patient-level bootstrap (patients resampled with all their images).",
+        "95% CIs from a patient-level bootstrap (patients resampled with all their images); a CI is left out where "
+        "more than 5% of the resamples held one class only. The spec0.90 point is the validation's threshold: on "
+        "test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
+        "sensitivity.",
         "",
-        "| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@0.3 | spec@0.3 | sens@spec0.90 | ECE | Brier |",
+        "| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@0.3 | spec@0.3 | sens / spec at the spec0.90 "
+        "point | ECE | Brier |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split in ("val", "test"):
@@ -439,10 +444,18 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         lines.append(_metric_row(split, values))
         for name, sub in (values.get("by_dataset") or {}).items():
             lines.append(_metric_row(f"{split} · {name}", sub))
-    undefined = [
-        f"- {split}: `{key[:-7]}`: {value}"
+    scopes = [
+        (f"{split} · {name}" if name else split, values)
         for split in ("val", "test")
-        for key, value in (results.get(split) or {}).items()
+        for name, values in [
+            ("", results.get(split) or {}),
+            *((results.get(split) or {}).get("by_dataset") or {}).items(),
+        ]
+    ]
+    undefined = [
+        f"- {scope}: `{key[:-7]}`: {value}"
+        for scope, values in scopes
+        for key, value in values.items()
         if key.endswith("_reason")
     ]
     if undefined:
@@ -453,8 +466,10 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "## Calibration and operating points",
         f"ECE {_fmt(val.get('ece'))}, Brier {_fmt(val.get('brier'))} on validation (see plots/reliability.png). "
         "thresholds.json lists the thresholds at 0.3 (the reference's), the Youden point and specificity 0.90 "
-        "and 0.987 (a screening operating point), each with its validation sensitivity; they were chosen on "
-        "validation data and are optimistic there.",
+        "and 0.987 (a screening operating point), each with its validation sensitivity and specificity; they were "
+        "chosen on validation data and are optimistic there. Test figures at the Youden and fixed-specificity points "
+        "apply these validation thresholds (metrics.json `threshold@…`, `specificity@…`); they are not re-fitted on "
+        "the test labels.",
         "",
         "## Uncertainty",
         "`aleatoric` is σ² of the attenuation head (logit units) when the model has one; `epistemic` is the "
@@ -467,7 +482,8 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "- Image-level scores on the data sources above; performance on other vendors, populations or "
         "screening programmes is unknown until measured.",
         "- Metrics are from the validation split used for model selection (optimistic) and, where present, a "
-        "held-out test split; small positive counts give wide intervals.",
+        "held-out test split (checked to share no patient, exam or image with training and validation); small "
+        "positive counts give wide intervals, or none.",
         "- A model trained on the built-in synthetic data set has learned synthetic lesions only.",
         "",
     ]
@@ -478,7 +494,8 @@ def _metric_row(name: str, values: dict) -> str:
     return (
         f"| {name} | {values.get('n_images')} ({values.get('n_positive')}) | {_ci(values, 'auc')} | "
         f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_fmt(values.get('sensitivity@0.3'))} | "
-        f"{_fmt(values.get('specificity@0.3'))} | {_fmt(values.get('sensitivity@spec0.90'))} | "
+        f"{_fmt(values.get('specificity@0.3'))} | {_fmt(values.get('sensitivity@spec0.90'))} / "
+        f"{_fmt(values.get('specificity@spec0.90'))} | "
         f"{_fmt(values.get('ece'))} | {_fmt(values.get('brier'))} |"
     )
 
@@ -556,21 +573,23 @@ def main(argv: list[str] | None = None) -> int:
             out = folder / "best"
         check_bundle_folder(out)
         checkpoint = best_checkpoint(experiment, metric, mode)
-        frames = {}
         recorded = storage.join(folder, "manifests.json")  # what the sweep actually trained on (incl. synthetic)
         swept = json.loads(storage.read_text(recorded)) if storage.is_file(recorded) else {}
-        test_path = (
-            None if args.no_test else args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
-        )
+        frames = sweep_manifests(swept)  # the card's data table, and the held-out check below
+        test_path = None
+        if not args.no_test:
+            test_path = args.test or swept.get("test") or (sweep_cfg.data.test if sweep_cfg else None)
         if test_path:
             if not args.test and not storage.exists(test_path):
                 raise FileNotFoundError(
                     f"the sweep's test manifest {storage.public(test_path)} (recorded in {storage.public(recorded)}) "
                     "no longer exists; pass its new place with --test, or --no-test"
                 )
-            frames = manifest.load_manifests({"test": test_path})
+            frames["test"] = manifest.load_manifests({"test": test_path})["test"]
             frames["test"].attrs["path"] = test_path
-            check_test_is_held_out(frames["test"], swept)
+            # The card calls the test split held out: a --test drawn from the training rows would report a leaked
+            # figure as one.
+            manifest.check_overlap(frames, refusing="to report it as a held-out test")
     except (FileNotFoundError, ValueError, config_mod.ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -586,16 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_test_is_held_out(test: pd.DataFrame, swept: dict) -> None:
-    """Refuse a test manifest that shares patients, exams or images with the manifests the sweep trained on.
-
-    The model card calls the test split held out, so a ``--test`` drawn from the training rows would report a
-    leaked figure as one. The sweep's manifests come from its ``manifests.json``; one that has moved since is
-    skipped with a warning.
-
-    Raises:
-        ManifestError: naming the shared patients, as ``tune`` does.
-    """
+def sweep_manifests(swept: dict) -> dict[str, pd.DataFrame]:
+    """The train and valid manifests a sweep recorded in its ``manifests.json``; one that has moved since is left
+    out with a warning (the card then lacks its row, and ``--test`` is not checked against it)."""
     from mammo_ray import manifest
 
     frames = {}
@@ -604,10 +616,10 @@ def check_test_is_held_out(test: pd.DataFrame, swept: dict) -> None:
         if not path:
             continue
         if not storage.exists(path):
-            log.warning("cannot check --test against the sweep's %s manifest: %s no longer exists", role, path)
+            log.warning("the sweep's %s manifest %s no longer exists; the card leaves it out", role, path)
             continue
         frames[role] = manifest.read_manifest(path, role)
-    manifest.check_overlap({**frames, "test": test}, refusing="to report it as a held-out test")
+    return frames
 
 
 def experiment_location(folder: str | Path) -> str | Path:

@@ -61,6 +61,10 @@ DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
 DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
 DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
 BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast")
+# A percentile interval is reported only when at most this share of the patient resamples had one class: dropping
+# more conditions the interval on resamples that happened to hold a positive, and with one or two positive patients
+# it collapses to a point ([1.0, 1.0]) that reads as certainty.
+BOOTSTRAP_MAX_SKIPPED = 0.05
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -257,7 +261,12 @@ def threshold_at_specificity(labels: Any, scores: Any, specificity: float) -> fl
 
 
 def breast_level(frame: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
-    """Aggregate image predictions to one row per breast (patient x laterality x exam).
+    """Aggregate image predictions to one row per breast (patient x laterality x exam, within a data set).
+
+    ``dataset`` is part of the key when the frame has it: importers allow the same patient id in two data sets
+    (RSNA and ``generic`` ids are small integers), and those are two women. An image whose laterality is not L or R
+    is a unit of its own: its side is unknown, so pooling it with the exam's other unknown-side images could mix
+    both breasts.
 
     Args:
         frame: Predictions frame.
@@ -270,12 +279,26 @@ def breast_level(frame: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
     if agg not in ("mean", "max"):
         raise ValueError(f"agg must be 'mean' or 'max', got {agg!r}")
     _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
+    side = frame["laterality"].astype(str)
+    known = side.isin(["L", "R"])
+    row = frame["image_id"].astype(str) if "image_id" in frame.columns else pd.Series(frame.index, index=frame.index)
+    unit = side.where(known, "U\x1f" + row.astype(str))
+    keys = ["patient_id", "_unit", "exam_id", *(["dataset"] if "dataset" in frame.columns else [])]
     # dropna=False: a missing exam_id still forms a group rather than silently vanishing.
-    grouped = frame.groupby(list(BREAST_KEYS), sort=True, dropna=False)
-    out = grouped.agg(label=("label", "max"), prob=("prob", agg), n_images=("prob", "size"))
-    if "dataset" in frame.columns:
-        out["dataset"] = grouped["dataset"].first()
-    return out.reset_index()
+    grouped = frame.assign(_unit=unit).groupby(keys, sort=True, dropna=False)
+    out = grouped.agg(label=("label", "max"), prob=("prob", agg), n_images=("prob", "size")).reset_index()
+    out["laterality"] = out.pop("_unit").str.slice(0, 1)
+    columns = ["patient_id", "laterality", "exam_id", "label", "prob", "n_images"]
+    return out[columns + (["dataset"] if "dataset" in out.columns else [])]
+
+
+def patient_key(frame: pd.DataFrame) -> pd.Series:
+    """The patient a row belongs to: ``patient_id``, within its ``dataset`` when the frame has one (see
+    :func:`breast_level`). The bootstrap resamples these."""
+    patient = frame["patient_id"].astype(str)
+    if "dataset" not in frame.columns:
+        return patient
+    return frame["dataset"].astype(str) + "\x1f" + patient
 
 
 def pf1(labels: Any, probs: Any, beta: float = 1.0) -> float:
@@ -472,7 +495,7 @@ def bootstrap_ci(
     _require_columns(frame, ("patient_id",))
     if len(frame) == 0:
         return [None, None]
-    clusters = _PatientClusters(frame["patient_id"])
+    clusters = _PatientClusters(patient_key(frame))
     values: list[float] = []
     for drawn in _patient_draws(clusters.patients.size, n, seed):
         rows, draw_of_row = clusters.expand(drawn)
@@ -498,8 +521,8 @@ def _bootstrap_split(
     """
     y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
-    image_clusters = _PatientClusters(frame["patient_id"])
-    breast_clusters = _PatientClusters(breasts["patient_id"])
+    image_clusters = _PatientClusters(patient_key(frame))
+    breast_clusters = _PatientClusters(patient_key(breasts))
     assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
     values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
     for drawn in _patient_draws(image_clusters.patients.size, n, seed):
@@ -531,6 +554,7 @@ def _split_metrics(
     bootstrap: int = 0,
     seed: int = 0,
     level: float = 0.95,
+    cuts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
     y, s = labels_and_scores(frame["label"], frame["prob"])
@@ -569,6 +593,12 @@ def _split_metrics(
             out[f"{key}_reason"] = (
                 f"undefined: only {valid} of {bootstrap} patient resamples gave a defined {name} (need at least 2)"
             )
+        elif skipped.get(name, 0) > BOOTSTRAP_MAX_SKIPPED * bootstrap:
+            out[key] = None
+            out[f"{key}_reason"] = (
+                f"not reported: {skipped[name]} of {bootstrap} patient resamples held one class only, too many for a "
+                f"percentile interval (at most {BOOTSTRAP_MAX_SKIPPED:.0%}); {n_pos} positive image(s) in {scope}"
+            )
         else:
             out[key] = interval
 
@@ -584,16 +614,25 @@ def _split_metrics(
     _put(out, f"sensitivity@{key}", sens, why(True, False))
     _put(out, f"specificity@{key}", spec, why(False, True))
 
-    youden = youden_threshold(y, s)
-    sens, spec = sens_spec_at(y, s, youden) if math.isfinite(youden) else (math.nan, math.nan)
-    _put(out, "sensitivity@youden", sens, why(True, True))
-    _put(out, "specificity@youden", spec, why(True, True))
-    _put(out, "threshold@youden", youden, why(True, True))
+    # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
+    # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
+    fitted = cuts is None
+    cuts = operating_points(y, s, specificities) if fitted else cuts
+    fit_reason = why(True, True)
 
+    def at(name: str, cut: float | None) -> None:
+        cut = math.nan if cut is None else float(cut)
+        sens, spec = sens_spec_at(y, s, cut) if math.isfinite(cut) else (math.nan, math.nan)
+        cut_reason = fit_reason if fitted else "the validation split gives no such threshold"
+        _put(out, f"sensitivity@{name}", sens, why(True, False) if math.isfinite(cut) else cut_reason)
+        _put(out, f"specificity@{name}", spec, why(False, True) if math.isfinite(cut) else cut_reason)
+        _put(out, f"threshold@{name}", cut, cut_reason)
+
+    at("youden", cuts.get("youden"))
     for target in specificities:
-        cut = threshold_at_specificity(y, s, target)
-        sens = sens_spec_at(y, s, cut)[0] if math.isfinite(cut) else math.nan
-        _put(out, f"sensitivity@spec{_spec_key(target)}", sens, why(True, True))
+        name = f"spec{_spec_key(target)}"
+        at(name, cuts.get(name))
+    out["operating_points"] = "fitted on this split" if fitted else "from the validation split"
 
     auc_breast = _auc_unchecked(y_br, s_br)
     _put(out, "auc_breast", auc_breast, why(True, True, breast=True))
@@ -613,6 +652,15 @@ def _split_metrics(
             "skipped": {name: int(skipped.get(name, bootstrap)) for name in BOOTSTRAP_METRICS},
         }
     return out
+
+
+def operating_points(labels: Any, scores: Any, specificities: Sequence[float] = DEFAULT_SPECIFICITIES) -> dict:
+    """The thresholds fitted on one split: ``youden`` and ``spec<target>`` (NaN where undefined)."""
+    y, s = labels_and_scores(labels, scores)
+    cuts = {"youden": youden_threshold(y, s)}
+    for target in specificities:
+        cuts[f"spec{_spec_key(target)}"] = threshold_at_specificity(y, s, target)
+    return cuts
 
 
 def compute_split_metrics(
@@ -649,8 +697,13 @@ def compute_metrics(
     breast_agg: str = "mean",
     specificities: Sequence[float] = DEFAULT_SPECIFICITIES,
     level: float = 0.95,
+    cuts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Split metrics overall and per dataset, with optional patient-bootstrap confidence intervals.
+
+    The Youden and fixed-specificity operating points are fitted on ``frame`` unless ``cuts`` gives them (for a
+    test split: the validation's, from :func:`operating_points` or ``result["cuts"]``); each data set is scored at
+    the overall operating points, not at points re-fitted on its own labels.
 
     With ``bootstrap=n`` each level (overall and every dataset) gains ``auc_ci95``, ``pr_auc_ci95``
     and ``auc_breast_ci95`` as ``[low, high]``: percentile intervals over ``n`` resamples of
@@ -665,6 +718,7 @@ def compute_metrics(
         breast_agg: ``"mean"`` or ``"max"``.
         specificities: Targets for ``sensitivity@spec<target>``.
         level: Coverage of the intervals.
+        cuts: operating points to apply instead of fitting them here.
 
     Returns:
         The overall metrics plus ``by_dataset: {dataset: {same keys}}``.
@@ -677,12 +731,18 @@ def compute_metrics(
         "seed": seed,
         "level": level,
     }
-    result = _split_metrics(frame, scope="this split", **options)
+    _require_columns(frame, ("label", "prob"))
+    if cuts is None:
+        cuts = operating_points(frame["label"], frame["prob"], specificities)
+        result = _split_metrics(frame, scope="this split", **options)
+    else:
+        result = _split_metrics(frame, scope="this split", cuts=cuts, **options)
     by_dataset: dict[str, Any] = {}
     if "dataset" in frame.columns:
         for name, subset in frame.groupby("dataset", sort=True, dropna=False):
             label = "unknown" if pd.isna(name) else str(name)
-            by_dataset[label] = _split_metrics(subset, scope=f"dataset {label}", **options)
+            by_dataset[label] = _split_metrics(subset, scope=f"dataset {label}", cuts=cuts, **options)
+            by_dataset[label]["operating_points"] = f"the whole split's ({result['operating_points']})"
     result["by_dataset"] = by_dataset
     return result
 

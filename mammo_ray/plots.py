@@ -134,13 +134,20 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------- bundle plots
 
 
-def plot_roc(frame: pd.DataFrame, path: str | Path, *, threshold: float = metrics.DEFAULT_THRESHOLD) -> Path:
+def plot_roc(
+    frame: pd.DataFrame,
+    path: str | Path,
+    *,
+    threshold: float = metrics.DEFAULT_THRESHOLD,
+    split: str = "validation",
+) -> Path:
     """Image-level ROC overall and per dataset, AUC in the legend, the fixed threshold marked.
 
     Args:
         frame: Predictions frame.
         path: PNG to write.
         threshold: Operating point marked on the overall curve.
+        split: Named in the title.
 
     Returns:
         ``path``.
@@ -172,7 +179,7 @@ def plot_roc(frame: pd.DataFrame, path: str | Path, *, threshold: float = metric
         ylim=(0, 1.01),
         xlabel="1 - specificity (false positive rate)",
         ylabel="sensitivity (true positive rate)",
-        title="ROC, image level",
+        title=f"ROC, image level, {split}",
     )
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
@@ -481,19 +488,31 @@ BUNDLE_PLOTS: dict[str, Callable[..., Path]] = {
 _HISTORY_PLOTS = {"curves.png", "sens_spec.png"}
 
 
-def plot_all_bundle(frame: pd.DataFrame, history: pd.DataFrame | None, out_dir: str | Path) -> list[Path]:
+def plot_all_bundle(
+    frame: pd.DataFrame,
+    history: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    threshold: float = metrics.DEFAULT_THRESHOLD,
+) -> list[Path]:
     """Write the bundle's plot set (``BUNDLE_PLOTS``) into ``out_dir``.
 
     Args:
-        frame: Predictions frame of the split to show (validation, or test when there is one).
+        frame: Validation predictions (export adds the test split's ROC as ``roc_test.png``).
         history: Epoch history (``history.csv``); None writes the history plots as 'not available'.
         out_dir: Folder, created when missing.
+        threshold: The bundle's fixed operating point (``train.threshold``), marked on the ROC and named in the
+            history's ``sensitivity@…`` columns.
 
     Returns:
         The written paths, in ``BUNDLE_PLOTS`` order.
     """
     out_dir = Path(out_dir)
-    return [plot(history if name in _HISTORY_PLOTS else frame, out_dir / name) for name, plot in BUNDLE_PLOTS.items()]
+    paths = []
+    for name, plot in BUNDLE_PLOTS.items():
+        options = {"threshold": threshold} if name in ("roc.png", "sens_spec.png") else {}
+        paths.append(plot(history if name in _HISTORY_PLOTS else frame, out_dir / name, **options))
+    return paths
 
 
 # --------------------------------------------------------------------------------------- sweep plots

@@ -374,7 +374,7 @@ def output_frame(
     predictions = predictions.assign(decision=(predictions["prob"] >= threshold).astype(int))
     known = predictions["laterality"].isin(["L", "R"])
     if known.any():
-        keys = ["patient_id", "exam_id", "laterality"]
+        keys = ["patient_id", "exam_id", "laterality", "dataset"]  # ids may repeat across data sets
         breast = metrics.breast_level(predictions[known])[[*keys, "prob"]].rename(columns={"prob": "breast_score"})
         predictions = predictions.merge(breast, on=keys, how="left")
     else:

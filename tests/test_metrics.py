@@ -24,7 +24,12 @@ SPLIT_KEYS = [
     "specificity@youden",
     "threshold@youden",
     "sensitivity@spec0.90",
+    "specificity@spec0.90",
+    "threshold@spec0.90",
     "sensitivity@spec0.987",
+    "specificity@spec0.987",
+    "threshold@spec0.987",
+    "operating_points",
     "auc_breast",
     "pf1_breast",
     "ece",
@@ -261,6 +266,8 @@ def test_empty_frame(frame: pd.DataFrame) -> None:
     result = metrics.compute_metrics(frame.iloc[:0], bootstrap=10)
     assert result["n_images"] == 0 and result["n_positive"] == 0
     for key in SPLIT_KEYS[:-2]:
+        if key == "operating_points":
+            continue
         assert result[key] is None
         assert result[f"{key}_reason"].startswith("undefined: no ")
     assert result["auc_ci95"] is None
@@ -299,11 +306,19 @@ def test_compute_metrics_by_dataset(frame: pd.DataFrame) -> None:
     result = metrics.compute_metrics(mixed)
     assert set(result["by_dataset"]) == {"CSAW", "EMBED"}
     embed = mixed[mixed["dataset"] == "EMBED"]
-    assert result["by_dataset"]["EMBED"] == metrics.compute_split_metrics(embed)
+    # Each data set is scored at the whole split's operating points, not at points re-fitted on its own labels.
+    cuts = metrics.operating_points(mixed["label"], mixed["prob"])
+    expected = metrics._split_metrics(embed, threshold=0.3, breast_agg="mean", specificities=(0.90, 0.987),
+                                      scope="dataset EMBED", cuts=cuts)  # fmt: skip
+    assert result["by_dataset"]["EMBED"] == {**expected, "operating_points": "the whole split's (fitted on this split)"}
+    assert result["by_dataset"]["EMBED"]["threshold@youden"] == result["threshold@youden"]
     csaw = result["by_dataset"]["CSAW"]
     n_csaw = int((mixed["dataset"] == "CSAW").sum())
     assert csaw["auc"] is None
     assert csaw["auc_reason"] == f"undefined: no positive cases in dataset CSAW (n_images={n_csaw})"
+    # A site without cancers still has a specificity at the deployed operating point: its false-positive rate.
+    csaw_rows = mixed[mixed["dataset"] == "CSAW"]
+    assert csaw["specificity@youden"] == pytest.approx(float((csaw_rows["prob"] < result["threshold@youden"]).mean()))
     assert "auc_ci95" not in result  # only with bootstrap
     json.dumps(result, allow_nan=False)
 
@@ -396,7 +411,9 @@ def test_bootstrap_skips_and_counts_one_class_resamples() -> None:
     result = metrics.compute_metrics(frame, bootstrap=300, seed=0)
     skipped = result["bootstrap"]["skipped"]["auc"]
     assert 50 < skipped < 150
-    assert result["auc_ci95"] == [1.0, 1.0]
+    # Percentiles over the resamples that happened to hold the positive gave [1.0, 1.0]: certainty from one case.
+    assert result["auc_ci95"] is None
+    assert result["auc_ci95_reason"].startswith(f"not reported: {skipped} of 300 patient resamples held one class")
     single = metrics.compute_metrics(frame.iloc[1:], bootstrap=20)
     assert single["auc_ci95"] is None and single["auc_ci95_reason"].startswith("undefined: no positive cases")
 
@@ -477,3 +494,41 @@ def _assert_close(actual: object, expected: object, where: str = "") -> None:
         assert actual == pytest.approx(expected, rel=1e-12, abs=1e-12), where
     else:
         assert actual == expected, where
+
+
+def test_test_metrics_apply_the_validation_operating_points() -> None:
+    """A test split's Youden and fixed-specificity figures were re-fitted on its own labels."""
+    val = make_predictions(60, seed=1)
+    test = make_predictions(60, seed=2)
+    cuts = metrics.operating_points(val["label"], val["prob"])
+    result = metrics.compute_metrics(test, cuts=cuts)
+    assert result["operating_points"] == "from the validation split"
+    assert result["threshold@youden"] == pytest.approx(cuts["youden"])
+    assert result["threshold@spec0.90"] == pytest.approx(cuts["spec0.90"])
+    y, p = test["label"].to_numpy(), test["prob"].to_numpy()
+    sens, spec = metrics.sens_spec_at(y, p, cuts["spec0.90"])
+    assert (result["sensitivity@spec0.90"], result["specificity@spec0.90"]) == pytest.approx((sens, spec))
+    refit = metrics.compute_metrics(test)
+    assert refit["threshold@youden"] == pytest.approx(metrics.youden_threshold(y, p))
+    assert refit["specificity@spec0.90"] >= 0.9  # fitted: the target is reached on the split itself
+
+
+def test_breasts_are_keyed_within_their_data_set_and_unknown_sides_stand_alone() -> None:
+    frame = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c", "d", "e", "f"],
+            "patient_id": ["1", "1", "1", "1", "2", "2"],
+            "exam_id": ["1", "1", "1", "1", "x", "x"],
+            "laterality": ["L", "L", "L", "L", "U", "U"],
+            "dataset": ["RSNA", "RSNA", "INHOUSE", "INHOUSE", "A", "A"],
+            "label": [1, 1, 0, 0, 1, 0],
+            "prob": [0.9, 0.8, 0.1, 0.2, 0.7, 0.3],
+        }
+    )
+    breasts = metrics.breast_level(frame)
+    assert len(breasts) == 4  # two women called "1", and two images of unknown side
+    rsna = breasts[breasts["dataset"] == "RSNA"].iloc[0]
+    assert (rsna["label"], rsna["prob"], rsna["n_images"]) == (1, pytest.approx(0.85), 2)
+    unknown = breasts[breasts["laterality"] == "U"]
+    assert sorted(unknown["label"]) == [0, 1] and (unknown["n_images"] == 1).all()
+    assert metrics.patient_key(frame).nunique() == 3

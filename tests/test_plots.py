@@ -211,6 +211,26 @@ def test_plot_all_bundle(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(plots.BUNDLE_PLOTS)
 
 
+def test_plot_all_bundle_follows_the_bundles_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With train.threshold 0.5 the history holds sensitivity@0.5; the bundle drew 'not in the epoch history'."""
+    history = HISTORIES["full"].rename(
+        columns={"sensitivity@0.3": "val_sensitivity@0.5", "specificity@0.3": "val_specificity@0.5"}
+    )
+    messages = []
+    real = plots._message_figure
+    monkeypatch.setattr(
+        plots, "_message_figure", lambda path, title, message: messages.append(message) or real(path, title, message)
+    )
+    seen = {}
+    real_roc = plots.plot_roc
+    monkeypatch.setitem(
+        plots.BUNDLE_PLOTS, "roc.png", lambda frame, path, **kw: seen.update(kw) or real_roc(frame, path, **kw)
+    )
+    plots.plot_all_bundle(FRAMES["normal"], history, tmp_path, threshold=0.5)
+    assert not [m for m in messages if "epoch history" in m]
+    assert seen == {"threshold": 0.5}
+
+
 def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> None:
     written = plots.plot_all_sweep(studies["normal"], tmp_path)
     assert [p.name for p in written] == list(plots.SWEEP_PLOTS)

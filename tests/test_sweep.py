@@ -338,6 +338,12 @@ def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     table = export.find_checkpoints(results / "smoke")
     assert metrics["selected"]["report"]["val_loss"] == pytest.approx(table["val_loss"].min())
     assert (out / "test_predictions.csv").is_file() and "test" in metrics
+    # The test split is scored at the validation's operating points, not at points fitted on its own labels.
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert metrics["test"]["operating_points"] == "from the validation split"
+    for name in ("youden", "spec0.90"):
+        if thresholds[name]["threshold"] is not None:
+            assert metrics["test"][f"threshold@{name}"] == pytest.approx(thresholds[name]["threshold"])
     assert export.main(["--experiment", str(results / "smoke"), "--metric", "nosuch"]) == 2
 
 
@@ -405,6 +411,8 @@ def test_export_checks_the_test_manifest_and_records_absolute_paths(smoke_sweep,
     assert export.main(["--experiment", "moved", "--no-test", "--bootstrap", "0"]) == 0
     recorded = json.loads((moved / "best" / "metrics.json").read_text())["selected"]["checkpoint"]
     assert Path(recorded).is_absolute() and Path(recorded).is_dir()
+    card = (moved / "best" / "MODEL_CARD.md").read_text()  # re-exported: the sweep's data, as tune's card has it
+    assert "| train |" in card and "| valid |" in card and "| test |" not in card
     import os
 
     umask = os.umask(0)
@@ -813,3 +821,22 @@ def test_the_console_script_names_an_unknown_command_and_the_closest_one(capsys)
     assert "unknown command 'predcit'; did you mean predict?" in err and "usage: mammo-ray" in err
     assert cli.main(["--help"]) == 0 and "usage: mammo-ray" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_the_card_lists_undefined_metrics_of_each_data_set():
+    """A data set without cancers had a row of n/a and no word why: only the split's own reasons were listed."""
+    from mammo_ray import export, metrics
+
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(8)],
+            "patient_id": [f"p{k}" for k in range(8)],
+            "exam_id": [f"e{k}" for k in range(8)],
+            "laterality": ["L", "R"] * 4,
+            "dataset": ["A"] * 4 + ["B"] * 4,
+            "label": [1, 0, 1, 0, 0, 0, 0, 0],
+            "prob": [0.9, 0.2, 0.7, 0.4, 0.3, 0.1, 0.5, 0.6],
+        }
+    )
+    card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frame)}, None, {})
+    assert "- val · B: `auc`: undefined: no positive cases in dataset B (n_images=4)" in card

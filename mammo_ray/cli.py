@@ -98,6 +98,30 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     return {"dashboard_url": f"http://{url}" if url else None}
 
 
+def check_shared_storage(folder, remedy: str) -> None:
+    """Refuse a folder on this machine as the run's storage when the Ray cluster this process joined has several
+    nodes: Train workers on the other nodes write their checkpoints there, and Train failed at the first one
+    ("Unable to set up cluster storage"), after the start-up and an epoch of every trial.
+
+    A cluster is joined with ``--address``, or without it through ``RAY_ADDRESS`` (a ``ray job submit`` driver)
+    or a local ``ray start``; a Ray that this process started (:func:`start_ray`) has one node.
+
+    Raises:
+        ValueError: naming the cluster, its node count, the folder and ``remedy``.
+    """
+    if _STARTED_HERE:
+        return
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        where = os.environ.get("RAY_ADDRESS") or getattr(ray.get_runtime_context(), "gcs_address", None)
+        raise ValueError(
+            f"the cluster {f'at {where} ' if where else 'this command joined '}has {len(nodes)} nodes but results "
+            f"would go to the local folder {folder}: {remedy}"
+        )
+
+
 def check_model(cfg: config_mod.Config, searched: bool = True) -> None:
     """Refuse, before Ray starts, a backbone that timm does not have or a freeze depth beyond a backbone's units.
 

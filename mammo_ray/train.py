@@ -781,6 +781,11 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
 
     try:
         cli.start_ray(address=address)
+        cli.check_shared_storage(
+            out_dir / "ray",
+            "train keeps its run under --out_dir on this machine; run it on one node, or use tune with --storage "
+            "(a bucket or a shared NFS path) for a multi-node cluster",
+        )
         cli.check_placement(cfg)
         tune.fit_concurrency(cfg, single_run=True)
     except ValueError as err:

@@ -597,16 +597,13 @@ def fit_concurrency(cfg: config_mod.Config, total: float | None = None, *, singl
 
 def check_storage(args) -> None:
     """Multi-node sweeps need shared storage: refuse a local results folder on a multi-node cluster."""
-    import ray
-
-    if args.storage or not args.address:
+    if args.storage:
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise ValueError(
-            f"the cluster at {args.address} has {len(nodes)} nodes but results would go to the local folder "
-            f"{args.results}: pass --storage s3://…, gs://… or a shared NFS path so every node can write checkpoints"
-        )
+    from mammo_ray import cli
+
+    cli.check_shared_storage(
+        args.results, "pass --storage s3://…, gs://… or a shared NFS path so every node can write checkpoints"
+    )
 
 
 if __name__ == "__main__":

@@ -360,28 +360,51 @@ def test_check_reachable(s3) -> None:
 
 
 @pytest.mark.parametrize(
-    ("address", "storage_arg", "alive", "refused"),
+    ("started_here", "storage_arg", "alive", "refused"),
     [
-        ("auto", None, 2, True),
-        ("ray://head:10001", None, 3, True),
-        ("auto", None, 1, False),  # one node: the local results folder is that node's disk
-        ("auto", "s3://runs/mammo-ray", 2, False),
-        (None, None, 2, False),  # a local Ray started by tune itself
+        (False, None, 2, True),  # joined with --address, or through RAY_ADDRESS (a `ray job submit` driver)
+        (False, None, 3, True),
+        (False, None, 1, False),  # one node: the local results folder is that node's disk
+        (False, "s3://runs/mammo-ray", 2, False),
+        (True, None, 2, False),  # a local Ray started by tune itself
     ],
 )
-def test_multi_node_cluster_without_storage_is_refused(monkeypatch, address, storage_arg, alive, refused) -> None:
+def test_multi_node_cluster_without_storage_is_refused(monkeypatch, started_here, storage_arg, alive, refused) -> None:
+    """The check once ran only with --address, so a job-submitted driver joining through RAY_ADDRESS skipped it."""
     import argparse
 
     import ray
 
-    from mammo_ray import tune
+    from mammo_ray import cli, tune
 
     nodes = [{"Alive": True}] * alive + [{"Alive": False}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    args = argparse.Namespace(address=address, storage=storage_arg, results="results")
+    monkeypatch.setattr(cli, "_STARTED_HERE", started_here)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    args = argparse.Namespace(address=None, storage=storage_arg, results="results")
     if not refused:
+        tune.check_storage(args)
+        return
+    with pytest.raises(ValueError, match=rf"the cluster at head:6379 has {alive} nodes but results would go to the "
+                                         r"local folder results: pass --storage s3://…, gs://…"):  # fmt: skip
         tune.check_storage(args)
         return
     with pytest.raises(ValueError, match=rf"has {alive} nodes but results would go to the local folder results: "
                                          r"pass --storage s3://…, gs://…"):  # fmt: skip
         tune.check_storage(args)
+
+
+def test_train_refuses_its_local_out_dir_on_a_joined_multi_node_cluster(monkeypatch, tmp_path, capsys) -> None:
+    """train has no --storage: on a multi-node cluster its run folder on this machine failed at the first
+    checkpoint of a worker on another node."""
+    import ray
+
+    from mammo_ray import cli, config, train
+
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: {})
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * 2)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert train.run_single(config.load("demo"), {}, tmp_path / "run", address=None) == 2
+    err = capsys.readouterr().err
+    assert "the cluster at head:6379 has 2 nodes" in err and "use tune with --storage" in err

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     mc = cfg.train.mc_dropout_samples if args.mc_samples is None else args.mc_samples
     tta = cfg.train.tta if args.tta is None else args.tta
+    torch.manual_seed(cfg.train.seed)  # MC-dropout masks: the same input gives the same CSV on the same machine
     predictions, failures = predict_frame(
         net,
         frame,

@@ -150,3 +150,16 @@ def test_the_bundles_own_threshold_applies_without_thresholds_json(bundle):
     assert predict.resolve_threshold({}, None, 0.4) == ("0.4", 0.4)
     assert predict.resolve_threshold({"default": "youden", "youden": {"threshold": 0.2}}, None, 0.4) == ("youden", 0.2)
     assert predict.resolve_threshold({}, "0.25") == ("0.25", 0.25)
+
+
+def test_mc_dropout_scores_repeat_run_to_run(bundle, dicoms, tmp_path):
+    """The dropout masks were unseeded: two runs of the same command gave different prob and epistemic."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in dicoms[:2]:
+        shutil.copy(path, images / path.name)
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(bundle, images, first, "--mc-samples", "3") == 0
+    assert run(bundle, images, second, "--mc-samples", "3") == 0
+    assert first.read_text() == second.read_text()
+    assert pd.read_csv(first)["epistemic"].notna().all()

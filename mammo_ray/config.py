@@ -163,10 +163,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search.searcher": ("optuna", "random"),
     "search.scheduler": ("asha", "fifo"),
 }
-# The per-epoch validation metrics every run reports, each with the direction that makes it better: the choices
-# of search.metric, whose search.mode must agree (ASHA, Optuna, checkpoint retention and export all follow it).
 # ConvNeXt's total stride: data.image_size (and prepare --size) sides must be at least this.
 MIN_IMAGE_SIDE = 32
+# The per-epoch validation metrics every run reports, each with the direction that makes it better: the choices
+# of search.metric, whose search.mode must agree (ASHA, Optuna, checkpoint retention and export all follow it).
 SELECTION_METRICS: dict[str, str] = {
     "val_auc": "max",
     "val_pr_auc": "max",

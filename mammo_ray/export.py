@@ -482,12 +482,23 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "- Image-level scores on the data sources above; performance on other vendors, populations or "
         "screening programmes is unknown until measured.",
         "- Metrics are from the validation split used for model selection (optimistic) and, where present, a "
-        "held-out test split (checked to share no patient, exam or image with training and validation); small "
-        "positive counts give wide intervals, or none.",
+        f"test split{_held_out(frames)}; small positive counts give wide intervals, or none.",
         "- A model trained on the built-in synthetic data set has learned synthetic lesions only.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _held_out(frames: dict | None) -> str:
+    """What the card can say of the test split: which manifests it was checked against for shared patients."""
+    if not frames or frames.get("test") is None:
+        return ""
+    checked = " and ".join(role for role in ("train", "valid") if frames.get(role) is not None)
+    missing = " and ".join(role for role in ("train", "valid") if frames.get(role) is None)
+    if not checked:
+        return f" (not checked for shared patients: the {missing} manifests were not found)"
+    said = f" (checked to share no patient, exam or image with {checked}"
+    return said + (f"; not with {missing}, whose manifest was not found)" if missing else ")")
 
 
 def _metric_row(name: str, values: dict) -> str:
@@ -589,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             frames["test"].attrs["path"] = test_path
             # The card calls the test split held out: a --test drawn from the training rows would report a leaked
             # figure as one.
-            manifest.check_overlap(frames, refusing="to report it as a held-out test")
+            manifest.check_overlap(frames, refusing="to report it as a held-out test", within_dataset=True)
     except (FileNotFoundError, ValueError, config_mod.ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

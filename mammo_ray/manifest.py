@@ -157,17 +157,27 @@ def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = T
         raise ManifestError(f"manifest {source}: {len(missing)} missing {what}, e.g. {_examples(shown, 3)}")
 
 
-def check_overlap(frames: dict[str, pd.DataFrame], refusing: str = "to train") -> None:
-    """Refuse splits that share a patient, an exam or an image id.
+def check_overlap(frames: dict[str, pd.DataFrame], refusing: str = "to train", within_dataset: bool = False) -> None:
+    """Refuse splits that share a patient, an exam or an image id, or (with ``pixel_hash``) identical pixels.
+
+    Args:
+        within_dataset: compare ids within a ``dataset`` only (``dataset/id``): an external test set numbered 1…N
+            beside RSNA's integer patient ids is other women. Splits of one preparation compare bare ids.
 
     Raises:
         ManifestError: naming the shared patients (and the splits they are in).
     """
+
+    def ids(frame: pd.DataFrame, column: str) -> set:
+        if within_dataset and "dataset" in frame.columns:
+            return set(frame["dataset"].astype(str) + "/" + frame[column].astype(str))
+        return set(frame[column])
+
     roles = list(frames)
     for i, first in enumerate(roles):
         for second in roles[i + 1 :]:
             for column, what in (("patient_id", "patient"), ("exam_id", "exam"), ("image_id", "image")):
-                shared = sorted(set(frames[first][column]) & set(frames[second][column]))
+                shared = sorted(ids(frames[first], column) & ids(frames[second], column))
                 if shared:
                     raise ManifestError(
                         f"{len(shared)} {what}(s) appear in both {first} and {second} "

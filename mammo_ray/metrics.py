@@ -295,10 +295,12 @@ def breast_level(frame: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
 def patient_key(frame: pd.DataFrame) -> pd.Series:
     """The patient a row belongs to: ``patient_id``, within its ``dataset`` when the frame has one (see
     :func:`breast_level`). The bootstrap resamples these."""
-    patient = frame["patient_id"].astype(str)
+    patient = frame["patient_id"].astype(object).fillna("").astype(str)
     if "dataset" not in frame.columns:
         return patient
-    return frame["dataset"].astype(str) + "\x1f" + patient
+    # A blank dataset cell reads back from a CSV as NaN, which pandas keeps through astype(str) and factorize
+    # codes as -1: the same patient key as "", not a crash of the bootstrap.
+    return frame["dataset"].astype(object).fillna("").astype(str) + "\x1f" + patient
 
 
 def pf1(labels: Any, probs: Any, beta: float = 1.0) -> float:

@@ -501,8 +501,8 @@ def plot_all_bundle(
         frame: Validation predictions (export adds the test split's ROC as ``roc_test.png``).
         history: Epoch history (``history.csv``); None writes the history plots as 'not available'.
         out_dir: Folder, created when missing.
-        threshold: The bundle's fixed operating point (``train.threshold``), marked on the ROC and named in the
-            history's ``sensitivity@…`` columns.
+        threshold: The bundle's decision threshold (``train.threshold``), marked on the ROC. The per-epoch
+            sensitivity and specificity stay at the reference's 0.3, the threshold the history records.
 
     Returns:
         The written paths, in ``BUNDLE_PLOTS`` order.
@@ -510,7 +510,7 @@ def plot_all_bundle(
     out_dir = Path(out_dir)
     paths = []
     for name, plot in BUNDLE_PLOTS.items():
-        options = {"threshold": threshold} if name in ("roc.png", "sens_spec.png") else {}
+        options = {"threshold": threshold} if name == "roc.png" else {}
         paths.append(plot(history if name in _HISTORY_PLOTS else frame, out_dir / name, **options))
     return paths
 

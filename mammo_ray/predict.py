@@ -372,7 +372,12 @@ def output_frame(
     from mammo_ray import metrics
 
     predictions = predictions.assign(decision=(predictions["prob"] >= threshold).astype(int))
-    known = predictions["laterality"].isin(["L", "R"])
+    # A breast needs its woman and exam: a manifest without patient_id/exam_id would pool every L image of the file.
+    known = (
+        predictions["laterality"].isin(["L", "R"])
+        & predictions["patient_id"].astype(str).ne("")
+        & predictions["exam_id"].astype(str).ne("")
+    )
     if known.any():
         keys = ["patient_id", "exam_id", "laterality", "dataset"]  # ids may repeat across data sets
         breast = metrics.breast_level(predictions[known])[[*keys, "prob"]].rename(columns={"prob": "breast_score"})

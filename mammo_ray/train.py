@@ -492,7 +492,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 )
             val_totals = _all_reduce([val_loss_sum, len(local_predictions)], device)
             predictions = metrics.gather_predictions(local_predictions)
-            val_metrics = metrics.compute_split_metrics(predictions, threshold=cfg.train.threshold)
+            # At the reference's 0.3, the names of the history and of config.SELECTION_METRICS (val_sensitivity@0.3);
+            # train.threshold is the bundle's decision threshold (thresholds.json, the ROC marker, predict).
+            val_metrics = metrics.compute_split_metrics(predictions)
             epoch_time = time.perf_counter() - started
             report = {
                 "epoch": epoch_number,

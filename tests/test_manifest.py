@@ -455,3 +455,14 @@ def test_summary(labels: list[int], patients: int, expected: dict[str, int]) -> 
 def test_summary_after_read(tmp_path: Path) -> None:
     frame = manifest.read_manifest(_write(tmp_path, _rows(4, patients=2), "m", "csv"), "train")
     assert manifest.summary(frame) == {"n_images": 4, "n_positive": 2, "n_patients": 2, "n_exams": 4}
+
+
+def test_overlap_within_a_data_set_only_when_asked() -> None:
+    """export's --test check: an external set numbered 1…N is not RSNA's patients 1…N."""
+    train = pd.DataFrame({"patient_id": ["1", "2"], "exam_id": ["1", "2"], "image_id": ["a", "b"], "dataset": "RSNA"})
+    test = pd.DataFrame({"patient_id": ["1"], "exam_id": ["9"], "image_id": ["z"], "dataset": "INHOUSE"})
+    manifest.check_overlap({"train": train, "test": test}, within_dataset=True)
+    with pytest.raises(ManifestError, match="1 patient"):
+        manifest.check_overlap({"train": train, "test": test})
+    with pytest.raises(ManifestError, match="RSNA/1"):
+        manifest.check_overlap({"train": train, "test": test.assign(dataset="RSNA")}, within_dataset=True)

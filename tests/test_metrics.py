@@ -532,3 +532,14 @@ def test_breasts_are_keyed_within_their_data_set_and_unknown_sides_stand_alone()
     unknown = breasts[breasts["laterality"] == "U"]
     assert sorted(unknown["label"]) == [0, 1] and (unknown["n_images"] == 1).all()
     assert metrics.patient_key(frame).nunique() == 3
+
+
+def test_a_blank_dataset_read_back_from_csv_does_not_break_the_bootstrap(tmp_path) -> None:
+    """export reads val_predictions.csv with ids as text: a blank dataset cell comes back NaN, which the patient key
+    turned into factorize's code -1 and np.bincount's ValueError, after the whole sweep had run."""
+    frame = make_predictions(20, seed=3).assign(dataset="")
+    frame.to_csv(tmp_path / "val.csv", index=False)
+    back = pd.read_csv(tmp_path / "val.csv", dtype={column: str for column in metrics.PREDICTION_COLUMNS[:6]})
+    assert back["dataset"].isna().all()
+    result = metrics.compute_metrics(back, bootstrap=20)
+    assert result["auc_ci95"] is not None

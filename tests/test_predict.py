@@ -163,3 +163,14 @@ def test_mc_dropout_scores_repeat_run_to_run(bundle, dicoms, tmp_path):
     assert run(bundle, images, second, "--mc-samples", "3") == 0
     assert first.read_text() == second.read_text()
     assert pd.read_csv(first)["epistemic"].notna().all()
+
+
+def test_no_breast_score_without_the_woman_and_exam(bundle, dicoms, tmp_path):
+    """A manifest with laterality but no patient_id/exam_id pooled every L image of the file into one breast."""
+    frame = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "path": [str(d) for d in dicoms[:3]], "laterality": ["L", "L", "R"]}
+    )
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    assert run(bundle, tmp_path / "m.csv", tmp_path / "s.csv") == 0
+    table = pd.read_csv(tmp_path / "s.csv")
+    assert table["prob"].notna().all() and table["breast_score"].isna().all()

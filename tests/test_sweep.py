@@ -840,3 +840,15 @@ def test_the_card_lists_undefined_metrics_of_each_data_set():
     )
     card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frame)}, None, {})
     assert "- val · B: `auc`: undefined: no positive cases in dataset B (n_images=4)" in card
+
+
+def test_the_card_says_what_the_test_split_was_checked_against():
+    from mammo_ray import export
+
+    frame = pd.DataFrame({"patient_id": ["p"]})
+    assert export._held_out(None) == ""
+    assert export._held_out({"train": frame, "valid": frame, "test": frame}) == (
+        " (checked to share no patient, exam or image with train and valid)"
+    )
+    assert "not with valid, whose manifest was not found" in export._held_out({"train": frame, "test": frame})
+    assert export._held_out({"test": frame}).startswith(" (not checked for shared patients")

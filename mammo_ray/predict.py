@@ -324,25 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The CSV's columns, in order (README, "predict"); ``error`` is filled on the rows that could not be read.
+# The CSV's columns, in order (README, "predict"): the predictions' own, with the file's path after its id and the
+# logit after the probability, then the decision and the breast score; ``error`` is filled on unreadable rows.
 OUTPUT_COLUMNS = (
     "image_id",
     "path",
-    "patient_id",
-    "exam_id",
-    "laterality",
-    "view",
-    "dataset",
-    "label",
-    "prob",
+    *PREDICTION_COLUMNS[1 : PREDICTION_COLUMNS.index("prob") + 1],
     "logit",
-    "aleatoric",
-    "epistemic",
-    "decision",
-    "threshold",
-    "threshold_name",
-    "breast_score",
-    "error",
+    *PREDICTION_COLUMNS[PREDICTION_COLUMNS.index("prob") + 1 :],
+    *("decision", "threshold", "threshold_name", "breast_score", "error"),
 )
 
 

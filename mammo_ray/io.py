@@ -23,9 +23,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     try:
         writer(tmp_path)
         # mkstemp creates 0600 files; give the output the permissions an ordinary open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, _as_created(0o666))
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -40,10 +38,15 @@ def staging_dir(parent: str | Path, prefix: str) -> Path:
     read an exported bundle. It gets the permissions an ordinary ``mkdir`` would.
     """
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    folder.chmod(_as_created(0o777))
     return folder
+
+
+def _as_created(mode: int) -> int:
+    """``mode`` less the process umask: what ``open`` (0o666) or ``mkdir`` (0o777) would give."""
+    umask = os.umask(0)  # read it: setting and restoring is the only portable way
+    os.umask(umask)
+    return mode & ~umask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

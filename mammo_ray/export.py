@@ -429,7 +429,7 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "",
         "## Metrics",
         "95% CIs from a patient-level bootstrap (patients resampled with all their images); a CI is left out where "
-        "more than 5% of the resamples held one class only. The spec0.90 point is the validation's threshold: on "
+        "the split has fewer than 10 patients or more than 5% of the resamples held one class only. The spec0.90 point is the validation's threshold: on "
         "test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
         "sensitivity.",
         "",
@@ -504,8 +504,8 @@ def _held_out(frames: dict | None) -> str:
 def _metric_row(name: str, values: dict) -> str:
     return (
         f"| {name} | {values.get('n_images')} ({values.get('n_positive')}) | {_ci(values, 'auc')} | "
-        f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_fmt(values.get('sensitivity@0.3'))} | "
-        f"{_fmt(values.get('specificity@0.3'))} | {_fmt(values.get('sensitivity@spec0.90'))} / "
+        f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_ci(values, 'sensitivity@0.3')} | "
+        f"{_ci(values, 'specificity@0.3')} | {_fmt(values.get('sensitivity@spec0.90'))} / "
         f"{_fmt(values.get('specificity@spec0.90'))} | "
         f"{_fmt(values.get('ece'))} | {_fmt(values.get('brier'))} |"
     )

@@ -65,6 +65,9 @@ BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast")
 # more conditions the interval on resamples that happened to hold a positive, and with one or two positive patients
 # it collapses to a point ([1.0, 1.0]) that reads as certainty.
 BOOTSTRAP_MAX_SKIPPED = 0.05
+# Nor from fewer patients than this: resampling 3 patients has 10 distinct outcomes, and its percentiles can come out
+# as a point ([0.5, 0.5]) however uncertain the figure is.
+BOOTSTRAP_MIN_PATIENTS = 10
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -513,27 +516,41 @@ def bootstrap_ci(
     return _percentile_interval(values, level)
 
 
+def _bootstrap_names(threshold: float) -> tuple[str, ...]:
+    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at the fixed
+    threshold (their names carry it, ``sensitivity@0.3``)."""
+    key = _threshold_key(threshold)
+    return (*BOOTSTRAP_METRICS, f"sensitivity@{key}", f"specificity@{key}")
+
+
 def _bootstrap_split(
-    frame: pd.DataFrame, breasts: pd.DataFrame, n: int, seed: int, level: float
+    frame: pd.DataFrame, breasts: pd.DataFrame, n: int, seed: int, level: float, threshold: float = DEFAULT_THRESHOLD
 ) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Intervals for AUC, PR-AUC and breast AUC from one shared set of patient draws.
+    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at ``threshold``, from one shared set
+    of patient draws.
 
     Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
     breast rows are resampled with their patient, which equals aggregating the resampled images.
     """
     y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
+    called = s_img >= threshold
     image_clusters = _PatientClusters(patient_key(frame))
     breast_clusters = _PatientClusters(patient_key(breasts))
     assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
-    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
+    names = _bootstrap_names(threshold)
+    values: dict[str, list[float]] = {name: [] for name in names}
     for drawn in _patient_draws(image_clusters.patients.size, n, seed):
         rows, _ = image_clusters.expand(drawn)
         breast_rows, _ = breast_clusters.expand(drawn)
+        y, hit = y_img[rows], called[rows]
+        n_pos = int(y.sum())
         sample = {
-            "auc": _auc_unchecked(y_img[rows], s_img[rows]),
-            "pr_auc": _average_precision_unchecked(y_img[rows], s_img[rows]),
+            "auc": _auc_unchecked(y, s_img[rows]),
+            "pr_auc": _average_precision_unchecked(y, s_img[rows]),
             "auc_breast": _auc_unchecked(y_br[breast_rows], s_br[breast_rows]),
+            names[3]: float(hit[y].sum() / n_pos) if n_pos else math.nan,
+            names[4]: float((~hit[~y]).sum() / (y.size - n_pos)) if y.size > n_pos else math.nan,
         }
         for name, value in sample.items():
             if math.isfinite(value):
@@ -577,9 +594,11 @@ def _split_metrics(
     if bootstrap:
         _check_bootstrap_args(bootstrap, level)
         if n:
-            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level)
+            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, threshold)
 
     out: dict[str, Any] = {}
+
+    n_patients = int(patient_key(frame).nunique()) if bootstrap else 0
 
     def put_ci(name: str, point_defined: bool, point_reason: str | None) -> None:
         if not bootstrap:
@@ -589,6 +608,12 @@ def _split_metrics(
         if not point_defined:
             out[key] = None
             out[f"{key}_reason"] = point_reason or "undefined on this data"
+        elif n_patients < BOOTSTRAP_MIN_PATIENTS:
+            out[key] = None
+            out[f"{key}_reason"] = (
+                f"not reported: {n_patients} patient(s) in {scope}, too few for a bootstrap interval (at least "
+                f"{BOOTSTRAP_MIN_PATIENTS})"
+            )
         elif interval[0] is None:
             valid = bootstrap - skipped.get(name, bootstrap)
             out[key] = None
@@ -614,7 +639,9 @@ def _split_metrics(
     sens, spec = sens_spec_at(y, s, threshold)
     key = _threshold_key(threshold)
     _put(out, f"sensitivity@{key}", sens, why(True, False))
+    put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False))
     _put(out, f"specificity@{key}", spec, why(False, True))
+    put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True))
 
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
@@ -651,7 +678,7 @@ def _split_metrics(
             "n_resamples": int(bootstrap),
             "seed": int(seed),
             "level": float(level),
-            "skipped": {name: int(skipped.get(name, bootstrap)) for name in BOOTSTRAP_METRICS},
+            "skipped": {name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(threshold)},
         }
     return out
 

@@ -400,17 +400,17 @@ def test_bootstrap_resamples_patients_as_units() -> None:
 
 
 def test_bootstrap_skips_and_counts_one_class_resamples() -> None:
-    # One positive patient out of 5: about (4/5)^5 = 33% of resamples have no positive.
+    # One positive patient out of 12: about (11/12)^12 = 35% of resamples have no positive.
     frame = pd.DataFrame(
         {
-            **_breast_cols(5),
-            "label": [1, 0, 0, 0, 0],
-            "prob": [0.9, 0.2, 0.4, 0.6, 0.1],
+            **_breast_cols(12),
+            "label": [1] + [0] * 11,
+            "prob": [0.9, 0.2, 0.4, 0.6, 0.1, 0.3, 0.5, 0.25, 0.35, 0.45, 0.15, 0.05],
         }
     )
     result = metrics.compute_metrics(frame, bootstrap=300, seed=0)
     skipped = result["bootstrap"]["skipped"]["auc"]
-    assert 50 < skipped < 150
+    assert 60 < skipped < 150
     # Percentiles over the resamples that happened to hold the positive gave [1.0, 1.0]: certainty from one case.
     assert result["auc_ci95"] is None
     assert result["auc_ci95_reason"].startswith(f"not reported: {skipped} of 300 patient resamples held one class")
@@ -543,3 +543,29 @@ def test_a_blank_dataset_read_back_from_csv_does_not_break_the_bootstrap(tmp_pat
     assert back["dataset"].isna().all()
     result = metrics.compute_metrics(back, bootstrap=20)
     assert result["auc_ci95"] is not None
+
+
+def test_sensitivity_and_specificity_get_patient_bootstrap_intervals() -> None:
+    """The card printed sens@0.3 and spec@0.3 without intervals: a reviewer reads 0.87 from 46 positives as exact."""
+    frame = make_predictions(80, seed=5)
+    result = metrics.compute_metrics(frame, bootstrap=200, seed=3)
+    for name, pick in (("sensitivity@0.3", 0), ("specificity@0.3", 1)):
+        expected = metrics.bootstrap_ci(
+            frame, lambda f, i=pick: metrics.sens_spec_at(f["label"], f["prob"], 0.3)[i], n=200, seed=3
+        )
+        assert result[f"{name}_ci95"] == pytest.approx(expected)
+        assert result[f"{name}_ci95"][0] <= result[name] <= result[f"{name}_ci95"][1]
+        assert name in result["bootstrap"]["skipped"]
+    no_positive = metrics.compute_metrics(frame.assign(label=0), bootstrap=20)
+    assert no_positive["sensitivity@0.3_ci95"] is None and no_positive["specificity@0.3_ci95"] is not None
+
+
+def test_no_bootstrap_interval_from_a_handful_of_patients() -> None:
+    """3 patients have 10 distinct resamples: the smoke sweep's card printed sensitivity 0.500 (0.500–0.500)."""
+    frame = make_predictions(9, seed=2)
+    result = metrics.compute_metrics(frame, bootstrap=100)
+    assert result["auc"] is not None and result["auc_ci95"] is None
+    assert result["auc_ci95_reason"] == (
+        "not reported: 9 patient(s) in this split, too few for a bootstrap interval (at least 10)"
+    )
+    assert metrics.compute_metrics(make_predictions(10, seed=2), bootstrap=100)["auc_ci95"] is not None

@@ -425,13 +425,19 @@ def changed_sources(indices: Sequence[pd.DataFrame], threads: int = 16) -> list[
 
 
 def load_complete_shard(
-    shard: Path, image_ids: Sequence[str] | None = None, size: tuple[int, int] | None = None, *, verify: bool = True
+    shard: Path,
+    image_ids: Sequence[str] | None = None,
+    size: tuple[int, int] | None = None,
+    *,
+    verify: bool | str = True,
 ) -> pd.DataFrame | None:
     """The index of a complete, valid shard, or None when it must be redone.
 
     Valid means: the index reads; it lists exactly ``image_ids``; its images have ``size``; their
     frames lie end to end from offset 0 and fill the pixel file exactly (a truncated or padded file is
-    redone); with ``verify``, the first and last frames decompress.
+    redone); with ``verify``, the first and last frames decompress; with ``verify="all"`` (``--verify-cache``),
+    every frame decompresses to the pixels whose ``pixel_hash`` the index recorded, which also finds bytes
+    damaged inside a frame of the right length.
     """
     index_path = shard.with_suffix(".index.parquet")
     if not (index_path.is_file() and shard.is_file()):
@@ -461,9 +467,17 @@ def load_complete_shard(
     if int(offsets[-1] + nbytes[-1]) != shard.stat().st_size:
         return None
     if verify:
+        from mammo_ray import imaging
+
+        rows = good if verify == "all" else good.iloc[[0, -1]]
         try:
-            for row in (good.iloc[0], good.iloc[-1]):
-                cache.read_image(str(shard), row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width)
+            with cache.open_shard(str(shard)) as handle:
+                for row in rows.itertuples(index=False):
+                    pixels = cache.read_image(
+                        str(shard), row.cache_offset, row.cache_nbytes, row.cache_height, row.cache_width, handle
+                    )
+                    if verify == "all" and imaging.pixel_hash(pixels) != row.pixel_hash:
+                        return None
         except Exception:
             return None
     return index
@@ -576,6 +590,7 @@ def prepare_table(
     max_in_flight: int | None = None,
     retry_failed: bool = False,
     reduced_decode: bool = True,
+    verify_cache: bool = False,
 ) -> PrepareResult:
     """Split (when ``table`` has no ``split``), preprocess and write the manifests. Ray must be initialised.
 
@@ -593,6 +608,8 @@ def prepare_table(
         retry_failed: redo reused shards that hold failed images (e.g. after a network file system error).
         reduced_decode: decode JPEG 2000 at reduced resolution where ``size`` allows
             (``imaging.preprocess_file``); False decodes every pixel. Part of the cache key.
+        verify_cache: decode every frame of a reusable shard and check its ``pixel_hash`` (a read of the whole
+            cache); by default only the first and last frames are decoded.
 
     Raises:
         PrepareError: too many failures (the report is written first), leaking splits, an unsafe ``out``.
@@ -633,7 +650,9 @@ def prepare_table(
         rows = table.iloc[start : start + shard_size][list(SHARD_COLUMNS)].reset_index(drop=True)
         shard = cache_dir / f"{_shard_name(number, rows)}.bin"
         n_shards += 1
-        done = load_complete_shard(shard, rows["image_id"].tolist(), tuple(size))
+        done = load_complete_shard(
+            shard, rows["image_id"].tolist(), tuple(size), verify="all" if verify_cache else True
+        )
         if done is not None and not (retry_failed and done["error"].notna().any()):
             complete.append((shard, rows, done))
         else:
@@ -820,6 +839,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows_experiment", "--rows-experiment", type=int, help="keep whole patients up to about this many images"
     )
     parser.add_argument("--retry-failed", action="store_true", help="redo reused shards that hold failed images")
+    parser.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="decode every cached frame of a reused shard and check its pixel hash (reads the whole cache); by "
+        "default only each shard's first and last frames are decoded",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--smoke-test", action="store_true", help=f"a seeded random subset of {SMOKE_TEST_PATIENTS} patients"
@@ -905,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             images_root=args.images,
             retry_failed=args.retry_failed,
+            verify_cache=args.verify_cache,
         )
     except (PrepareError, manifest.ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -381,6 +381,26 @@ def test_a_source_file_changed_in_place_is_read_again(ray_session, synth_set, tm
     assert run().shards_reused == 2
 
 
+def test_verify_cache_finds_bytes_damaged_inside_a_frame(ray_session, synth_set, tmp_path) -> None:
+    """A frame of the right length with damaged bytes inside passed the reuse checks (which decode only each shard's
+    first and last frames) and came back as wrong pixels; --verify-cache decodes and hashes every frame."""
+    table = _table(synth_set, 6)
+    out = tmp_path / "prepared"
+    run = functools.partial(prepare.prepare_table, table, out, size=SIZE, shard_size=3, progress=False)
+    first = run()
+    shard = sorted(first.cache_dir.glob("shard-*.bin"))[0]
+    index = pd.read_parquet(shard.with_suffix(".index.parquet")).sort_values("cache_offset")
+    middle = index.iloc[1]
+    blob = bytearray(shard.read_bytes())
+    start = int(middle.cache_offset) + int(middle.cache_nbytes) // 2
+    blob[start : start + 16] = bytes(16)
+    shard.write_bytes(bytes(blob))
+    assert run().shards_reused == 2  # the default checks miss it
+    verified = run(verify_cache=True)
+    assert (verified.shards_reused, verified.images_processed) == (1, 3)
+    _assert_cache_matches_source(pd.concat(_load(out).values()), SIZE, rows=6)
+
+
 def test_a_run_where_every_file_fails_names_the_report(ray_session, synth_set, tmp_path) -> None:
     table = _table(synth_set, 2).assign(path=[str(tmp_path / "in" / "gone1.dcm"), str(tmp_path / "in" / "gone2.dcm")])
     with pytest.raises(PrepareError, match="none of the 2 files could be used; see .*prepare_report.csv"):

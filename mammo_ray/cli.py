@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import os
@@ -98,6 +99,21 @@ def start_ray(address: str | None = None, dashboard_host: str = "127.0.0.1", ver
     return {"dashboard_url": f"http://{url}" if url else None}
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type`` for an integer of at least ``minimum`` (``--batch-size``, ``--bootstrap``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def check_shared_storage(folder, remedy: str) -> None:
     """Refuse a folder on this machine as the run's storage when the Ray cluster this process joined has several
     nodes: Train workers on the other nodes write their checkpoints there, and Train failed at the first one
@@ -188,12 +204,16 @@ def check_weights(files: list[tuple[str, str]], builds: list[tuple[str, str, str
     from mammo_ray import model as model_mod
 
     for key, path in files:
+        try:
+            tensors = model_mod.read_state_dict(path)  # once per file, however many builds it is matched against
+        except (OSError, ValueError) as err:
+            raise config_mod.ConfigError(f"{key}: {path}: {err}") from err
         for backbone, stem, norm in builds:
             with torch.device("meta"):
                 net = model_mod.create_model(backbone, in_chans=in_chans, stem=stem, norm=norm)
             try:
-                report = model_mod.check_pretrained(net, path)
-            except (OSError, ValueError, model_mod.UnsafeCheckpointError) as err:
+                report = model_mod.check_pretrained(net, path, tensors)
+            except ValueError as err:
                 raise config_mod.ConfigError(f"{key}: {err} (backbone {backbone}, stem={stem}, norm={norm})") from err
             problems = report.problems
             if problems:

@@ -511,17 +511,9 @@ def _metric_row(name: str, values: dict) -> str:
     )
 
 
-def _resamples(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no confidence intervals) or more, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from mammo_ray import cli
+
     parser = argparse.ArgumentParser(prog="mammo-ray export", description="(Re)export the best trial of a sweep.")
     parser.add_argument(
         "--experiment",
@@ -534,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reports; needed only for another report column)"
     )  # fmt: skip
     parser.add_argument("--out", help="bundle folder (default: <experiment>/best; results/<name>/best for a URI)")
-    parser.add_argument("--bootstrap", type=_resamples, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument(
+        "--bootstrap", type=cli.int_at_least(0), default=1000, help="bootstrap resamples for the CIs (0: none)"
+    )
     tests = parser.add_mutually_exclusive_group()
     tests.add_argument("--test", help="test manifest to score (default: the sweep's)")
     tests.add_argument("--no-test", action="store_true", help="score no test manifest, not even the sweep's")

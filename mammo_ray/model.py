@@ -67,6 +67,7 @@ __all__ = [
     "deep_stem",
     "freeze_units",
     "load_pretrained",
+    "read_state_dict",
     "param_groups",
     "trainable_parameters",
 ]
@@ -266,7 +267,13 @@ def deep_stem(in_chans: int, out_channels: int) -> nn.Sequential:
 # Local pretrained weights
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local ``.safetensors`` or torch weights file, unwrapped and with DDP/compile prefixes removed.
+
+    Raises:
+        UnsafeCheckpointError, ValueError: as :func:`load_pretrained`.
+    """
+    path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -336,23 +343,31 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def check_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
+def check_pretrained(
+    model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> LoadReport:
     """What :func:`load_pretrained` would load into ``model``, without loading it.
 
     ``model`` may live on the meta device (``with torch.device("meta"): create_model(...)``): only its keys and
     shapes are read, so a driver can check a weights file against the architecture before any worker starts.
+    ``state_dict`` (:func:`read_state_dict` of ``path``) saves reading the file again for each model checked.
 
     Raises:
         The errors of :func:`load_pretrained`.
     """
-    return _match_pretrained(model, path)[0]
+    return _match_pretrained(model, path, state_dict)[0]
 
 
-def _match_pretrained(model: nn.Module, path: str | Path) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+def _match_pretrained(
+    model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    state_dict = _read_state_dict(path)
+    if state_dict is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        state_dict = read_state_dict(path)
+    else:
+        state_dict = dict(state_dict)  # the first convolution's adaptation below replaces one entry
     if "downsample_layers.0.0.weight" in state_dict or "visual.trunk.stem.0.weight" in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)  # FB / OpenCLIP key names → timm's
 

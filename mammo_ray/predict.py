@@ -296,27 +296,18 @@ def resolve_threshold(thresholds: dict, choice: str | None, default: float = 0.3
     return name, value
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from mammo_ray import cli
+
     parser = argparse.ArgumentParser(prog="mammo-ray predict", description="Score images with an exported bundle.")
     parser.add_argument("--model", required=True, help="an exported bundle folder (results/<name>/best)")
     parser.add_argument("--input", required=True, help="a DICOM or PNG file, a folder (recursive) or a manifest")
     parser.add_argument("--out", default="predictions.csv", help="output CSV")
     parser.add_argument("--threshold", help="0.3, youden, spec0.90, spec0.987 or a number (default: the bundle's)")
-    parser.add_argument("--batch-size", type=_count(1), default=16)
-    parser.add_argument("--mc-samples", type=_count(0), default=None, help="MC-dropout passes (default: the bundle's)")
+    parser.add_argument("--batch-size", type=cli.int_at_least(1), default=16)
+    parser.add_argument(
+        "--mc-samples", type=cli.int_at_least(0), default=None, help="MC-dropout passes (default: the bundle's)"
+    )
     parser.add_argument("--tta", action="store_true", default=None, help="add test-time flips")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
     parser.add_argument("--smoke-test", action="store_true", help="score at most 8 images")

@@ -363,7 +363,12 @@ def _check_space(space: dict[str, Any], source: str) -> None:
     keys = config_keys()
     for key, spec in space.items():
         where = f"space.{key}"
-        if key not in keys or key.startswith(("search.", "resources.")) or key == "name":
+        if key in keys and (key.startswith(("search.", "resources.")) or key == "name"):
+            raise ConfigError(
+                f"{source}: {where}: {key!r} cannot be searched: search.*, resources.* and name shape the sweep "
+                "itself; set it in the config instead"
+            )
+        if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: {where}: {key!r} is not a searchable config key{hint}")
@@ -399,6 +404,8 @@ def _check_space(space: dict[str, Any], source: str) -> None:
                 raise ConfigError(f"{source}: {where}: loguniform needs low > 0, got {low}")
             if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
                 raise ConfigError(f"{source}: {where}: int bounds must be integers, got {low}, {high}")
+            if "step" in spec:
+                spec["step"] = _check_step(spec, kind, low, high, f"{source}: {where}")
             for bound in (low, high):
                 _check_value(key, _coerce(bound, tp, where, source), source)
         else:
@@ -407,6 +414,37 @@ def _check_space(space: dict[str, Any], source: str) -> None:
                 raise ConfigError(f"{source}: {where}: a {kind} distribution needs a non-empty 'values' list")
             for value in values:
                 _check_value(key, _coerce(value, tp, where, source), source)
+
+
+def _on_grid(value: float, step: float) -> bool:
+    ratio = value / step
+    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
+
+
+def _check_step(spec: dict[str, Any], kind: str, low: float, high: float, where: str) -> float | int:
+    """A ``step`` the sweep samples with, as given: positive, and ``low`` and ``high`` multiples of it.
+
+    Optuna counts steps from ``low`` and Tune's random search rounds to multiples of the step, so both agree only
+    when the bounds lie on the grid. Optuna cannot quantise a log scale (Ray drops the step with a warning).
+    """
+    step = spec["step"]
+    if isinstance(step, str):
+        try:
+            step = float(step)
+        except ValueError:
+            raise ConfigError(f"{where}: step must be a number, got {spec['step']!r}") from None
+    if isinstance(step, bool) or not isinstance(step, int | float) or not step > 0:
+        raise ConfigError(f"{where}: step must be a positive number, got {spec['step']!r}")
+    if kind == "loguniform":
+        raise ConfigError(f"{where}: a loguniform distribution cannot take a step (Optuna samples a log scale unquantised)")
+    if kind == "int" and not float(step).is_integer():
+        raise ConfigError(f"{where}: an int distribution's step must be an integer, got {step}")
+    if not (_on_grid(low, step) and _on_grid(high, step)):
+        raise ConfigError(
+            f"{where}: low ({low}) and high ({high}) must be multiples of step ({step}), so that every searcher draws "
+            "the same values"
+        )
+    return int(step) if kind == "int" else float(step)
 
 
 def validate(config: Config, source: str = "config") -> Config:

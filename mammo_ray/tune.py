@@ -42,10 +42,15 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for key, spec in space.items():
         kind = spec["type"]
+        step = spec.get("step")
         if kind == "loguniform":
             out[key] = tune.loguniform(spec["low"], spec["high"])
+        elif kind == "uniform" and step:
+            out[key] = tune.quniform(spec["low"], spec["high"], step)  # both bounds reachable
         elif kind == "uniform":
             out[key] = tune.uniform(spec["low"], spec["high"])
+        elif kind == "int" and step and step > 1:
+            out[key] = tune.qrandint(int(spec["low"]), int(spec["high"]), int(step))  # both bounds included
         elif kind == "int":
             # Tune's randint excludes the upper bound; the space file's int range includes it.
             out[key] = tune.randint(int(spec["low"]), int(spec["high"]) + 1)

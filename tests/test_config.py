@@ -313,6 +313,13 @@ def _space(key: str, spec: Any) -> dict[str, Any]:
         (_space("resources.num_workers", {"type": "int", "low": 1, "high": 4}), ["resources.num_workers"]),
         (_space("name", {"type": "choice", "values": ["a", "b"]}), ["name"]),
         (_space("train.sampler", {"type": "grid", "values": ["weighted", "simple"]}), ["space.train.sampler", "grid"]),
+        # step: positive, bounds on its grid, integral for int, none on a log scale (Optuna would drop it)
+        (_space("train.lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2, "step": 1e-4}), ["train.lr", "step"]),
+        (_space("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.5, "step": 0}), ["model.dropout", "step"]),
+        (_space("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.5, "step": "x"}), ["dropout", "step"]),
+        (_space("model.dropout", {"type": "uniform", "low": 0.05, "high": 0.5, "step": 0.1}), ["multiples", "0.05"]),
+        (_space("model.freeze_units", {"type": "int", "low": 0, "high": 6, "step": 1.5}), ["freeze_units", "step"]),
+        (_space("model.freeze_units", {"type": "int", "low": 1, "high": 6, "step": 2}), ["freeze_units", "multiples"]),
     ],
 )
 def test_bad_space_names_the_key(tmp_path: Path, data: dict, names: list[str]) -> None:
@@ -320,6 +327,45 @@ def test_bad_space_names_the_key(tmp_path: Path, data: dict, names: list[str]) -
         config.load(_write(tmp_path, data))
     for name in names:
         assert name in str(err.value), f"{name!r} missing from the error: {err.value}"
+
+
+@pytest.mark.parametrize("key", ["search.num_samples", "resources.num_workers", "name"])
+def test_space_key_that_shapes_the_sweep_says_so(tmp_path: Path, key: str) -> None:
+    # It said "not a searchable config key (did you mean 'resources.num_workers'?)" of resources.num_workers.
+    with pytest.raises(ConfigError, match="cannot be searched") as err:
+        config.load(_write(tmp_path, _space(key, {"type": "choice", "values": [1, 2]})))
+    assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "allowed"),
+    [
+        ("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.5, "step": 0.1}, {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}),
+        ("model.freeze_units", {"type": "int", "low": 0, "high": 6, "step": 2}, {0, 2, 4, 6}),
+        ("model.freeze_units", {"type": "int", "low": 0, "high": 3, "step": 1}, {0, 1, 2, 3}),
+    ],
+)
+@pytest.mark.parametrize("searcher", ["optuna", "random"])
+def test_space_step_is_sampled_on_its_grid(key: str, spec: dict, allowed: set, searcher: str) -> None:
+    # A space file's step passed validation and was then dropped: int draws with step 5 gave 8, 1, 7, ...
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mammo_ray import tune
+
+    domain = tune.tune_space({key: dict(spec)})[key]
+    if searcher == "random":
+        drawn = {domain.sample() for _ in range(300)}
+    else:
+        search = OptunaSearch(
+            space={key: domain}, metric="m", mode="max", sampler=optuna.samplers.RandomSampler(seed=0)
+        )
+        drawn = set()
+        for i in range(150):
+            drawn.add(search.suggest(f"t{i}")[key])
+            search.on_trial_complete(f"t{i}", {"m": 0.0})
+    drawn = {round(v, 9) for v in drawn}
+    assert drawn == {round(v, 9) for v in allowed}
 
 
 def test_space_unknown_key_suggests(tmp_path: Path) -> None:

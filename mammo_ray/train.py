@@ -692,7 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--exp_name", help="experiment name (config key name)")
     ref.add_argument("--train_csv_pth", help="training CSV in the reference layout (path_eq, cancer, datasettype)")
     ref.add_argument("--valid_csv_pth", help="validation CSV in the reference layout")
-    ref.add_argument("--out_dir", help="folder for the bundle, history.csv and the reference's result files")
+    ref.add_argument(
+        "--out_dir",
+        help="folder for the bundle, history.csv and the reference's result files (default: results/<name>-train)",
+    )
     ref.add_argument("--data", help="keep only these datasets (comma-separated values of the dataset column)")
     ref.add_argument("--sampler", type=str.lower, choices=sorted(REFERENCE_SAMPLERS))
     ref.add_argument("--loss_function", type=str.lower, choices=sorted(REFERENCE_LOSSES))
@@ -767,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
             cli.apply_smoke_test(cfg)
         cli.resolve_weights(cfg)
         cli.check_model(cfg, searched=False)
-        out_dir = Path(args.out_dir or Path("results") / cfg.name)
+        # Not results/<name>: that is the sweep folder of the same config (make demo's results/demo).
+        out_dir = Path(args.out_dir or Path("results") / f"{cfg.name}-train")
         export.check_bundle_folder(out_dir)  # a folder of the user's, whose files the bundle would replace
         frames = cli.resolve_data(cfg, args, reference_csvs=(args.train_csv_pth, args.valid_csv_pth))
         frames = cli.subset_frames(frames, args, seed=cfg.train.seed)

@@ -380,3 +380,23 @@ def test_channels_last_on_cpu_computes_what_nchw_does(tmp_path) -> None:
     fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     with torch.no_grad():
         torch.testing.assert_close(fresh(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_default_out_dir_is_not_the_sweep_folder_of_the_same_config(tmp_path, monkeypatch) -> None:
+    # `train` with its defaults after `make demo` was refused: its default --out_dir was results/demo, the sweep.
+    from pathlib import Path
+
+    from mammo_ray import cli
+
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "results" / "demo"
+    sweep.mkdir(parents=True)
+    (sweep / "config.yaml").write_text("name: demo\n")
+    (sweep / "leaderboard.csv").write_text("trial_id\n")
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "resolve_data", lambda cfg, args, reference_csvs=None: {})
+    monkeypatch.setattr(cli, "subset_frames", lambda frames, args, seed: frames)
+    monkeypatch.setattr(train, "run_single", lambda cfg, frames, out_dir, address: seen.setdefault("out", out_dir) and 0)
+    assert train.main(["--config", "demo"]) == 0
+    assert seen["out"] == Path("results") / "demo-train"
+    assert sorted(p.name for p in sweep.iterdir()) == ["config.yaml", "leaderboard.csv"]

@@ -436,7 +436,9 @@ def _check_step(spec: dict[str, Any], kind: str, low: float, high: float, where:
     if isinstance(step, bool) or not isinstance(step, int | float) or not step > 0:
         raise ConfigError(f"{where}: step must be a positive number, got {spec['step']!r}")
     if kind == "loguniform":
-        raise ConfigError(f"{where}: a loguniform distribution cannot take a step (Optuna samples a log scale unquantised)")
+        raise ConfigError(
+            f"{where}: a loguniform distribution cannot take a step (Optuna samples a log scale unquantised)"
+        )
     if kind == "int" and not float(step).is_integer():
         raise ConfigError(f"{where}: an int distribution's step must be an integer, got {step}")
     if not (_on_grid(low, step) and _on_grid(high, step)):

@@ -396,7 +396,9 @@ def test_default_out_dir_is_not_the_sweep_folder_of_the_same_config(tmp_path, mo
     seen: dict[str, Any] = {}
     monkeypatch.setattr(cli, "resolve_data", lambda cfg, args, reference_csvs=None: {})
     monkeypatch.setattr(cli, "subset_frames", lambda frames, args, seed: frames)
-    monkeypatch.setattr(train, "run_single", lambda cfg, frames, out_dir, address: seen.setdefault("out", out_dir) and 0)
+    monkeypatch.setattr(
+        train, "run_single", lambda cfg, frames, out_dir, address: seen.setdefault("out", out_dir) and 0
+    )
     assert train.main(["--config", "demo"]) == 0
     assert seen["out"] == Path("results") / "demo-train"
     assert sorted(p.name for p in sweep.iterdir()) == ["config.yaml", "leaderboard.csv"]

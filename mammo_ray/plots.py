@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import optuna
 
 DPI = 110
+# fANOVA fits a random forest to (parameters, value) points; below this many it ranks noise.
+MIN_TRIALS_FOR_IMPORTANCE = 10
 OVERALL_COLOR = "black"
 NEGATIVE_COLOR = "tab:blue"
 POSITIVE_COLOR = "tab:red"
@@ -545,10 +547,23 @@ def _state_summary(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials"
 
 
+def _best_epoch_values(trials: list[Any]) -> bool:
+    """Whether the trials carry the leaderboard's attributes (``tune.plotted_study``): values are best epochs."""
+    return bool(trials) and all("epochs" in t.user_attrs for t in trials)
+
+
+def _chance_line(ax: Any, metric: str, horizontal: bool = True) -> None:
+    if "auc" in metric:
+        line = ax.axhline if horizontal else ax.axvline
+        line(0.5, color="grey", linestyle=":", linewidth=1, label="chance (AUC 0.5)")
+
+
 def plot_sweep_history(study: optuna.Study, path: str | Path) -> Path:
     """Objective per trial in start order with the best-so-far line; pruned trials at their last report.
 
-    With a multi-objective study the first objective is shown.
+    With the leaderboard's attributes (``tune.plotted_study``) each trial is drawn at its best epoch, trials
+    stopped early (ASHA) apart from those that ran every epoch, with their epoch counts, and the exported trial
+    starred. With a multi-objective study the first objective is shown.
 
     Returns:
         ``path``.
@@ -562,17 +577,40 @@ def plot_sweep_history(study: optuna.Study, path: str | Path) -> Path:
     if not complete and not pruned:
         return _message_figure(path, title, "no completed or pruned trials with a value yet")
     maximize = _maximize(study)
+    by_epoch = _best_epoch_values(complete)
     fig, (ax,) = _figure(size=(7.0, 4.6))
     if complete:
         numbers = np.array([t.number for t in complete])
         values = np.array([t.values[0] for t in complete], dtype=float)
-        ax.plot(numbers, values, "o", color="tab:blue", label="complete")
+        if by_epoch:
+            ran_all = np.array([t.user_attrs["stop_reason"] == "completed" for t in complete])
+            ax.plot(numbers[ran_all], values[ran_all], "o", color="tab:blue", label="ran every epoch")
+            ax.plot(numbers[~ran_all], values[~ran_all], "v", color="tab:orange", label="stopped early")
+            for trial, value in zip(complete, values, strict=True):
+                epochs = trial.user_attrs["epochs"]
+                ax.annotate(
+                    f"{epochs} ep.", (trial.number, value), textcoords="offset points", xytext=(5, 4), fontsize=7
+                )
+            exported = [(t.number, v) for t, v in zip(complete, values, strict=True) if t.user_attrs.get("exported")]
+            if exported:
+                ax.plot(
+                    *zip(*exported, strict=True),
+                    "*",
+                    markersize=15,
+                    color="gold",
+                    markeredgecolor="black",
+                    label="exported (best trial)",
+                )
+        else:
+            ax.plot(numbers, values, "o", color="tab:blue", label="complete")
         best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
         ax.step(numbers, best, where="post", color="tab:red", label=f"best so far ({'max' if maximize else 'min'})")
     if pruned:
         last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
         ax.plot([t.number for t in pruned], last, "x", color="grey", label="pruned (last reported value)")
-    ax.set(xlabel="trial number", ylabel=metric, title=title)
+    _chance_line(ax, metric)
+    ylabel = f"{metric}, best epoch of each trial" if by_epoch else metric
+    ax.set(xlabel="trial number (start order)", ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -592,11 +630,12 @@ def plot_param_importance(study: optuna.Study, path: str | Path) -> Path:
 
     complete, counts = _study_trials(study)
     title = f"Parameter importance for {_metric_name(study)}"
-    if len(complete) < 2:
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
         return _message_figure(
             path,
             title,
-            f"parameter importance needs at least 2 completed trials\n(this study: {_state_summary(counts)})",
+            f"parameter importance is not computed from fewer than {MIN_TRIALS_FOR_IMPORTANCE} completed trials:\n"
+            f"a random forest fitted to so few points ranks noise\n(this study: {_state_summary(counts)})",
         )
     try:
         with warnings.catch_warnings():
@@ -615,8 +654,9 @@ def plot_param_importance(study: optuna.Study, path: str | Path) -> Path:
     fig, (ax,) = _figure(size=(6.6, 1.2 + 0.45 * len(names)))
     bars = ax.barh(names, values, color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=8)
+    basis = "; each trial's best epoch, whatever its budget" if _best_epoch_values(complete) else ""
     ax.set(
-        xlabel="importance (fANOVA, sums to 1)",
+        xlabel=f"importance (fANOVA, sums to 1{basis})",
         xlim=(0, max(1.0, max(values) * 1.15)),
         title=f"{title} ({len(complete)} completed trials)",
     )
@@ -647,6 +687,11 @@ def _axis_coordinates(trials: list[Any], name: str) -> tuple[np.ndarray, list[tu
     return coords, [(0.0, f"{np.nanmin(values):.3g}"), (1.0, f"{np.nanmax(values):.3g}")]
 
 
+def _log_scaled(trials: list[Any], name: str) -> bool:
+    distribution = next(t.distributions[name] for t in trials if name in t.distributions)
+    return bool(getattr(distribution, "log", False))
+
+
 def plot_parallel_coordinates(study: optuna.Study, path: str | Path) -> Path:
     """One vertical axis per searched parameter plus the objective; one line per completed trial.
 
@@ -674,10 +719,13 @@ def plot_parallel_coordinates(study: optuna.Study, path: str | Path) -> Path:
 
     fig, (ax,) = _figure(size=(max(6.0, 1.6 * (len(names) + 1)), 4.8))
     x = np.arange(len(names) + 1)
-    for row, value in sorted(
-        zip(columns, objective, strict=True), key=lambda item: item[1] * (1 if _maximize(study) else -1)
+    exported = [bool(t.user_attrs.get("exported")) for t in complete]
+    for row, value, is_exported in sorted(
+        zip(columns, objective, exported, strict=True), key=lambda item: item[1] * (1 if _maximize(study) else -1)
     ):
-        ax.plot(x, row, color=mappable.to_rgba(value), alpha=0.8, linewidth=1.3)  # best drawn last, on top
+        if is_exported:  # outlined, so that it stands out from trials of nearly the same value
+            ax.plot(x, row, color="black", linewidth=3.6, label="exported (best trial)")
+        ax.plot(x, row, color=mappable.to_rgba(value), alpha=0.9, linewidth=2.2 if is_exported else 1.3)
     ticks = [*(t for _, t in axes_coords), [(0.0, f"{low:.3g}"), (1.0, f"{high:.3g}")]]
     for position, axis_ticks in zip(x, ticks, strict=True):
         ax.axvline(position, color="black", linewidth=0.8)
@@ -691,7 +739,11 @@ def plot_parallel_coordinates(study: optuna.Study, path: str | Path) -> Path:
                 ha="left",
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
             )
-    ax.set_xticks(x, [*names, metric], rotation=20, ha="right", fontsize=8)
+    axis_names = [f"{name} (log)" if _log_scaled(complete, name) else name for name in names]
+    metric_axis = f"{metric} (best epoch)" if _best_epoch_values(complete) else metric
+    ax.set_xticks(x, [*axis_names, metric_axis], rotation=20, ha="right", fontsize=8)
+    if any(exported):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.22))
     ax.set_yticks([])
     ax.set(xlim=(-0.2, len(names) + 0.6), ylim=(-0.08, 1.08), title=title)
     for spine in ("left", "right", "top"):

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +290,56 @@ def leaderboard(result_grid, cfg: config_mod.Config, unfinished: dict[str, str] 
     return frame.reset_index(drop=True)
 
 
-def sweep_plots(experiment_dir: Path, study_name: str) -> list[Path]:
+def plotted_study(stored, board: pd.DataFrame, cfg: config_mod.Config):
+    """The sweep as its plots show it: an in-memory study with each trial at its best epoch's metric.
+
+    The stored study holds what Ray's searcher told Optuna, each trial's *last* report; the leaderboard and the
+    export pick the best epoch, so plots of the stored values showed the exported trial at its last epoch (0.516
+    instead of 0.601 in the demo) and every ASHA-stopped trial as complete. Trials keep their numbers (start order)
+    and carry ``epochs``, ``stop_reason``, ``trial_id`` and ``exported`` (the leaderboard's first row) as user
+    attributes; a trial without a finite best value (an error, not yet reported) is kept as failed.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    metric = cfg.search.metric
+    keys = list(cfg.space)
+    best_column = f"{metric}_best"
+    rows = {tuple(row.get(k) for k in keys): row for row in board.to_dict("records")}
+    exported = board.iloc[0]["trial_id"] if len(board) and pd.notna(board.iloc[0].get(best_column)) else None
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        view = optuna.create_study(directions=stored.directions, study_name=stored.study_name)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        view.set_metric_names([metric])
+    for trial in stored.get_trials(deepcopy=False):
+        row = rows.get(tuple(trial.params.get(k) for k in keys))
+        if row is None:
+            continue  # asked for, never started
+        value = row.get(best_column)
+        finite = value is not None and math.isfinite(float(value))
+        view.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE if finite else TrialState.FAIL,
+                params=trial.params,
+                distributions=trial.distributions,
+                value=float(value) if finite else None,
+                user_attrs={
+                    "epochs": int(row.get("epochs") or 0),
+                    "stop_reason": str(row.get("stop_reason", "")),
+                    "trial_id": str(row.get("trial_id", "")),
+                    "exported": bool(row.get("trial_id") == exported),
+                },
+            )
+        )
+    return view
+
+
+def sweep_plots(experiment_dir: Path, board: pd.DataFrame, cfg: config_mod.Config) -> list[Path]:
     import optuna
 
     from mammo_ray import plots
@@ -296,7 +347,8 @@ def sweep_plots(experiment_dir: Path, study_name: str) -> list[Path]:
     db = experiment_dir / "optuna.db"
     if not db.is_file():
         return []
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db.resolve()}")
+    stored = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{db.resolve()}")
+    study = plotted_study(stored, board, cfg)
     out = experiment_dir / "plots"
     return [
         plots.plot_sweep_history(study, out / "sweep_history.png"),
@@ -492,7 +544,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
         except storage.StorageError as err:
             print(f"warning: {err}", file=sys.stderr)
     try:
-        sweep_plots(out_dir, cfg.name)
+        sweep_plots(out_dir, board, cfg)
     except Exception as err:  # plots never cost the sweep's results
         print(f"warning: sweep plots failed: {err}", file=sys.stderr)
     print("\n" + summary_table(board, cfg))

@@ -119,7 +119,7 @@ def _studies() -> dict[str, optuna.Study]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         normal.set_metric_names(["val_auc"])
-    normal.optimize(_objective, n_trials=10, catch=(ValueError,))
+    normal.optimize(_objective, n_trials=14, catch=(ValueError,))  # 12 complete: enough for importance
 
     minimize = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=1))
     minimize.optimize(lambda t: (t.suggest_float("x", -2, 2) - 0.5) ** 2, n_trials=6)
@@ -227,6 +227,90 @@ def test_plot_all_bundle_marks_the_bundles_threshold_and_keeps_the_historys(tmp_
     plots.plot_all_bundle(FRAMES["normal"], HISTORIES["full"], tmp_path, threshold=0.5)
     assert not [m for m in messages if "epoch history" in m]
     assert seen == {"threshold": 0.5}
+
+
+def _messages(monkeypatch) -> list[str]:
+    messages: list[str] = []
+    real = plots._message_figure
+    monkeypatch.setattr(
+        plots, "_message_figure", lambda path, title, message: messages.append(message) or real(path, title, message)
+    )
+    return messages
+
+
+def test_param_importance_is_not_computed_from_a_handful_of_trials(studies, tmp_path: Path, monkeypatch) -> None:
+    # The demo's 6 trials gave fANOVA bars printed to two decimals.
+    messages = _messages(monkeypatch)
+    few = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    few.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1) / 10, n_trials=6)
+    plots.plot_param_importance(few, tmp_path / "few.png")
+    assert len(messages) == 1 and f"fewer than {plots.MIN_TRIALS_FOR_IMPORTANCE}" in messages[0]
+    plots.plot_param_importance(studies["normal"], tmp_path / "enough.png")  # 12 complete trials: bars
+    assert len(messages) == 1
+
+
+def _stored_sweep() -> tuple[optuna.Study, pd.DataFrame]:
+    """What a sweep leaves: a study holding each trial's last report, and the leaderboard with the best epoch."""
+    stored = optuna.create_study(direction="maximize", study_name="s")
+    for value in (0.52, 0.58, 0.50, 0.55):
+        trial = stored.ask({"train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
+        stored.tell(trial, value)
+    board = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c"],
+            "status": ["TERMINATED", "TERMINATED", "ERROR"],
+            "stop_reason": ["completed", "early_stopped (asha)", "error: boom"],
+            "epochs": [8, 2, 1],
+            "train.lr": [t.params["train.lr"] for t in stored.trials[:3]],
+            "val_auc_best": [0.61, 0.58, None],
+            "val_auc_last": [0.52, 0.58, None],
+        }
+    )  # the fourth trial was asked for but never started: not on the leaderboard
+    return stored, board
+
+
+def test_plotted_study_shows_each_trial_at_its_best_epoch() -> None:
+    # The stored study holds the last report: the demo's exported trial (best epoch 0.601) was drawn at 0.516.
+    from mammo_ray import config, tune
+
+    stored, board = _stored_sweep()
+    cfg = config.load("demo")
+    cfg.space = {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}}
+    view = tune.plotted_study(stored, board, cfg)
+    assert view.metric_names == ["val_auc"]
+    states = [t.state for t in view.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
+    assert [t.values[0] for t in view.trials[:2]] == [0.61, 0.58]
+    assert [t.user_attrs["epochs"] for t in view.trials] == [8, 2, 1]
+    assert [t.user_attrs["exported"] for t in view.trials] == [True, False, False]
+    assert [t.params for t in view.trials] == [t.params for t in stored.trials[:3]]
+    assert len(stored.trials) == 4  # the stored study is left as it was
+
+
+def test_sweep_plots_of_the_best_epochs_name_the_metric_and_the_exported_trial(tmp_path: Path, monkeypatch) -> None:
+    from mammo_ray import config, tune
+
+    stored, board = _stored_sweep()
+    cfg = config.load("demo")
+    cfg.space = {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}}
+    view = tune.plotted_study(stored, board, cfg)
+    labels: list[str] = []
+    real_save = plots._save
+
+    def save(fig, path):
+        for ax in fig.axes:
+            labels.extend([ax.get_ylabel(), ax.get_xlabel(), *(t.get_text() for t in ax.get_xticklabels())])
+            legend = ax.get_legend()
+            labels.extend(t.get_text() for t in legend.get_texts()) if legend else None
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    plots.plot_sweep_history(view, tmp_path / "h.png")
+    plots.plot_parallel_coordinates(view, tmp_path / "p.png")
+    assert "val_auc, best epoch of each trial" in labels
+    assert "val_auc (best epoch)" in labels and "train.lr (log)" in labels
+    assert labels.count("exported (best trial)") == 2
+    assert "stopped early" in labels and "objective" not in labels
 
 
 def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,23 @@ def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | st
     return location if storage.is_uri(location) else Path(location)
 
 
+def last_checkpoint(experiment: str | Path, checkpoint: str | Path) -> Path | str:
+    """The latest kept checkpoint of ``checkpoint``'s run, whose ``history.csv`` holds every epoch that ran.
+
+    Ray keeps the latest checkpoint beside the best ``checkpoints_to_keep``; a bundle of the best epoch takes its
+    curves from there, so that they show what came after the selected epoch (the demo's trial ran 8 epochs and
+    its curves stopped at the selected second). Returns ``checkpoint`` itself when no later one is kept.
+    """
+    table = find_checkpoints(experiment)
+    run = storage.name(storage.parent(str(checkpoint)))
+    mine = table[table["run"] == run] if "run" in table else table
+    epochs = pd.to_numeric(mine.get("epoch", pd.Series(dtype=float)), errors="coerce").dropna()
+    if epochs.empty:
+        return checkpoint
+    location = mine.at[epochs.idxmax(), "checkpoint"]
+    return location if storage.is_uri(location) else Path(location)
+
+
 @contextlib.contextmanager
 def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
     """The checkpoint as a local folder: itself, or a temporary copy of the files export reads.
@@ -152,8 +170,9 @@ def export_bundle(
 ) -> Path:
     """Write one checkpoint's bundle (a local folder or a URI) into the local ``out_dir``, replaced atomically.
 
-    ``history_from``: a later local checkpoint of the same run whose ``history.csv`` (every epoch that ran) goes
-    into the bundle instead of the selected checkpoint's (the epochs up to it); ``train`` passes its last one.
+    ``history_from``: a later checkpoint of the same run (local or a URI) whose ``history.csv`` (every epoch that
+    ran) goes into the bundle instead of the selected checkpoint's (the epochs up to it): ``train`` passes its last
+    one, ``tune`` and ``export`` the run's latest kept one (:func:`last_checkpoint`).
     """
     with local_checkpoint(checkpoint_dir) as local:
         return _write_bundle(
@@ -164,8 +183,25 @@ def export_bundle(
             reference_files=reference_files,
             bootstrap=bootstrap,
             sweep_info=sweep_info,
-            history_from=Path(history_from) if history_from is not None else None,
+            history_from=None if str(history_from) == str(checkpoint_dir) else history_from,
         )
+
+
+def _copy_history(checkpoint_dir: Path, history_from: str | Path | None, target: Path, epoch: Any) -> None:
+    """The run's history into the bundle: the later checkpoint's when it can be read and reaches the selected
+    epoch, else the selected checkpoint's own (the epochs up to it)."""
+    if history_from is not None and str(history_from) != str(checkpoint_dir):
+        try:
+            text = storage.read_text(storage.join(history_from, "history.csv"))
+            epochs = pd.read_csv(StringIO(text))["epoch"]
+            if epoch is None or (epochs == epoch).any():
+                target.write_text(text)
+                return
+        except (OSError, KeyError, ValueError, pd.errors.ParserError) as err:  # removed since (num_to_keep), damaged
+            log.warning(
+                "history of %s not read (%s); the bundle's stops at its epoch", storage.public(history_from), err
+            )
+    shutil.copy2(checkpoint_dir / "history.csv", target)
 
 
 def _write_bundle(
@@ -177,7 +213,7 @@ def _write_bundle(
     reference_files: bool,
     bootstrap: int,
     sweep_info: dict | None,
-    history_from: Path | None = None,
+    history_from: str | Path | None = None,
 ) -> Path:
     from mammo_ray import metrics, plots, predict
 
@@ -196,8 +232,8 @@ def _write_bundle(
     try:
         for name in ("model.safetensors", "config.yaml"):
             shutil.copy2(checkpoint_dir / name, staging / name)
-        shutil.copy2((history_from or checkpoint_dir) / "history.csv", staging / "history.csv")
         report = json.loads((checkpoint_dir / "report.json").read_text())
+        _copy_history(checkpoint_dir, history_from, staging / "history.csv", report.get("epoch"))
         val = pd.read_csv(
             checkpoint_dir / "val_predictions.csv", dtype={c: str for c in predict.PREDICTION_COLUMNS[:6]}
         )
@@ -229,7 +265,9 @@ def _write_bundle(
         io.atomic_write_json(staging / "metrics.json", _json_ready(results))
         io.atomic_write_json(staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold)))
         history = pd.read_csv(staging / "history.csv")
-        plots.plot_all_bundle(val, history, staging / "plots", threshold=trial_cfg.train.threshold)
+        plots.plot_all_bundle(
+            val, history, staging / "plots", threshold=trial_cfg.train.threshold, selected_epoch=report.get("epoch")
+        )
         if test is not None and not test.empty:
             plots.plot_roc(test, staging / "plots" / "roc_test.png", threshold=trial_cfg.train.threshold, split="test")
         (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
@@ -599,7 +637,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        export_bundle(checkpoint, out, frames=frames or None, bootstrap=args.bootstrap, sweep_info={"metric": metric})
+        export_bundle(
+            checkpoint,
+            out,
+            frames=frames or None,
+            bootstrap=args.bootstrap,
+            sweep_info={"metric": metric},
+            history_from=last_checkpoint(experiment, checkpoint),
+        )
     except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input
         print(f"error: {err}", file=sys.stderr)
         return 2

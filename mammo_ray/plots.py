@@ -189,12 +189,14 @@ def plot_roc(
     return _save(fig, path)
 
 
-def plot_curves(history: pd.DataFrame | None, path: str | Path) -> Path:
-    """Loss and AUC per epoch, training and validation.
+def plot_curves(history: pd.DataFrame | None, path: str | Path, *, selected_epoch: int | None = None) -> Path:
+    """Loss and AUC per epoch, training and validation, with the exported epoch marked.
 
     Args:
         history: One row per epoch: ``epoch, train_loss, val_loss, val_auc`` and optionally ``train_auc``.
         path: PNG to write.
+        selected_epoch: The epoch whose weights the bundle holds (by ``search.metric``); a dashed line on both
+            panels. Without it the best validation AUC is starred.
 
     Returns:
         ``path``.
@@ -204,7 +206,9 @@ def plot_curves(history: pd.DataFrame | None, path: str | Path) -> Path:
     epochs = pd.to_numeric(history["epoch"], errors="coerce").to_numpy(dtype=float)
     fig, (ax_loss, ax_auc) = _figure(2)
     panels = [
-        (ax_loss, "loss", [("train_loss", "train"), ("val_loss", "validation")]),
+        # Training batches come from the sampler (class-balanced or not), validation from every image, so the two
+        # losses are not on the same class mix.
+        (ax_loss, "loss", [("train_loss", "train (sampled batches)"), ("val_loss", "validation (all images)")]),
         (ax_auc, "AUC", [("train_auc", "train"), ("val_auc", "validation")]),
     ]
     for ax, quantity, series in panels:
@@ -224,16 +228,19 @@ def plot_curves(history: pd.DataFrame | None, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     val_auc = _finite_column(history, "val_auc")
     if val_auc is not None and np.isfinite(val_auc).any():
-        best = int(np.nanargmax(val_auc))
-        ax_auc.plot(
-            epochs[best],
-            val_auc[best],
-            "*",
-            markersize=12,
-            color="gold",
-            markeredgecolor="black",
-            label=f"best validation AUC {val_auc[best]:.3f} (epoch {epochs[best]:g})",
-        )
+        _chance_line(ax_auc, "auc")
+        low, high = ax_auc.get_ylim()
+        ax_auc.set_ylim(min(low, 0.45), max(high, 0.55))  # a rise of 0.03 is not drawn as a cliff
+        chosen = np.flatnonzero(epochs == selected_epoch) if selected_epoch is not None else np.array([], dtype=int)
+        if chosen.size:
+            at = int(chosen[0])
+            for ax in (ax_loss, ax_auc):
+                ax.axvline(epochs[at], color="grey", linestyle="--", linewidth=1)
+            label = f"exported epoch {epochs[at]:g}: validation AUC {val_auc[at]:.3f}"
+        else:
+            at = int(np.nanargmax(val_auc))
+            label = f"best validation AUC {val_auc[at]:.3f} (epoch {epochs[at]:g})"
+        ax_auc.plot(epochs[at], val_auc[at], "*", markersize=12, color="gold", markeredgecolor="black", label=label)
         ax_auc.legend(fontsize=8)
     return _save(fig, path)
 
@@ -496,6 +503,7 @@ def plot_all_bundle(
     out_dir: str | Path,
     *,
     threshold: float = metrics.DEFAULT_THRESHOLD,
+    selected_epoch: int | None = None,
 ) -> list[Path]:
     """Write the bundle's plot set (``BUNDLE_PLOTS``) into ``out_dir``.
 
@@ -505,6 +513,7 @@ def plot_all_bundle(
         out_dir: Folder, created when missing.
         threshold: The bundle's decision threshold (``train.threshold``), marked on the ROC. The per-epoch
             sensitivity and specificity stay at the reference's 0.3, the threshold the history records.
+        selected_epoch: The bundle's epoch, marked on the training curves.
 
     Returns:
         The written paths, in ``BUNDLE_PLOTS`` order.
@@ -512,7 +521,9 @@ def plot_all_bundle(
     out_dir = Path(out_dir)
     paths = []
     for name, plot in BUNDLE_PLOTS.items():
-        options = {"threshold": threshold} if name == "roc.png" else {}
+        options: dict[str, Any] = {"threshold": threshold} if name == "roc.png" else {}
+        if name == "curves.png":
+            options["selected_epoch"] = selected_epoch
         paths.append(plot(history if name in _HISTORY_PLOTS else frame, out_dir / name, **options))
     return paths
 

@@ -563,7 +563,12 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
     try:
         # From a URI only the files of the one best checkpoint are downloaded (to a temporary folder).
         bundle = export.export_bundle(
-            checkpoint, out_dir / "best", cfg, frames, sweep_info={"metric": cfg.search.metric}
+            checkpoint,
+            out_dir / "best",
+            cfg,
+            frames,
+            sweep_info={"metric": cfg.search.metric},
+            history_from=export.last_checkpoint(experiment, checkpoint),
         )
     except storage.StorageError as err:
         print(f"error: cannot export the best checkpoint: {err}", file=sys.stderr)

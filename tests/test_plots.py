@@ -313,6 +313,34 @@ def test_sweep_plots_of_the_best_epochs_name_the_metric_and_the_exported_trial(t
     assert "stopped early" in labels and "objective" not in labels
 
 
+def _legend_texts(monkeypatch) -> list[str]:
+    texts: list[str] = []
+    real_save = plots._save
+
+    def save(fig, path):
+        for ax in fig.axes:
+            if ax.get_legend():
+                texts.extend(t.get_text() for t in ax.get_legend().get_texts())
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("selected", "expected"),
+    [
+        (2, "exported epoch 2: validation AUC 0.620"),  # not the best AUC (0.700, epoch 4): the bundle's epoch
+        (None, "best validation AUC 0.700 (epoch 4)"),
+        (9, "best validation AUC 0.700 (epoch 4)"),  # an epoch the history does not hold
+    ],
+)
+def test_curves_mark_the_bundles_epoch(selected, expected: str, tmp_path: Path, monkeypatch) -> None:
+    texts = _legend_texts(monkeypatch)
+    plots.plot_curves(HISTORIES["full"], tmp_path / "curves.png", selected_epoch=selected)
+    assert expected in texts and "chance (AUC 0.5)" in texts
+
+
 def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> None:
     written = plots.plot_all_sweep(studies["normal"], tmp_path)
     assert [p.name for p in written] == list(plots.SWEEP_PLOTS)

@@ -255,6 +255,31 @@ def _checkpoint(folder: Path, cfg, net, optimizer, valid: pd.DataFrame, report: 
     )
 
 
+def test_export_takes_the_curves_of_every_epoch_from_the_runs_latest_checkpoint(prepared, tmp_path) -> None:
+    """The best epoch's checkpoint holds the history up to it; the run's latest (which Ray keeps) holds every epoch.
+    The demo's bundle drew 2 of its trial's 8 epochs, so the drop after the selected epoch was not shown."""
+    cfg = config.load("demo")
+    cli.apply_smoke_test(cfg)
+    net = train.model_from_config(cfg)
+    optimizer = train.build_optimizer("adamw", [{"params": list(net.parameters()), "weight_decay": 0.0}], 1e-3)
+    valid = manifest.read_manifest(prepared["folder"] / "valid.parquet", "valid")
+    reports = [{"epoch": e, "val_auc": auc, "val_loss": 0.5} for e, auc in enumerate([0.6, 0.7, 0.55, 0.52], 1)]
+    runs = tmp_path / "exp" / export.TRAIN_RUNS / "trial_a"
+    for name, upto in (("checkpoint_001", 2), ("checkpoint_003", 4), ("checkpoint_000", 1)):
+        _checkpoint(runs / name, cfg, net, optimizer, valid, reports[upto - 1], upto)
+        pd.DataFrame(reports[:upto]).to_csv(runs / name / "history.csv", index=False)
+    (tmp_path / "exp" / "config.yaml").write_text(config.dump(cfg))
+    assert export.last_checkpoint(tmp_path / "exp", runs / "checkpoint_001") == runs / "checkpoint_003"
+    out = tmp_path / "bundle"
+    assert export.main(["--experiment", str(tmp_path / "exp"), "--out", str(out), "--bootstrap", "20"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["selected"]["epoch"] == 2
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    # A latest history that does not reach the selected epoch (another run's, damaged) is not trusted.
+    pd.DataFrame(reports[2:]).to_csv(runs / "checkpoint_003" / "history.csv", index=False)
+    assert export.main(["--experiment", str(tmp_path / "exp"), "--out", str(out), "--bootstrap", "20"]) == 0
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def s3_experiment(s3, prepared, tmp_path_factory):
     """A finished sweep's layout on s3://runs/mr/exp1: two trials' checkpoints, one of them half-uploaded."""

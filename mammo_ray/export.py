@@ -111,6 +111,15 @@ def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | st
     return location if storage.is_uri(location) else Path(location)
 
 
+def trial_epochs(experiment: str | Path) -> int:
+    """Epochs evaluated across the sweep's runs, the candidates the best checkpoint was chosen from: each run's
+    latest kept checkpoint (Ray always keeps it) gives its epoch count."""
+    table = find_checkpoints(experiment)
+    if table.empty or "epoch" not in table:
+        return 0
+    return int(pd.to_numeric(table["epoch"], errors="coerce").groupby(table["run"]).max().fillna(0).sum())
+
+
 def last_checkpoint(experiment: str | Path, checkpoint: str | Path) -> Path | str:
     """The latest kept checkpoint of ``checkpoint``'s run, whose ``history.csv`` holds every epoch that ran.
 
@@ -431,14 +440,21 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
             else f"; {cfg.model.stem} stem, {cfg.model.norm} norm, not the published ConvNeXt"
         )
         + f"), {report.get('trainable_params', 'n/a')} trainable parameters, "
-        f"first {cfg.model.freeze_units} unit(s) frozen; head dropout {cfg.model.dropout:.3g}; "
+        f"first {cfg.model.freeze_units} unit(s) frozen"
+        + (" (random weights: they stay random)" if cfg.model.freeze_units and not cfg.model.pretrained else "")
+        + f"; head dropout {cfg.model.dropout:.3g}; "
         f"{'attenuation head (μ, log σ²)' if cfg.model.attenuation else 'one logit'}.",
         f"- Pretrained weights: {cfg.model.pretrained or 'none (random initialisation)'}.",
         f"- Training: {cfg.train.optimizer}, lr {cfg.train.lr:.3g}, weight decay {cfg.train.weight_decay:.3g}, "
         f"{cfg.train.schedule} schedule, loss {cfg.train.loss}, sampler {cfg.train.sampler}"
         f"{f' (positive fraction {cfg.train.positive_fraction:.2f})' if cfg.train.sampler == 'weighted' else ''}, "
         f"batch {cfg.train.batch_size} × {cfg.resources.num_workers} worker(s); selected epoch {report.get('epoch')} "
-        f"of {cfg.train.epochs}.",
+        f"of {cfg.train.epochs}"
+        + (
+            f" (an epoch is {cfg.train.epoch_length} sampled training images, not a pass over the training set)."
+            if cfg.train.epoch_length
+            else "."
+        ),
         f"- Trained on: {environment.summary(report.get('environment') or {})}. The seed (train.seed "
         f"{cfg.train.seed}) repeats a run only on the same kind of hardware and the same library versions: CPU and "
         "GPU kernels round differently on different instruction sets and devices.",
@@ -446,14 +462,15 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "## Data",
     ]
     if frames:
-        lines += ["| split | images | positive images | patients | datasets |", "|---|---|---|---|---|"]
-        for role, frame in frames.items():
-            if frame is None:
-                continue
-            datasets = ", ".join(f"{k} ({v})" for k, v in frame["dataset"].value_counts().items())
-            lines.append(
-                f"| {role} | {len(frame)} | {int(frame['label'].sum())} | {frame['patient_id'].nunique()} | {datasets} |"
-            )
+        lines += [
+            "| split | images | positive images (prevalence) | patients (with cancer) | exams | datasets | vendors |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [_cohort_row(role, frame) for role, frame in frames.items() if frame is not None]
+        lines.append(
+            "\nPatients and exams are counted within their data set. The bootstrap resamples patients, so the patients "
+            "with cancer, not the positive images, bound how precise the figures below can be."
+        )
     else:
         lines.append("Split counts are in metrics.json (`n_images`, `n_positive`).")
     lines += [
@@ -466,10 +483,12 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "validation and test images are never augmented.",
         "",
         "## Metrics",
-        "95% CIs from a patient-level bootstrap (patients resampled with all their images); a CI is left out where "
-        "the split has fewer than 10 patients or more than 5% of the resamples held one class only. The spec0.90 point is the validation's threshold: on "
-        "test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
-        "sensitivity.",
+        f"95% CIs from a patient-level percentile bootstrap ({_bootstrap_text(results)}patients resampled with all "
+        "their images); a CI is left out where the split has fewer than 10 patients or more than 5% of the resamples "
+        "held one class only. The breast AUC scores each breast of an exam by the mean of its images' probabilities; "
+        "ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: on test and on each data set "
+        "it is applied as it stands, so the specificity it reaches is shown beside the sensitivity."
+        + _selection_text(results),
         "",
         "| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@0.3 | spec@0.3 | sens / spec at the spec0.90 "
         "point | ECE | Brier |",
@@ -480,8 +499,9 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         if not values:
             continue
         lines.append(_metric_row(split, values))
-        for name, sub in (values.get("by_dataset") or {}).items():
-            lines.append(_metric_row(f"{split} · {name}", sub))
+        by_dataset = values.get("by_dataset") or {}
+        if len(by_dataset) > 1:  # one data set's row would repeat the split's
+            lines += [_metric_row(f"{split} · {name}", sub) for name, sub in by_dataset.items()]
     scopes = [
         (f"{split} · {name}" if name else split, values)
         for split in ("val", "test")
@@ -507,7 +527,9 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "and 0.987 (a screening operating point), each with its validation sensitivity and specificity; they were "
         "chosen on validation data and are optimistic there. Test figures at the Youden and fixed-specificity points "
         "apply these validation thresholds (metrics.json `threshold@…`, `specificity@…`); they are not re-fitted on "
-        "the test labels.",
+        "the test labels. 0.3 is the reference script's fixed threshold, not fitted on any data."
+        + _calibration_caveat(cfg),
+        *_operating_points_table(results),
         "",
         "## Uncertainty",
         "`aleatoric` is σ² of the attenuation head (logit units) when the model has one; `epistemic` is the "
@@ -525,6 +547,75 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "",
     ]
     return "\n".join(lines)
+
+
+def _cohort_row(role: str, frame: pd.DataFrame) -> str:
+    from mammo_ray import metrics
+
+    labels = pd.to_numeric(frame["label"], errors="coerce").fillna(0).astype(bool)
+    patients = metrics.patient_key(frame)
+    exams = patients.astype(str) + "/" + frame["exam_id"].astype(str) if "exam_id" in frame else None
+    prevalence = f"{labels.mean():.1%}" if len(frame) else "n/a"
+    datasets = ", ".join(f"{k} ({v})" for k, v in frame["dataset"].value_counts().items())
+    vendors = "not recorded"
+    if "manufacturer" in frame and frame["manufacturer"].notna().any():
+        vendors = ", ".join(f"{k} ({v})" for k, v in frame["manufacturer"].fillna("unknown").value_counts().items())
+    return (
+        f"| {role} | {len(frame)} | {int(labels.sum())} ({prevalence}) | {patients.nunique()} "
+        f"({patients[labels].nunique()}) | {exams.nunique() if exams is not None else 'n/a'} | {datasets} | {vendors} |"
+    )
+
+
+def _bootstrap_text(results: dict) -> str:
+    boot = (results.get("val") or {}).get("bootstrap") or {}
+    if not boot:
+        return ""
+    return f"{boot.get('n_resamples')} resamples, seed {boot.get('seed')}; "
+
+
+def _selection_text(results: dict) -> str:
+    """How the exported checkpoint was chosen: the validation figures are the maximum of several candidates."""
+    selected = results.get("selected") or {}
+    candidates, metric = selected.get("candidates"), selected.get("metric", "the metric")
+    if not candidates or candidates < 2:
+        return ""
+    test = "; the test split was not used for any choice" if results.get("test") else ""
+    return (
+        f" The checkpoint was chosen as the best of {candidates} trial-epochs by {metric} on the validation split, "
+        f"so the validation figures are optimistic, and their intervals do not account for that choice{test}."
+    )
+
+
+def _operating_points_table(results: dict) -> list[str]:
+    rows = []
+    for split in ("val", "test"):
+        values = results.get(split) or {}
+        for point in ("youden", "spec0.90", "spec0.987"):
+            if values.get(f"threshold@{point}") is None:
+                continue
+            rows.append(
+                f"| {split} | {point} | {_fmt(values.get(f'threshold@{point}'))} | "
+                f"{_fmt(values.get(f'sensitivity@{point}'))} | {_fmt(values.get(f'specificity@{point}'))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "| split | point | threshold (from validation) | sensitivity | specificity |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _calibration_caveat(cfg: config_mod.Config) -> str:
+    if cfg.train.sampler == "simple":
+        return ""
+    share = cfg.train.positive_fraction if cfg.train.sampler == "weighted" else 0.5
+    return (
+        f" Training batches held about {share:.0%} positives (sampler {cfg.train.sampler}), far above a screening "
+        "prevalence, so `prob` overstates the risk of cancer: read it as a ranking score, or recalibrate it on data "
+        "of the intended prevalence before reading it as a probability."
+    )
 
 
 def _held_out(frames: dict | None) -> str:
@@ -642,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             frames=frames or None,
             bootstrap=args.bootstrap,
-            sweep_info={"metric": metric},
+            sweep_info={"metric": metric, "candidates": trial_epochs(experiment)},
             history_from=last_checkpoint(experiment, checkpoint),
         )
     except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input

@@ -811,7 +811,16 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
         return 1
     # The bundle is the best epoch's, but history.csv (and the curves drawn from it) covers every epoch that ran.
     last = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    bundle = export.export_bundle(best, out_dir, cfg, frames, reference_files=True, history_from=last)
+    epochs = int(pd.read_csv(Path(last or best) / "history.csv")["epoch"].max())  # the candidates it was chosen from
+    bundle = export.export_bundle(
+        best,
+        out_dir,
+        cfg,
+        frames,
+        reference_files=True,
+        history_from=last,
+        sweep_info={"metric": cfg.search.metric, "candidates": epochs},
+    )
     print(f"best epoch exported to {bundle}")
     return 0
 

@@ -555,6 +555,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
             file=sys.stderr,
         )
         return 130
+    trial_epochs = int(pd.to_numeric(board["epochs"], errors="coerce").fillna(0).sum())
     try:
         checkpoint = export.best_checkpoint(experiment, cfg.search.metric, cfg.search.mode)
     except (FileNotFoundError, ValueError, storage.StorageError) as err:
@@ -567,7 +568,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
             out_dir / "best",
             cfg,
             frames,
-            sweep_info={"metric": cfg.search.metric},
+            sweep_info={"metric": cfg.search.metric, "candidates": trial_epochs},
             history_from=export.last_checkpoint(experiment, checkpoint),
         )
     except storage.StorageError as err:
@@ -579,7 +580,6 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
     print(f"\nbest trial: {trial}, epoch {metrics['selected'].get('epoch')}")
     test = metrics.get("test") or {}
     print(f"best validation AUC: {_auc_text(metrics['val'])}")
-    trial_epochs = int(pd.to_numeric(board["epochs"], errors="coerce").fillna(0).sum())
     for line in auc_caveats(metrics["val"], trial_epochs, has_test=test.get("auc") is not None):
         print(f"  {line}")
     if test.get("auc") is not None:

@@ -842,6 +842,37 @@ def test_the_card_lists_undefined_metrics_of_each_data_set():
     assert "- val · B: `auc`: undefined: no positive cases in dataset B (n_images=4)" in card
 
 
+def test_the_card_describes_the_cohort_the_selection_and_the_operating_points():
+    """A reviewer missed prevalence, patients with cancer, exams and vendors; how many candidates the checkpoint
+    was picked from; the operating points beside the spec0.90 column; and why prob is not a risk under a
+    class-aware sampler."""
+    from mammo_ray import export, metrics
+
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(8)],
+            "patient_id": ["p1", "p1", "p2", "p2", "p3", "p3", "p1", "p4"],
+            "exam_id": ["e1", "e1", "e2", "e2", "e3", "e3", "e1", "e4"],
+            "laterality": ["L", "R"] * 4,
+            "dataset": ["A"] * 6 + ["B"] * 2,  # B's p1 is another woman than A's p1
+            "manufacturer": ["HOLOGIC"] * 5 + [None] * 3,
+            "label": [1, 0, 0, 0, 1, 0, 0, 0],
+            "prob": [0.9, 0.2, 0.7, 0.4, 0.3, 0.1, 0.5, 0.6],
+        }
+    )
+    cfg = config.load("demo", {"train.sampler": "balanced"})
+    results = {"val": metrics.compute_metrics(frame), "selected": {"metric": "val_auc", "candidates": 15}}
+    card = export.model_card(cfg, results, {"valid": frame}, {})
+    assert "| valid | 8 | 2 (25.0%) | 5 (2) | 5 | A (6), B (2) | HOLOGIC (5), unknown (3) |" in card
+    assert "best of 15 trial-epochs by val_auc" in card
+    assert "Training batches held about 50% positives (sampler balanced)" in card
+    youden = results["val"]["threshold@youden"]
+    assert f"| val | youden | {youden:.3f} |" in card
+    assert "val · A" in card  # two data sets: each gets its row
+    single = export.model_card(config.load("demo", {"train.sampler": "simple"}), results, None, {})
+    assert "Training batches held" not in single
+
+
 def test_the_card_says_what_the_test_split_was_checked_against():
     from mammo_ray import export
 

@@ -3,7 +3,9 @@
 The grayscale pipeline follows the DICOM standard, PS3.3 section C.11: the Modality LUT (C.11.1: Modality
 LUT Sequence, else Rescale Slope/Intercept), then the VOI LUT (C.11.2: VOI LUT Sequence, else Window
 Center/Width with the LINEAR, LINEAR_EXACT and SIGMOID functions of C.11.2.1.2 and C.11.2.1.3), then
-inversion of MONOCHROME1 (C.7.6.3.1.2: the minimum value is displayed white). After that the image is
+inversion of MONOCHROME1 (C.7.6.3.1.2: the minimum value is displayed white) and of MONOCHROME2 with Presentation
+LUT Shape INVERSE (C.11.6.1.2). Pixels that Pixel Padding Value marks (C.7.5.1.1.2) are left out of every
+statistic and come out black. "For processing" (raw detector) images are refused. After that the image is
 cropped to the breast (threshold plus largest connected component), flipped so that every chest wall lies on
 the left edge, resized keeping the aspect ratio and padded to H×W, as DESIGN.md "Methods → Preprocessing"
 asks. Everything stays float32 until the final uint16, so no 8-bit quantisation ever touches the pixels.
@@ -111,6 +113,13 @@ MIN_OVERSAMPLING = 1.5
 # this: enough for the breast mask (which works at 512 px), and about 1 % of the cost of a full decode.
 _PREVIEW_LONG_SIDE = 256
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# "For processing" images are raw detector data (often linear in dose, so tissue is dark) that a vendor's own
+# processing turns into the "for presentation" image; no window in them makes them look like one. They are known
+# by Presentation Intent Type (0008,0068) of the DX and MG series modules (PS3.3 C.8.11), or by the For Processing
+# SOP Classes of DX, MG and intra-oral X-ray (PS3.4 B.5).
+_FOR_PROCESSING_SOP_CLASSES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.1.3.1"}
+)
 
 
 class ImageReadError(Exception):
@@ -139,8 +148,9 @@ class Provenance:
         source_format: "dicom" or "png".
         photometric: Photometric Interpretation (e.g. MONOCHROME1/MONOCHROME2), or "PNG8"/"PNG16".
         modality_lut: "sequence", "rescale" or "none".
-        voi: "voi_lut_sequence", "window" or "percentile_fallback".
-        inverted: Whether MONOCHROME1 inversion was applied.
+        voi: "voi_lut_sequence", "window", "percentile_fallback" or "png8_identity" (an 8-bit PNG, taken as
+            already windowed: 0–255 maps to [0, 1]).
+        inverted: Whether the image was inverted: MONOCHROME1, or MONOCHROME2 with Presentation LUT Shape INVERSE.
         original_height: Rows of the decoded image.
         original_width: Columns of the decoded image.
         crop_box: (y0, x0, y1, x1) in original pixels, end-exclusive; the full image when no breast was found.
@@ -151,6 +161,10 @@ class Provenance:
         decode_reduction: JPEG 2000 resolution levels discarded at decode: 0 for every pixel, r for an image decoded
             at 1/2^r of its stored size (see ``preprocess_file``). Sizes and the crop box are in stored pixels
             either way.
+        padding_pixels: Pixels marked as padding by Pixel Padding Value (and Range Limit); they are black in the
+            output and left out of the window fallback and the breast search.
+        presentation_intent: Presentation Intent Type ("FOR PRESENTATION"); empty when the tag is absent (PNG,
+            most non-mammography files). "FOR PROCESSING" images are refused, so that value never appears.
     """
 
     source_format: str
@@ -165,6 +179,8 @@ class Provenance:
     flipped: bool
     laterality_source: str
     decode_reduction: int = 0
+    padding_pixels: int = 0
+    presentation_intent: str = ""
 
     def as_columns(self) -> dict[str, Any]:
         """Flat manifest columns, each prefixed with "prep_"; the crop box becomes four integer columns."""
@@ -481,10 +497,15 @@ def _j2k_source(ds: Dataset) -> _J2KSource | None:
     """The file as a reduced-decode candidate, or None (then it is decoded in full, as before).
 
     Candidates: JPEG 2000 (lossless or not), one frame, one unsigned grayscale component of at most 16 bits whose
-    size matches Rows×Columns, image origin at 0. Anything else (colour, signed, odd headers) is decoded in full.
+    size matches Rows×Columns, image origin at 0, no Pixel Padding Value. Anything else (colour, signed, odd
+    headers, padding) is decoded in full. Padding is known by its exact stored value, and the wavelet low-pass
+    blends it with the tissue next to it, so at reduced resolution the border of a padded area could no longer be
+    told from tissue.
     """
     try:
         if ds.file_meta.get("TransferSyntaxUID") not in (JPEG2000, JPEG2000Lossless):
+            return None
+        if "PixelPaddingValue" in ds:
             return None
         if int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0:
             return None
@@ -508,6 +529,49 @@ def _oversampling(box_shape: tuple[float, float], size: tuple[int, int]) -> floa
 # --------------------------------------------------------------------------------------------------------------
 # Grayscale pipeline (PS3.3 C.11)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _padding_mask(stored: np.ndarray, ds: Dataset | None) -> np.ndarray | None:
+    """Pixels marked as padding by Pixel Padding Value (0028,0120) and Range Limit (0028,0121); None if none.
+
+    PS3.3 C.7.5.1.1.2: padding is recognised on the stored values, before the Modality LUT, so a rescale cannot
+    move it; with a range limit every stored value between the two, inclusive and in either order, is padding.
+    Both are US or SS as Pixel Representation says.
+    """
+    if ds is None:
+        return None
+    value = _stored_tag_value(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _stored_tag_value(ds, "PixelPaddingRangeLimit")
+    low, high = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    padding = (stored >= low) & (stored <= high)
+    return padding if padding.any() else None
+
+
+def _stored_tag_value(ds: Dataset, keyword: str) -> int | None:
+    """A US-or-SS tag read as a stored pixel value, signed when Pixel Representation is 1; None if absent or bad.
+
+    pydicom cannot always tell US from SS (implicit VR files, a tag read before Pixel Representation), so the
+    16 bits are reinterpreted here, as ``_read_lut`` does for the first mapped value.
+    """
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, bytes | bytearray):  # VR UN: the raw 16 bits, little-endian as DICOM writes them
+            value = int.from_bytes(value[:2], "little") if len(value) >= 2 else None
+        elif isinstance(value, MultiValue | list | tuple):
+            value = value[0] if len(value) else None
+        if value is None or value == "":
+            return None
+        value = int(value)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+    except Exception:
+        return None
+    if signed and value >= 32768:
+        value -= 65536
+    elif not signed and value < 0:
+        value += 65536
+    return value
 
 
 def apply_modality_lut(pixels: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
@@ -540,7 +604,7 @@ def apply_modality_lut(pixels: np.ndarray, ds: Dataset | None) -> tuple[np.ndarr
     return pixels.astype(np.float32), "none"
 
 
-def apply_voi(values: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
+def apply_voi(values: np.ndarray, ds: Dataset | None, padding: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Map modality values to [0, 1] (PS3.3 C.11.2), with a percentile fallback.
 
     The first VOI LUT Sequence item wins; else the first Window Center/Width pair with its VOI LUT Function
@@ -550,14 +614,17 @@ def apply_voi(values: np.ndarray, ds: Dataset | None) -> tuple[np.ndarray, str]:
     Args:
         values: Modality values (output of ``apply_modality_lut``).
         ds: The dataset, or None (percentile fallback).
+        padding: Boolean mask of padding pixels (same shape as ``values``), left out of the percentiles.
 
     Returns:
         float32 values in [0, 1] and "voi_lut_sequence", "window" or "percentile_fallback".
     """
-    return _apply_voi(values, ds, overwrite=False)
+    return _apply_voi(values, ds, overwrite=False, padding=padding)
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset | None, overwrite: bool) -> tuple[np.ndarray, str]:
+def _apply_voi(
+    values: np.ndarray, ds: Dataset | None, overwrite: bool, padding: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
     """``apply_voi``; with ``overwrite`` a float32 ``values`` may be windowed in place (the caller owns it)."""
     if ds is not None:
         sequence = _first_item(ds, "VOILUTSequence")
@@ -575,7 +642,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset | None, overwrite: bool) -> tuple
             windowed = _window(values, center, width, function, overwrite)
             if windowed is not None:
                 return windowed, "window"
-    return _percentile_window(values, overwrite), "percentile_fallback"
+    return _percentile_window(values, overwrite, padding), "percentile_fallback"
 
 
 def _writable_float32(values: np.ndarray, overwrite: bool) -> np.ndarray:
@@ -618,16 +685,24 @@ def _window(
     return out
 
 
-def _percentile_window(values: np.ndarray, overwrite: bool = False) -> np.ndarray:
+def _percentile_window(values: np.ndarray, overwrite: bool = False, padding: np.ndarray | None = None) -> np.ndarray:
+    """Stretch the ``PERCENTILE_FALLBACK`` percentiles of the non-padding pixels to [0, 1]."""
     stride = max(1, int(math.sqrt(values.size / _PERCENTILE_SAMPLE)))
-    sample = values[::stride, ::stride] if values.ndim == 2 else values.ravel()[:: stride * stride]
-    sample = sample[np.isfinite(sample)]
+
+    def subsample(array: np.ndarray) -> np.ndarray:
+        return array[::stride, ::stride] if array.ndim == 2 else array.ravel()[:: stride * stride]
+
+    sample = subsample(values)
+    # Padding would otherwise pull the low (or high) percentile onto its own value and squeeze the tissue.
+    keep = np.isfinite(sample) if padding is None else np.isfinite(sample) & ~subsample(padding)
+    sample = sample[keep]
     if sample.size == 0:
         return np.zeros(values.shape, np.float32)
     low, high = (float(v) for v in np.percentile(sample, PERCENTILE_FALLBACK))
     if not high > low:
         # Mostly-constant images (e.g. 99.5 % background) still deserve their full range.
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        tissue = values if padding is None else values[~padding]
+        low, high = float(np.nanmin(tissue)), float(np.nanmax(tissue))
     if not high > low:
         return np.zeros(values.shape, np.float32)
     out = _writable_float32(values, overwrite)
@@ -647,11 +722,31 @@ def invert_if_monochrome1(values01: np.ndarray, photometric: str | None) -> tupl
     Returns:
         The (possibly inverted) values and whether they were inverted.
     """
-    return _invert_if_monochrome1(values01, photometric, overwrite=False)
+    return _invert(values01, _is_monochrome1(photometric), overwrite=False)
 
 
-def _invert_if_monochrome1(values01: np.ndarray, photometric: str | None, overwrite: bool) -> tuple[np.ndarray, bool]:
-    if str(photometric or "").strip().upper() == "MONOCHROME1":
+def _is_monochrome1(photometric: str | None) -> bool:
+    return str(photometric or "").strip().upper() == "MONOCHROME1"
+
+
+def _needs_inversion(photometric: str | None, ds: Dataset | None) -> bool:
+    """MONOCHROME1 (C.7.6.3.1.2), or MONOCHROME2 with Presentation LUT Shape INVERSE (C.11.6.1.2).
+
+    MONOCHROME1 is inverted once whatever the shape: the DX and MG image modules require INVERSE with MONOCHROME1
+    (C.8.11.6.1.2, "output after inversion is in P-Values"), which states the same inversion, not a second one.
+    """
+    if _is_monochrome1(photometric):
+        return True
+    if ds is None or str(photometric or "").strip().upper() != "MONOCHROME2":
+        return False
+    try:
+        return str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
+    except Exception:  # an unparsable optional tag does not make the file unusable
+        return False
+
+
+def _invert(values01: np.ndarray, invert: bool, overwrite: bool) -> tuple[np.ndarray, bool]:
+    if invert:
         if overwrite and values01.dtype == np.float32 and values01.flags.writeable:
             return np.subtract(np.float32(1.0), values01, out=values01), True
         return np.float32(1.0) - values01.astype(np.float32, copy=False), True
@@ -736,38 +831,60 @@ class _Analysis:
     found: bool
 
 
-def _analyse(img01: np.ndarray) -> _Analysis:
-    """Downsample once and find the breast; shared by the crop, the mask and the side decision."""
+def _analyse(img01: np.ndarray, padding: np.ndarray | None = None) -> _Analysis:
+    """Downsample once and find the breast; shared by the crop, the mask and the side decision.
+
+    Args:
+        img01: Image in [0, 1], bright anatomy bright.
+        padding: Boolean mask of padding pixels, or None. They are left out of the statistics (Otsu, background
+            and foreground levels) and can never be breast: a large padded area would otherwise pull Otsu's
+            threshold towards its own value, whatever that value is.
+    """
     height, width = img01.shape
     if height == 0 or width == 0:
         raise ValueError(f"empty image of shape {img01.shape}")
     long_side = max(height, width)
+    small_padding = padding
     if long_side > _MASK_LONG_SIDE:
         factor = _MASK_LONG_SIDE / long_side
         small_w, small_h = max(1, round(width * factor)), max(1, round(height * factor))
         source = np.ascontiguousarray(img01, dtype=np.float32)
         small = cv2.resize(source, (small_w, small_h), interpolation=cv2.INTER_AREA)
+        if padding is not None:
+            # A downsampled pixel is padding when most of its source pixels are (uint8 0/255: 4× less to read).
+            share = cv2.resize(
+                np.ascontiguousarray(padding).view(np.uint8) * np.uint8(255),
+                (small_w, small_h),
+                interpolation=cv2.INTER_AREA,
+            )
+            small_padding = share > 127
     else:
         small = np.array(img01, dtype=np.float32)
     np.nan_to_num(small, copy=False, nan=0.0)
     empty = np.zeros(small.shape, dtype=bool)
     analysis = _Analysis(small, empty, height / small.shape[0], width / small.shape[1], False)
-    if min(height, width) < _MIN_SIDE_FOR_MASK or float(small.max() - small.min()) < _MIN_CONTRAST:
+    tissue = small if small_padding is None else small[~small_padding]
+    if (
+        min(height, width) < _MIN_SIDE_FOR_MASK
+        or tissue.size == 0
+        or float(tissue.max() - tissue.min()) < _MIN_CONTRAST
+    ):
         return analysis
     # A 5×5 median first: pixel noise leaves pinholes in faint fat at a low threshold, and the opening below
     # would grow every pinhole into a gap the size of its kernel. The median keeps edges sharp.
     smooth = cv2.medianBlur(small, 5)
-    if float(smooth.max() - smooth.min()) < _MIN_CONTRAST:  # only isolated specks: nothing breast-sized
+    values = smooth if small_padding is None else smooth[~small_padding]
+    if float(values.max() - values.min()) < _MIN_CONTRAST:  # only isolated specks: nothing breast-sized
         return analysis
-    otsu = _otsu_threshold(smooth)
-    background = float(np.percentile(smooth[smooth <= otsu], _BACKGROUND_PERCENTILE))
-    foreground = float(np.median(smooth[smooth > otsu]))
+    otsu = _otsu_threshold(values)
+    background = float(np.percentile(values[values <= otsu], _BACKGROUND_PERCENTILE))
+    foreground = float(np.median(values[values > otsu]))
     diameter = max(3, round(_OPEN_FRACTION * max(small.shape)) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
-    strict = _largest_region(smooth, background + _STRICT_FRACTION * (foreground - background), kernel)
+    strict = _largest_region(smooth, background + _STRICT_FRACTION * (foreground - background), kernel, small_padding)
     if strict is None:
         return analysis
-    loose = _largest_region(smooth, background + _LOOSE_FRACTION * (foreground - background), kernel)
+    loose = _largest_region(smooth, background + _LOOSE_FRACTION * (foreground - background), kernel, small_padding)
     band = max(1, round(0.01 * small.shape[1]))
     mask = strict
     if loose is not None and (loose & strict).sum() >= 0.9 * strict.sum():
@@ -779,9 +896,15 @@ def _analyse(img01: np.ndarray) -> _Analysis:
     return analysis
 
 
-def _largest_region(small: np.ndarray, threshold: float, kernel: np.ndarray) -> np.ndarray | None:
-    """Largest connected region above the threshold after an opening, its edges restored, holes filled."""
-    binary = (small > threshold).astype(np.uint8)
+def _largest_region(
+    small: np.ndarray, threshold: float, kernel: np.ndarray, excluded: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Largest connected region above the threshold (outside ``excluded``) after an opening, its edges restored,
+    holes filled."""
+    above = small > threshold
+    if excluded is not None:
+        above &= ~excluded
+    binary = above.astype(np.uint8)
     core = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
     if not core.any():  # a small or thin image may vanish under the opening; use the raw threshold then
         core = binary
@@ -1054,26 +1177,55 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
 
 
+def _check_presentation_intent(ds: Dataset | None) -> str:
+    """The Presentation Intent Type ("" when absent); raises ValueError for a "for processing" image.
+
+    Such images need the vendor's processing before anyone can read them; windowed or stretched as they are,
+    the tissue comes out dark (linear-in-dose data) and the crop still reports a breast. See
+    ``_FOR_PROCESSING_SOP_CLASSES``.
+    """
+    if ds is None:
+        return ""
+    try:
+        intent = str(ds.get("PresentationIntentType") or "").strip().upper()
+        sop_class = str(ds.get("SOPClassUID") or "").strip()
+    except Exception:  # an unparsable optional tag does not make the file unusable
+        return ""
+    if intent == "FOR PROCESSING" or sop_class in _FOR_PROCESSING_SOP_CLASSES:
+        raise ValueError(
+            "'for processing' image (raw detector data: Presentation Intent Type FOR PROCESSING) is not supported; "
+            "use the 'for presentation' image of the same view"
+        )
+    return intent
+
+
 def _photometric(gray: np.ndarray, ds: Dataset | None) -> str:
     if ds is not None:
         return str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
     return {np.dtype(np.uint8): "PNG8", np.dtype(np.uint16): "PNG16"}.get(gray.dtype, "MONOCHROME2")
 
 
-def _unit_image(gray: np.ndarray, ds: Dataset | None, photometric: str) -> tuple[np.ndarray, str, str, bool]:
-    """Modality LUT, VOI (or fallback) and MONOCHROME1 inversion: the image in [0, 1], bright anatomy bright.
+def _unit_image(
+    gray: np.ndarray, ds: Dataset | None, photometric: str, padding: np.ndarray | None = None
+) -> tuple[np.ndarray, str, str, bool]:
+    """Modality LUT, VOI (or fallback) and inversion: the image in [0, 1], bright anatomy bright.
 
     The modality step always returns a new float32 array, so the VOI window and the inversion work on it in place:
     on a 13.6 Mpixel image each avoided copy saves a 54 MB allocation (about 10 ms of page faults) and a pass.
+    Padding pixels (``padding``) are set to 0 after the inversion: black, like the air around the breast, whatever
+    their stored value and the Photometric Interpretation.
     """
     values, modality = apply_modality_lut(gray, ds)
     if ds is None and photometric == "PNG8":
+        # An 8-bit PNG is taken as already windowed: no VOI step runs, and the provenance says so.
         values *= np.float32(1.0 / 255.0)
-        img01, voi = values, "window"
+        img01, voi = values, "png8_identity"
     else:
-        img01, voi = _apply_voi(values, ds, overwrite=True)
+        img01, voi = _apply_voi(values, ds, overwrite=True, padding=padding)
     del values
-    img01, inverted = _invert_if_monochrome1(img01, photometric, overwrite=True)
+    img01, inverted = _invert(img01, _needs_inversion(photometric, ds), overwrite=True)
+    if padding is not None:
+        img01[padding] = 0.0
     return img01, modality, voi, inverted
 
 
@@ -1088,9 +1240,10 @@ def preprocess_array(
 ) -> tuple[np.ndarray, Provenance]:
     """Run the whole pipeline on decoded pixels.
 
-    Steps: modality LUT, VOI (or the percentile fallback), MONOCHROME1 inversion, breast crop, flip to put the
-    chest wall on the left, aspect-preserving resize with zero padding, uint16. The mask and the side decision
-    come from one downsampled copy; the flip is applied after resizing, where it costs nothing.
+    Steps: modality LUT, VOI (or the percentile fallback), inversion (MONOCHROME1, or Presentation LUT Shape
+    INVERSE), padding to black, breast crop, flip to put the chest wall on the left, aspect-preserving resize with
+    zero padding, uint16. The mask and the side decision come from one downsampled copy; the flip is applied after
+    resizing, where it costs nothing.
 
     Args:
         pixels: Stored pixel values (as from ``decode``).
@@ -1106,6 +1259,9 @@ def preprocess_array(
 
     Returns:
         The uint16 image of shape ``size`` and its ``Provenance``.
+
+    Raises:
+        ValueError: For an empty image, a bad size, or a "for processing" image (see ``_check_presentation_intent``).
     """
     size = _check_size(size)
     gray = _to_gray(np.asarray(pixels))
@@ -1114,12 +1270,17 @@ def preprocess_array(
     ds = ds_or_none
     if decode_reduction < 0 or (decode_reduction and ds is None):
         raise ValueError(f"decode_reduction {decode_reduction} needs a dataset and must be at least 0")
+    presentation_intent = _check_presentation_intent(ds)
     photometric = photometric if photometric is not None else _photometric(gray, ds)
     if gray.dtype.kind == "f" and not np.isfinite(gray).all():
         gray = np.nan_to_num(gray, nan=0.0, posinf=0.0, neginf=0.0)
 
-    img01, modality, voi, inverted = _unit_image(gray, ds, photometric)
-    analysis = _analyse(img01)
+    # Colour pixels became luma above; padding is defined on grayscale stored values only.
+    padding = _padding_mask(gray, ds) if np.ndim(pixels) == 2 else None
+    img01, modality, voi, inverted = _unit_image(gray, ds, photometric, padding)
+    analysis = _analyse(img01, padding)
+    padding_pixels = int(np.count_nonzero(padding)) if padding is not None else 0
+    del padding
     y0, x0, y1, x1 = _crop_box(analysis, img01.shape, DEFAULT_MARGIN)
 
     given, given_by = _normalise_laterality(laterality), "argument"
@@ -1152,6 +1313,8 @@ def preprocess_array(
         flipped=flip,
         laterality_source=laterality_source,
         decode_reduction=int(decode_reduction),
+        padding_pixels=padding_pixels,
+        presentation_intent=presentation_intent,
     )
     return out, provenance
 
@@ -1178,10 +1341,15 @@ def preprocess_file(
         The uint16 image of shape ``size`` and its ``Provenance``.
 
     Raises:
-        ImageReadError: For any file that cannot be decoded or preprocessed, naming the file and the reason.
+        ImageReadError: For any file that cannot be decoded or preprocessed, naming the file and the reason; also
+            for a "for processing" image, before its pixels are decoded.
     """
     path = Path(path)
     pixels, ds = _open(path)
+    try:
+        _check_presentation_intent(ds)
+    except ValueError as exc:
+        raise ImageReadError(path, str(exc)) from exc
     source = _j2k_source(ds) if ds is not None and reduced_decode else None
     if source is not None:
         reduced = _preprocess_reduced(source, ds, size, laterality)

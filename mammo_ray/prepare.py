@@ -48,8 +48,10 @@ from mammo_ray import config as config_mod
 log = logging.getLogger(__name__)
 
 # Bump when imaging changes what it writes, so old caches are not trusted. 2: JPEG 2000 decoded at reduced
-# resolution where the output allows it (imaging.preprocess_file), prep_decode_reduction column.
-PREPROCESS_VERSION = 2
+# resolution where the output allows it (imaging.preprocess_file), prep_decode_reduction column. 3: Pixel Padding
+# Value honoured (padding black, out of the crop), Presentation LUT Shape INVERSE inverts MONOCHROME2, "for
+# processing" images refused, PNG8 voi "png8_identity"; prep_padding_pixels and prep_presentation_intent columns.
+PREPROCESS_VERSION = 3
 REPORT = "prepare_report.csv"
 SUMMARY = "prepare_summary.json"
 SMOKE_TEST_PATIENTS = 16
@@ -79,6 +81,7 @@ _INT_COLUMNS = (
     "prep_crop_y1",
     "prep_crop_x1",
     "prep_decode_reduction",
+    "prep_padding_pixels",
 )
 _BOOL_COLUMNS = ("prep_inverted", "prep_breast_found", "prep_flipped")
 

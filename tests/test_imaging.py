@@ -3,6 +3,7 @@ orientation, resizing and the degenerate inputs (1 pixel, all black, truncated a
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -474,7 +475,8 @@ def test_empty_array_is_rejected():
 
 @pytest.mark.parametrize(
     ("dtype", "mode", "photometric", "voi"),
-    [(np.uint8, "L", "PNG8", "window"), (np.uint16, "I;16", "PNG16", "percentile_fallback")],
+    # An 8-bit PNG skips the VOI step (taken as already windowed), and the provenance says so.
+    [(np.uint8, "L", "PNG8", "png8_identity"), (np.uint16, "I;16", "PNG16", "percentile_fallback")],
 )
 def test_png_roundtrip_and_preprocess(tmp_path, dtype, mode, photometric, voi):
     top = np.iinfo(dtype).max
@@ -647,6 +649,7 @@ def test_provenance_columns_are_flat_plain_values():
     )
     assert "prep_crop_box" not in columns
     assert columns["prep_laterality_source"] == "tag" and columns["prep_inverted"] is True
+    assert (columns["prep_padding_pixels"], columns["prep_presentation_intent"]) == (0, "")
     assert all(isinstance(value, str | int | bool) for value in columns.values())
 
 
@@ -897,3 +900,235 @@ def test_public_lut_steps_leave_their_input_alone():
     unit = values / 200
     imaging.invert_if_monochrome1(unit, "MONOCHROME1")
     np.testing.assert_array_equal(unit, before / 200)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel padding, Presentation LUT Shape and presentation intent
+# ----------------------------------------------------------------------------------------------------------------
+
+PHANTOM_SHAPE = (400, 320)
+# A detector corner outside the breast yet inside its crop box (the breast is at most 146 columns wide above row
+# 100 and the crop reaches about column 182), so padding shows up in the output when it is not handled.
+PADDED = np.zeros(PHANTOM_SHAPE, dtype=bool)
+PADDED[:100, 150:] = True
+
+
+def _phantom() -> np.ndarray:
+    """Stored values in the MONOCHROME2 sense: a 12-bit half-ellipse breast against the left edge, brightest at the
+    chest wall, on a background of 50."""
+    rows, cols = np.mgrid[0 : PHANTOM_SHAPE[0], 0 : PHANTOM_SHAPE[1]].astype(np.float64)
+    breast = (cols / 176) ** 2 + ((rows - 200) / 180) ** 2 < 1
+    return np.rint(np.where(breast, 800 + 2200 * (1 - cols / 176), 50.0))
+
+
+def _gray_ds(photometric="MONOCHROME2", signed=False, **tags) -> Dataset:
+    ds = Dataset()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, int(signed)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _save(ds: Dataset, stored: np.ndarray, path: Path) -> Path:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.1.2")  # MG for presentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = stored.astype("<i2" if ds.PixelRepresentation else "<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _padded_region_in_output(box, size, inset=2):
+    """Rows and columns of the output that show stored pixels of ``PADDED`` (no flip), minus an interpolation
+    inset."""
+    y0, x0, y1, x1 = box
+    scale = min(size[0] / (y1 - y0), size[1] / (x1 - x0))
+    top = (size[0] - min(size[0], round((y1 - y0) * scale))) // 2
+    rows = slice(top + inset, top + math.floor((100 - y0) * scale) - inset)
+    cols = slice(math.ceil((150 - x0) * scale) + inset, math.floor((x1 - x0) * scale) - inset)
+    return rows, cols
+
+
+def _stored(clean: np.ndarray, photometric: str, signed: bool) -> np.ndarray:
+    """The phantom as stored in 12 bits: inverted for MONOCHROME1, shifted by 2048 when signed."""
+    values = 4095 - clean if photometric == "MONOCHROME1" else clean
+    return (values - 2048 if signed else values).astype(np.int16 if signed else np.uint16)
+
+
+WINDOW = {"WindowCenter": 2048, "WindowWidth": 4096}
+SIGNED_WINDOW = {"WindowCenter": 0, "WindowWidth": 4096}
+RESCALED_WINDOW = {"RescaleSlope": 2, "RescaleIntercept": -100, "WindowCenter": 3996, "WindowWidth": 8192}
+PADDED_RANGE = np.random.default_rng(3).integers(0, 41, PHANTOM_SHAPE)  # 0..40, every value of a padded range
+
+
+@pytest.mark.parametrize(
+    ("photometric", "signed", "padded_values", "padding_tags", "lut_tags"),
+    [
+        # Padding stored as 0 in MONOCHROME1 is displayed white: it must not become the breast.
+        pytest.param("MONOCHROME1", False, 0, {"PixelPaddingValue": 0}, WINDOW, id="mono1"),
+        # Without a window the percentile fallback must not count padding either.
+        pytest.param("MONOCHROME1", False, 0, {"PixelPaddingValue": 0}, {}, id="mono1-fallback"),
+        pytest.param("MONOCHROME2", False, 4095, {"PixelPaddingValue": 4095}, WINDOW, id="mono2"),
+        pytest.param("MONOCHROME2", False, 4095, {"PixelPaddingValue": 4095}, {}, id="mono2-fallback"),
+        # A range is inclusive, and the limit may lie below the value.
+        pytest.param(
+            "MONOCHROME2",
+            False,
+            4095 - PADDED_RANGE,
+            {"PixelPaddingValue": 4095, "PixelPaddingRangeLimit": 4055},
+            WINDOW,
+            id="mono2-range",
+        ),
+        pytest.param(
+            "MONOCHROME1",
+            False,
+            PADDED_RANGE,
+            {"PixelPaddingValue": 0, "PixelPaddingRangeLimit": 40},
+            {},
+            id="mono1-range",
+        ),
+        # Signed stored values: -2048, the lowest 12-bit value, is white in MONOCHROME1.
+        pytest.param("MONOCHROME1", True, -2048, {"PixelPaddingValue": -2048}, SIGNED_WINDOW, id="signed"),
+        # The same value as pydicom hands it back when it took the tag for US: 0xF800.
+        pytest.param("MONOCHROME1", True, -2048, {"PixelPaddingValue": 0xF800}, SIGNED_WINDOW, id="signed-as-us"),
+        pytest.param("MONOCHROME2", True, 2047, {"PixelPaddingValue": 2047}, {}, id="signed-mono2-fallback"),
+        # Padding is found on the stored values, before the rescale.
+        pytest.param("MONOCHROME1", False, 0, {"PixelPaddingValue": 0}, RESCALED_WINDOW, id="rescaled"),
+    ],
+)
+def test_pixel_padding_is_black_and_not_breast(photometric, signed, padded_values, padding_tags, lut_tags):
+    """Padding (PS3.3 C.7.5.1.1.2) is black in the output and changes neither the window fallback nor the crop:
+    the result matches the same image with the padded area left as background."""
+    clean = _stored(_phantom(), photometric, signed)
+    stored = np.where(PADDED, padded_values, clean).astype(clean.dtype)
+    out, prov = imaging.preprocess_array(stored, _gray_ds(photometric, signed, **padding_tags, **lut_tags), SIZE)
+    expected_out, expected = imaging.preprocess_array(clean, _gray_ds(photometric, signed, **lut_tags), SIZE)
+    assert prov.padding_pixels == PADDED.sum() and expected.padding_pixels == 0
+    assert (prov.voi, prov.breast_found, prov.flipped) == (expected.voi, True, False)
+    assert max(abs(a - b) for a, b in zip(prov.crop_box, expected.crop_box, strict=True)) <= 4, prov.crop_box
+    rows, cols = _padded_region_in_output(prov.crop_box, SIZE)
+    assert out[rows, cols].size > 200
+    assert not out[rows, cols].any()  # black, whatever the stored value and the photometric interpretation
+    # The breast keeps its levels (the fallback's percentiles ignore the padded pixels).
+    middle = slice(SIZE[0] // 2 - 20, SIZE[0] // 2 + 20)
+    assert np.abs(out[middle, :60].astype(float) - expected_out[middle, :60]).mean() <= 0.01 * 65535
+
+
+@pytest.mark.parametrize(
+    ("photometric", "padded_value", "lut_tags"),
+    [("MONOCHROME1", 0, WINDOW), ("MONOCHROME1", 0, {}), ("MONOCHROME2", 4095, WINDOW), ("MONOCHROME2", 4095, {})],
+)
+def test_padded_area_larger_than_the_breast_does_not_move_the_crop(photometric, padded_value, lut_tags):
+    """A non-rectangular detector field padded over a third of the image: as tissue (white) it would be the
+    largest region and the crop would keep it and cut the breast away."""
+    clean = _stored(_phantom(), photometric, signed=False)
+    stored = clean.copy()
+    stored[:, 200:] = padded_value
+    _, prov = imaging.preprocess_array(stored, _gray_ds(photometric, PixelPaddingValue=padded_value, **lut_tags), SIZE)
+    _, expected = imaging.preprocess_array(clean, _gray_ds(photometric, **lut_tags), SIZE)
+    assert prov.breast_found and prov.padding_pixels == stored[:, 200:].size
+    assert max(abs(a - b) for a, b in zip(prov.crop_box, expected.crop_box, strict=True)) <= 4, prov.crop_box
+
+
+def test_signed_padding_value_survives_a_file_round_trip(tmp_path):
+    """Written as SS and read back through the decoder: the stored values and the padding tag are both signed."""
+    stored = np.where(PADDED, -2048, 2047 - _phantom()).astype(np.int16)
+    ds = _gray_ds("MONOCHROME1", signed=True, PixelPaddingValue=-2048, WindowCenter=0, WindowWidth=4096)
+    path = _save(ds, stored, tmp_path / "signed_padding.dcm")
+    pixels, read = imaging.decode(path)
+    assert pixels.min() == -2048 and read.PixelPaddingValue == -2048
+    out, prov = imaging.preprocess_file(path, SIZE)
+    assert prov.padding_pixels == PADDED.sum() and prov.breast_found
+    rows, cols = _padded_region_in_output(prov.crop_box, SIZE)
+    assert out[rows, cols].size > 200 and not out[rows, cols].any()
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [{}, {"PixelPaddingValue": 4000}, {"PixelPaddingValue": 4000, "PixelPaddingRangeLimit": 4090}],
+    ids=["no-tag", "value-not-present", "range-not-present"],
+)
+def test_padding_declared_but_unused_changes_nothing(tags):
+    stored = _phantom().astype(np.uint16)
+    expected, expected_prov = imaging.preprocess_array(stored, _gray_ds(), SIZE)
+    out, prov = imaging.preprocess_array(stored, _gray_ds(**tags), SIZE)
+    np.testing.assert_array_equal(out, expected)
+    assert prov == expected_prov and prov.padding_pixels == 0
+
+
+def test_percentile_fallback_leaves_padding_out():
+    values = np.arange(1000, dtype=np.float32).reshape(20, 50)
+    padding = np.zeros(values.shape, dtype=bool)
+    padding[:, :10] = True  # the lowest fifth of the values, as a padded strip on the left would be
+    out, voi = imaging.apply_voi(values, None, padding=padding)
+    low, high = np.percentile(values[~padding], imaging.PERCENTILE_FALLBACK)
+    assert voi == "percentile_fallback"
+    np.testing.assert_allclose(out, np.clip((values - low) / (high - low), 0, 1), atol=1e-6)
+
+
+def test_padded_jpeg2000_is_decoded_in_full(testdata):
+    """The wavelet low-pass blends padding with its neighbours, so a padded file never takes the reduced decode."""
+    ds = pydicom.dcmread(testdata / "RG3_J2KR.dcm")
+    assert imaging._j2k_source(ds) is not None
+    ds.PixelPaddingValue = 0
+    assert imaging._j2k_source(ds) is None
+
+
+@pytest.mark.parametrize(
+    ("photometric", "shape", "stored_inverted", "inverted"),
+    [
+        ("MONOCHROME2", None, False, False),
+        ("MONOCHROME2", "IDENTITY", False, False),
+        ("MONOCHROME2", "INVERSE", True, True),  # PS3.3 C.11.6.1.2: the minimum value is displayed white
+        pytest.param("MONOCHROME2", " inverse ", True, True, marks=pytest.mark.filterwarnings("ignore:Invalid value")),
+        ("MONOCHROME1", "INVERSE", True, True),  # what the DX and MG modules require: one inversion, not two
+        ("MONOCHROME1", None, True, True),
+        ("MONOCHROME1", "IDENTITY", True, True),  # not allowed with MONOCHROME1; the photometric interpretation wins
+    ],
+)
+def test_presentation_lut_shape(photometric, shape, stored_inverted, inverted):
+    clean = _phantom()
+    stored = (4095 - clean if stored_inverted else clean).astype(np.uint16)
+    tags = dict(WINDOW)
+    if shape is not None:
+        tags["PresentationLUTShape"] = shape
+    out, prov = imaging.preprocess_array(stored, _gray_ds(photometric, **tags), SIZE)
+    expected, _ = imaging.preprocess_array(clean.astype(np.uint16), _gray_ds(**WINDOW), SIZE)
+    assert prov.inverted is inverted
+    assert np.abs(out.astype(np.int64) - expected).max() <= 1  # breast bright, background black
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        {"PresentationIntentType": "FOR PROCESSING"},
+        pytest.param({"PresentationIntentType": "for processing "}, marks=pytest.mark.filterwarnings("ignore:Invalid")),
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.2.1"},  # Digital Mammography X-Ray Image Storage - For Processing
+    ],
+    ids=["intent", "intent-spelling", "sop-class"],
+)
+def test_for_processing_images_are_refused_per_file(tmp_path, tags):
+    """A per-file ImageReadError naming the file, as prepare reports it in prepare_report.csv and goes on."""
+    raw = np.exp(-_phantom() / 800) * 16000  # linear in dose: breast dark, background bright
+    path = _save(_gray_ds(**tags), raw.astype(np.uint16), tmp_path / "raw.dcm")
+    with pytest.raises(ImageReadError) as info:
+        imaging.preprocess_file(path, SIZE)
+    assert info.value.path == str(path) and "raw.dcm" in str(info.value)
+    assert "for processing" in info.value.reason and "for presentation" in info.value.reason
+    with pytest.raises(ValueError, match="for processing"):
+        imaging.preprocess_array(*imaging.decode(path), SIZE)
+
+
+@pytest.mark.parametrize(
+    ("name", "intent"), [("MG_synthetic_pixelspacing_testobject.dcm", "FOR PRESENTATION"), ("RG3_J2KR.dcm", "")]
+)
+def test_presentation_intent_is_recorded(testdata, name, intent):
+    _, prov = imaging.preprocess_file(testdata / name, SIZE)
+    assert prov.presentation_intent == intent

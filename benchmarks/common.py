@@ -227,17 +227,29 @@ def finish(
     target_ratio: float | None = None,
     extra: dict[str, Any] | None = None,
     started: float | None = None,
+    invalid_reason: str | None = None,
 ) -> dict[str, Any]:
-    """Build the result object, print it and write it to ``out`` (when given)."""
+    """Build the result object, print it and write it to ``out`` (when given).
+
+    Args:
+        invalid_reason: why ``ratio`` does not answer the benchmark's question (an AUC condition not met, errored
+            trials); the JSON then says ``ratio_valid: false`` with this reason, and ``meets_target`` is false.
+    """
     ratio = ours / baseline if baseline and math.isfinite(baseline) and baseline > 0 else float("nan")
+    meets_target = None if target_ratio is None or not math.isfinite(ratio) else bool(ratio >= target_ratio)
+    if invalid_reason is not None:
+        meets_target = False if target_ratio is not None else None
+        print(f"{name}: the ratio does not count: {invalid_reason}", file=sys.stderr)
     result = {
         "benchmark": name,
         "ours": ours,
         "baseline": baseline,
         "ratio": ratio,
+        "ratio_valid": invalid_reason is None,
+        "ratio_invalid_reason": invalid_reason,
         "unit": unit,
         "target_ratio": target_ratio,
-        "meets_target": None if target_ratio is None or not math.isfinite(ratio) else bool(ratio >= target_ratio),
+        "meets_target": meets_target,
         **(extra or {}),
         "params": params,
         "machine": machine_info(),
@@ -245,15 +257,47 @@ def finish(
     }
     if started is not None:
         result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return write_result(result, out)
+
+
+def write_result(result: dict[str, Any], out: str | Path | None) -> dict[str, Any]:
+    """Print ``result`` as JSON and, when ``out`` is given, write it there atomically; return the cleaned object.
+
+    NaN and infinities become null (``allow_nan=False`` would catch one that slipped through: ``NaN`` is not
+    JSON), and the file is written to a temporary sibling and renamed, so a reader never sees half a result.
+    """
+    from mammo_ray.io import atomic_write_text
+
     result = _clean(result)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)
     print(text, flush=True)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        path = atomic_write_text(out, text + "\n")
         print(f"written to {path}", file=sys.stderr)
     return result
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer of at least ``minimum``, or exit code 2 with a message saying so."""
+    from mammo_ray.cli import int_at_least as parse
+
+    return parse(minimum)
+
+
+def float_at_least(minimum: float, *, strict: bool = False):
+    """An argparse ``type``: a number of at least ``minimum`` (greater than it when ``strict``), or exit code 2."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):  # NaN fails too
+            bound = "greater than" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
+        return value
+
+    return parse
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -386,7 +430,7 @@ def ray_worker_pids(pids: list[int]) -> list[int]:
 
 
 def peak_rss_mib(pid: int | None = None) -> float:
-    """Peak resident memory (VmHWM) of one live process, in MiB."""
+    """Peak resident memory (VmHWM) of one live process, in MiB (0 once it has exited: sample it while it runs)."""
     return _status_kib(pid or os.getpid(), "VmHWM") / 1024
 
 
@@ -401,6 +445,15 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks after boot), or None when it is gone: with the pid, an identity that a
+    reused pid does not share."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def self_peak_rss_mib() -> float:

@@ -60,15 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stem", default="patchify", help="model.stem: patchify or deep")
     parser.add_argument("--norm", default="layer", help="model.norm: layer or batch")
     parser.add_argument("--pool", default="avg", help="model.pool: avg, max or avgmax")
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the demo's resources.torch_threads)")
-    parser.add_argument("--steps", type=int, help="timed steps per layout (quick 4, full 12)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    positive = common.int_at_least(1)
+    parser.add_argument("--size", type=positive, nargs=2, default=[128, 96], metavar=("H", "W"))
+    parser.add_argument("--batch-size", type=positive, default=32)
+    parser.add_argument(
+        "--threads", type=positive, default=2, help="torch threads (the demo's resources.torch_threads)"
+    )
+    parser.add_argument("--steps", type=positive, help="timed steps per layout (quick 4, full 12)")
+    parser.add_argument("--warmup", type=common.int_at_least(0), default=2, help="untimed steps first")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     args.size = tuple(args.size)
-    args.steps = args.steps or (4 if args.quick else 12)
+    args.steps = (4 if args.quick else 12) if args.steps is None else args.steps
 
     import torch
 

@@ -8,9 +8,10 @@ step with ``model.param_groups``. Inputs are one random batch kept on the GPU: t
 the GPU, not the data pipeline (``ingest.py`` measures that).
 
 FLOPs of one training step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``
-on the eager model, with a grouped-convolution fix for its backward formula (see ``_conv_backward_flops``); MFU = FLOPs per image × images/s / the GPU's peak dense bf16 FLOP/s from a small table
-(H100 SXM and H200 989 TFLOP/s, H100 PCIe 756, A100 312, L4 121, A10G 125). The fp32 baseline's MFU is given
-against the same bf16 peak. Target for convnext_tiny at 1024×512 on one H100: at least 1,000 images/s.
+on the eager model, with a grouped-convolution fix for its backward formula (see ``_conv_backward_flops``); MFU =
+FLOPs per image × images/s / the GPU's peak dense bf16 FLOP/s from a small table (``PEAK_BF16_FLOPS``: H100 SXM,
+H200 and GH200 989 TFLOP/s, H100 NVL and H200 NVL 835, H100 PCIe 756, L40S 362, A100 312, L40 181, A10 and A10G
+125, L4 121). The fp32 baseline's MFU is given against the same bf16 peak. Target for convnext_tiny at 1024×512 on one H100: at least 1,000 images/s.
 
 Without a CUDA GPU the program prints why and exits with code 3 (``--allow-cpu`` runs the same code on the
 CPU with tiny settings, only to check the program).
@@ -21,6 +22,7 @@ CPU with tiny settings, only to check the program).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,21 +32,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 EXIT_NO_GPU = 3
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s, from the vendors' data sheets; first match wins.
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s: NVIDIA's data sheets give them "with sparsity", twice the dense
+# figure, for Hopper and Ada (H100 SXM 1,979, H100 NVL and H200 NVL 1,671, L40S 733, L40 362.1, L4 242), and dense
+# and sparse side by side for Ampere (A100 312/624, A10 125/250). A key matches whole words of the device name
+# (``torch.cuda.get_device_name``: "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA GH200 480GB", "NVIDIA L40S"),
+# so "L4" is not found in "L40S" nor "H200" in "GH200"; the first match wins, so the variants come before their
+# family. AWS publishes no tensor figure for its A10G: 125 is the A10's and may be high.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("GH200", 989e12),  # the Grace Hopper superchip's GPU, an H100/H200 SXM
     ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 125e12),
+    ("A10", 125e12),
 )
 TARGET_IMAGES_PER_S = {("convnext_tiny", (1024, 512), "H100"): 1000.0}
 
 
+def names_gpu(device_name: str, key: str) -> bool:
+    """Whether ``key`` ("H100", "L40S") appears in ``device_name`` as whole words, case aside."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", device_name.lower()) is not None
+
+
 def peak_flops(device_name: str) -> tuple[str | None, float | None]:
+    """The table's key and peak dense bf16 FLOP/s for ``device_name``, or (None, None) when it is not in the table."""
     for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
+        if names_gpu(device_name, key):
             return key, flops
     return None, None
 
@@ -100,8 +119,9 @@ def _conv_backward_flops(
     """FLOPs of ``aten.convolution_backward`` that respect groups.
 
     torch 2.15's own formula treats a grouped convolution's backward as a dense one: a depthwise 7×7 conv
-    (ConvNeXt's token mixer) is counted ``channels`` times over, which inflates a ConvNeXt training step
-    about 2.6×. Each of grad_input and grad_weight costs what the forward convolution costs.
+    (ConvNeXt's token mixer) is counted ``channels`` times over, which inflates a training step's count by a
+    factor that depends on the model's share of grouped convolutions (for convnext_tiny 2.9×, the same at
+    128×64 and 1024×512). Each of grad_input and grad_weight costs what the forward convolution costs.
     """
     from torch.utils.flop_counter import conv_flop_count
 
@@ -191,13 +211,18 @@ def measure_fitting(args, variant: dict, device, log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="convnext_tiny")
-    parser.add_argument("--size", type=int, nargs=2, default=[1024, 512], metavar=("H", "W"))
-    parser.add_argument("--batch-size", type=int, default=32)
+    positive = common.int_at_least(1)
+    parser.add_argument("--size", type=positive, nargs=2, default=[1024, 512], metavar=("H", "W"))
+    parser.add_argument("--batch-size", type=positive, default=32)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (ours)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(ours)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile (ours)")
-    parser.add_argument("--steps", type=int, help="timed steps per variant (quick 15, full 60)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first, compilation included (quick 5, full 15)")
+    parser.add_argument("--steps", type=positive, help="timed steps per variant (quick 15, full 60)")
+    parser.add_argument(
+        "--warmup",
+        type=common.int_at_least(0),
+        help="untimed steps first, compilation included (quick 5, full 15)",
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU to check the program (tiny sizes)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -226,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_NO_GPU
     args.size = tuple(args.size)
-    args.steps = args.steps or (15 if args.quick else 60)
-    args.warmup = args.warmup or (5 if args.quick else 15)
+    args.steps = (15 if args.quick else 60) if args.steps is None else args.steps
+    args.warmup = (5 if args.quick else 15) if args.warmup is None else args.warmup
     peak_name, peak = peak_flops(device_name)
     log(
         f"device {device_name}; peak bf16 {peak / 1e12:.0f} TFLOP/s ({peak_name})"
@@ -253,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             value
             for (backbone, size, gpu), value in TARGET_IMAGES_PER_S.items()
-            if backbone == args.backbone and size == args.size and gpu.lower() in device_name.lower()
+            if backbone == args.backbone and size == args.size and names_gpu(device_name, gpu)
         ),
         None,
     )

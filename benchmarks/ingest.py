@@ -76,7 +76,8 @@ def train_ingest_options():
 
 def run_ours(dataset, n_rows: int, batch_size: int, epochs: int, warmup_s: float) -> dict:
     """Warm-up epochs (at least one, and at least ``warmup_s`` seconds), then ``epochs`` timed epochs of
-    ``ceil(n / B)`` batches from a CyclingStream."""
+    ``ceil(n / B)`` batches from a CyclingStream, closed at the end even on an error: a pass left open keeps its
+    Ray Data budget until the request expires (``CyclingStream.close``), minutes into the baseline's turn."""
     import torch
 
     from mammo_ray import data
@@ -94,7 +95,10 @@ def run_ours(dataset, n_rows: int, batch_size: int, epochs: int, warmup_s: float
             images += shape[0]
         return images, shape
 
-    return _timed(epoch, epochs, warmup_s) | {"passes": stream.passes}
+    try:
+        return _timed(epoch, epochs, warmup_s) | {"passes": stream.passes}
+    finally:
+        stream.close()
 
 
 def run_baseline(loader, epochs: int, warmup_s: float) -> dict:
@@ -135,27 +139,31 @@ def _timed(epoch, epochs: int, warmup_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, help="synthetic patients (quick 60, full 400)")
-    parser.add_argument("--synth-size", type=int, nargs=2, metavar=("H", "W"), help="stored DICOM size")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="training size of the cache")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, help="timed epochs after the warm-up (quick 20, full 8)")
+    positive = common.int_at_least(1)
+    parser.add_argument("--patients", type=positive, help="synthetic patients (quick 60, full 400)")
+    parser.add_argument("--synth-size", type=positive, nargs=2, metavar=("H", "W"), help="stored DICOM size")
+    parser.add_argument("--image-size", type=positive, nargs=2, metavar=("H", "W"), help="training size of the cache")
+    parser.add_argument("--batch-size", type=positive, default=32)
+    parser.add_argument("--epochs", type=positive, help="timed epochs after the warm-up (quick 20, full 8)")
     parser.add_argument(
-        "--warmup-s", type=float, default=3.0, help="untimed warm-up per round: whole epochs, at least this long"
+        "--warmup-s",
+        type=common.float_at_least(0),
+        default=3.0,
+        help="untimed warm-up per round: whole epochs, at least this long",
     )
-    parser.add_argument("--repeats", type=int, help="alternating ours/baseline rounds (quick 3, full 3)")
-    parser.add_argument("--workers", type=int, help="Ray CPUs = DataLoader workers (default: the cores)")
+    parser.add_argument("--repeats", type=positive, help="alternating ours/baseline rounds (quick 3, full 3)")
+    parser.add_argument("--workers", type=positive, help="Ray CPUs = DataLoader workers (default: the cores)")
     parser.add_argument(
-        "--load-batch-size", type=int, default=32, help="rows per map_batches call (data.load_batch_size)"
+        "--load-batch-size", type=positive, default=32, help="rows per map_batches call (data.load_batch_size)"
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    patients = args.patients or (60 if args.quick else 400)
-    synth_size = tuple(args.synth_size or ((512, 416) if args.quick else (1024, 832)))
-    image_size = tuple(args.image_size or ((512, 256) if args.quick else (1024, 512)))
-    epochs = args.epochs or (20 if args.quick else 8)
-    repeats = args.repeats or 3
-    workers = args.workers or common.cores()
+    patients = (60 if args.quick else 400) if args.patients is None else args.patients
+    synth_size = tuple(((512, 416) if args.quick else (1024, 832)) if args.synth_size is None else args.synth_size)
+    image_size = tuple(((512, 256) if args.quick else (1024, 512)) if args.image_size is None else args.image_size)
+    epochs = (20 if args.quick else 8) if args.epochs is None else args.epochs
+    repeats = 3 if args.repeats is None else args.repeats
+    workers = common.cores() if args.workers is None else args.workers
 
     num_cpus = common.start_ray(workers)
     import torch

@@ -10,7 +10,9 @@ validation AUC is measured on held-out patients every ``--eval-every`` steps.
 
 Ours: ``--model`` (default ``convnext_atto``, the demo's backbone), with optional timm kwargs as JSON
 (``--model-kwargs '{"ls_init_value": 1.0}'``). Baseline: ``resnet10t`` (BatchNorm, max-pooling stem).
-Ratio: ours' best validation AUC minus 0.5 over the baseline's, so 1.0 means "learns it as well".
+Ratio: ours' best validation AUC minus 0.5 over the baseline's, so 1.0 means "learns it as well"; null, with
+``ratio_invalid_reason``, when the baseline did not beat chance (AUC ≤ 0.5: the quotient would be huge or flip sign)
+or did not run.
 
 Measured 2026-12-04 on the 2-core CI-size machine (``--quick``: 200 patients, 200 steps, 6×6 px square, amplitude
 1.0): resnet10t reached validation AUC 0.92 after 100 steps and 0.999 after 200; convnext_atto stayed at 0.51.
@@ -227,6 +229,15 @@ def render(patients: int, prevalence: float, size: tuple[int, int], out: tuple[i
     return np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.float32), np.asarray(groups)
 
 
+def auc_ratio(ours_auc: float, baseline_auc: float | None) -> tuple[float | None, str | None]:
+    """(ours' AUC − 0.5) / (the baseline's AUC − 0.5), or None and the reason when that quotient means nothing."""
+    if baseline_auc is None:
+        return None, "no baseline (--no-baseline)"
+    if not baseline_auc > 0.5:  # NaN too
+        return None, f"the baseline's best validation AUC {baseline_auc:.3f} is not above chance (0.5)"
+    return (ours_auc - 0.5) / (baseline_auc - 0.5), None
+
+
 def train_probe(name: str, kwargs: dict, images, labels, train_idx, valid_idx, args, stem: str = "patch") -> dict:
     import timm
     import torch
@@ -290,14 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="convnext_atto")
     parser.add_argument("--model-kwargs", default="{}", help="timm create_model kwargs as JSON")
     parser.add_argument("--baseline", default="resnet10t")
-    parser.add_argument("--patients", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=32)
+    positive = common.int_at_least(1)
+    # Three quarters of the patients train, the rest validate: two patients is the least that leaves both.
+    parser.add_argument("--patients", type=common.int_at_least(2), help="quick 200, full 600")
+    parser.add_argument("--steps", type=positive, help="quick 200, full 1000")
+    parser.add_argument("--eval-every", type=positive, default=50)
+    parser.add_argument("--batch-size", type=positive, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--square", type=int, default=6, help="lesion side in pixels at the output size")
+    parser.add_argument("--square", type=positive, default=6, help="lesion side in pixels at the output size")
     parser.add_argument("--amplitude", type=float, default=1.0, help="lesion brightness in normalised units")
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
+    parser.add_argument("--size", type=positive, nargs=2, default=[128, 96], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--stem", choices=["patch", "conv"], default="patch", help="ours: timm's stem, or mammo_ray.model.deep_stem"
@@ -336,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pool", default="avg", help="ours: timm's global_pool (avg, max, avgmax)")
     parser.add_argument(
-        "--shift", type=int, default=0, help="augment training batches: vertical flip and a random shift of ±N px"
+        "--shift",
+        type=common.int_at_least(0),
+        default=0,
+        help="augment training batches: vertical flip and a random shift of ±N px",
     )
     parser.add_argument("--no-baseline", action="store_true", help="train ours only (ratio and baseline are null)")
     parser.add_argument(
@@ -346,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         help="synthetic breast backgrounds, or white noise (std 0.5) that separates the backbone from the anatomy",
     )
     args = parser.parse_args(argv)
-    args.patients = args.patients or (200 if args.quick else 600)
-    args.steps = args.steps or (200 if args.quick else 1000)
+    started = time.perf_counter()
+    args.patients = (200 if args.quick else 600) if args.patients is None else args.patients
+    args.steps = (200 if args.quick else 1000) if args.steps is None else args.steps
 
     rng = np.random.default_rng(args.seed)
     if args.lesion == "synth":
@@ -381,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.update(norm_layer="batchnorm2d", conv_mlp=True)
     ours = train_probe(args.model, kwargs, images, labels, train_idx, valid_idx, args, stem=args.stem)
     baseline = None if args.no_baseline else train_probe(args.baseline, {}, images, labels, train_idx, valid_idx, args)
+    ratio, invalid_reason = auc_ratio(ours["best_val_auc"], None if baseline is None else baseline["best_val_auc"])
     result = {
         "benchmark": "learnability",
         "ours": ours["best_val_auc"],
         "baseline": baseline and baseline["best_val_auc"],
-        "ratio": baseline and (ours["best_val_auc"] - 0.5) / max(1e-6, baseline["best_val_auc"] - 0.5),
+        "ratio": ratio,
+        "ratio_valid": invalid_reason is None,
+        "ratio_invalid_reason": invalid_reason,
         "unit": "best validation AUC ("
         + ("cancer vs none" if args.lesion == "synth" else "square present vs absent")
         + ")",
@@ -394,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_detail": baseline,
         "machine": common.machine_info(),
         "date": common.now_iso(),
+        "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if invalid_reason is not None:
+        print(f"learnability: no ratio: {invalid_reason}", file=sys.stderr)
+    common.write_result(result, args.out)
     return 0
 
 

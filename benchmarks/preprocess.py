@@ -15,14 +15,18 @@ Both read the same files: uncompressed (Explicit VR Little Endian) and JPEG 2000
 here with pydicom (pylibjpeg-openjpeg encoder) from synthetic mammograms (``synth`` at 1024×832, cubic
 upsampled ×4, the headers of a multi-vendor archive kept: 12–16 bits stored, windows, MONOCHROME1). They
 are generated once into the bench folder. Each side runs in its own subprocess, so the peak memory of
-each is its own. For ours, Ray workers are warmed up (imports, first decode) on one image per core and
-format before the timed run; Ray's start-up is not timed. The baseline imports its libraries before timing.
+each is its own. Both sides are warmed up before timing: for ours, Ray workers process one image per core and
+format (imports, first decode); the baseline processes one image per format (its first JPEG 2000 file pays
+pydicom's plugin import). Ray's start-up is not timed.
 
 Figures: images/s per core = images / wall seconds / cores used (Ray's CPUs for ours, 1 for the
 baseline). Also reported: images per CPU-second (CPU time of every process involved, from /proc; less
-sensitive to a busy machine), per-format figures, and peak RSS (VmHWM): the baseline process, and for
-ours the largest Ray worker, the driver and the sum over the whole process tree (an upper bound that
-includes Ray's own daemons).
+sensitive to a busy machine), per-format figures, and peak RSS (VmHWM). The headline memory figures are
+``ours_peak_rss_total_mib``, the driver's peak plus every Ray worker's own peak (a sum of peaks reached at
+different times, so an upper bound on what ours held at once; Ray's daemons excluded), and
+``baseline_peak_rss_mib``, the baseline's one process. ``peak_rss_mib`` details ours: the largest Ray worker, the
+driver and the sum over the whole process tree (which includes Ray's own daemons). A background sampler reads
+every process's VmHWM every 0.25 s during the timed run and keeps it after the process exits.
 
     python benchmarks/preprocess.py --quick --out preprocess.json
 """
@@ -145,18 +149,39 @@ def _manifest_table(rows: list[dict]):
 
 
 class TreeSampler:
-    """Samples the summed RSS of a process tree every ``interval`` seconds in a background thread."""
+    """Samples this process tree every ``interval`` seconds in a background thread: the peak of its summed RSS,
+    and each process's own peak (VmHWM), kept after the process exits.
+
+    A Ray worker that exits before the run ends (Ray ends idle workers) would otherwise drop out of the peaks
+    read at the end. Its last sample is up to ``interval`` old, so growth just before it exits can be missed.
+    """
 
     def __init__(self, interval: float = 0.25):
         self.interval = interval
         self.peak_mib = 0.0
+        # (pid, start time) -> peak MiB; the start time tells a reused pid from the process it replaced.
+        self.process_peaks_mib: dict[tuple[int, int], float] = {}
+        self.ray_workers: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        """One sample of every process in the tree (the thread calls it; call it once more at the end)."""
+        pids = common.process_tree()
+        self.peak_mib = max(self.peak_mib, sum(common.rss_mib(pid) for pid in pids))
+        workers = set(common.ray_worker_pids(pids))
+        for pid in pids:
+            started = common.start_ticks(pid)
+            if started is None:  # exited since the tree was read
+                continue
+            key = (pid, started)
+            self.process_peaks_mib[key] = max(self.process_peaks_mib.get(key, 0.0), common.peak_rss_mib(pid))
+            if pid in workers:
+                self.ray_workers.add(key)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(common.rss_mib(pid) for pid in common.process_tree())
-            self.peak_mib = max(self.peak_mib, total)
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeSampler:
@@ -166,6 +191,7 @@ class TreeSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
 
 
 def child_ours(tables: dict[str, list[dict]], size: tuple[int, int], work: Path, num_cpus: int) -> dict:
@@ -201,19 +227,21 @@ def child_ours(tables: dict[str, list[dict]], size: tuple[int, int], work: Path,
                 "shards": result.shards_total,
                 "decode_reduction": frame["prep_decode_reduction"].value_counts().sort_index().to_dict(),
             }
-    tree = common.process_tree()
-    tree_after = {pid: common.cpu_seconds(pid) for pid in tree}
-    workers = common.ray_worker_pids(tree)
-    driver = os.getpid()
+    tree_after = {pid: common.cpu_seconds(pid) for pid in common.process_tree()}
+    driver = common.peak_rss_mib(os.getpid())
+    worker_peaks = [peak for key, peak in sampler.process_peaks_mib.items() if key in sampler.ray_workers]
     result = {
         "per_format": per_format,
         "num_cpus": num_cpus,
+        # Every process seen during the timed run, those that exited before its end included.
         "peak_rss_mib": {
-            "largest_ray_worker": max((common.peak_rss_mib(pid) for pid in workers), default=None),
-            "driver": common.peak_rss_mib(driver),
-            "process_tree_sum_of_peaks": sum(common.peak_rss_mib(pid) for pid in tree),
+            "largest_ray_worker": max(worker_peaks, default=None),
+            "driver": driver,
+            "ray_workers_sum_of_peaks": sum(worker_peaks),
+            "driver_and_ray_workers": driver + sum(worker_peaks),
+            "process_tree_sum_of_peaks": sum(sampler.process_peaks_mib.values()),
             "process_tree_sampled_peak": sampler.peak_mib,
-            "ray_workers": len(workers),
+            "ray_workers": len(worker_peaks),
         },
         "cpu_seconds_tree_total": sum(tree_after[pid] - tree_before.get(pid, 0.0) for pid in tree_after),
     }
@@ -236,26 +264,36 @@ def _pin_to_one_core() -> list[int] | None:
         return None
 
 
-def child_baseline(tables: dict[str, list[dict]], size: tuple[int, int], work: Path) -> dict:
+def naive_one(path: str, size: tuple[int, int], out_path: Path) -> None:
+    """The baseline's work for one file: dcmread + pixel_array, float32 min-max, PIL bilinear, 16-bit PNG."""
     import numpy as np
     import pydicom
     from PIL import Image
 
-    pinned = _pin_to_one_core()
     height, width = size
+    pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    pixels = (pixels - low) / max(high - low, 1e-6)
+    resized = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
+    out = (np.clip(np.asarray(resized), 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    Image.fromarray(out).save(out_path)
+
+
+def child_baseline(tables: dict[str, list[dict]], size: tuple[int, int], work: Path) -> dict:
+    pinned = _pin_to_one_core()
+    # Warm-up, as ours gets one: one untimed image per format, so that the first JPEG 2000 file's plugin import
+    # (pydicom loads its decoders on first use) is not timed.
+    warm_dir = work / "warmup"
+    warm_dir.mkdir(parents=True, exist_ok=True)
+    for fmt, rows in tables.items():
+        naive_one(rows[0]["path"], size, warm_dir / f"{fmt}.png")
     per_format = {}
     for fmt, rows in tables.items():
         out_dir = work / fmt
         out_dir.mkdir(parents=True, exist_ok=True)
         with common.Timer() as timer:
             for row in rows:
-                ds = pydicom.dcmread(row["path"])
-                pixels = ds.pixel_array.astype(np.float32)
-                low, high = float(pixels.min()), float(pixels.max())
-                pixels = (pixels - low) / max(high - low, 1e-6)
-                resized = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
-                out = (np.clip(np.asarray(resized), 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
-                Image.fromarray(out).save(out_dir / f"{row['image_id']}.png")
+                naive_one(row["path"], size, out_dir / f"{row['image_id']}.png")
         per_format[fmt] = {"images": len(rows), "seconds": timer.elapsed, "cpu_seconds": timer.cpu, "cached": len(rows)}
     return {
         "per_format": per_format,
@@ -327,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
         return child_main(sys.argv[2])
     parser = common.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, help="images per format (quick 6, full 48)")
-    parser.add_argument("--distinct", type=int, help="distinct files per format, cycled (quick 3, full 16)")
-    parser.add_argument("--size", type=int, nargs=2, default=[1024, 512], metavar=("H", "W"), help="output size")
-    parser.add_argument("--num-cpus", type=int, help="Ray CPUs for ours (default: the cores)")
+    positive = common.int_at_least(1)
+    parser.add_argument("--images", type=positive, help="images per format (quick 6, full 48)")
+    parser.add_argument("--distinct", type=positive, help="distinct files per format, cycled (quick 3, full 16)")
+    parser.add_argument("--size", type=positive, nargs=2, default=[1024, 512], metavar=("H", "W"), help="output size")
+    parser.add_argument("--num-cpus", type=positive, help="Ray CPUs for ours (default: the cores)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -338,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     common.set_quiet_env()
-    n_images = args.images or (6 if args.quick else 48)
-    n_base = args.distinct or (3 if args.quick else 16)
-    num_cpus = args.num_cpus or common.cores()
+    n_images = (6 if args.quick else 48) if args.images is None else args.images
+    n_base = (3 if args.quick else 16) if args.distinct is None else args.distinct
+    num_cpus = common.cores() if args.num_cpus is None else args.num_cpus
     log(f"full-field set: {n_base} distinct images per format (generated once)")
     base = full_field_set(n_base)
     tables = {fmt: work_table(base[fmt], n_images, fmt) for fmt in FORMATS}
@@ -366,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         "ours_shard_size": {fmt: f["shard_size"] for fmt, f in ours_raw["per_format"].items()},
         "ours_decode_reduction": {fmt: f["decode_reduction"] for fmt, f in ours_raw["per_format"].items()},
         "ours_warmup": "one image per core and format through prepare before timing; Ray start-up not timed",
+        "baseline_warmup": "one image per format through the same loop before timing",
+        "peak_rss": (
+            "ours_peak_rss_total_mib: driver + every Ray worker's own VmHWM (sum of peaks, Ray daemons excluded); "
+            "baseline_peak_rss_mib: the one baseline process"
+        ),
         "baseline": "one process: dcmread + pixel_array (default plugin order) -> float32 min-max -> PIL bilinear -> 16-bit PNG",
         "baseline_affinity": baseline_raw.get("affinity"),
         "per_core": "images / wall s / cores used (ours: Ray CPUs, baseline: 1)",
@@ -379,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             if ours["images_per_cpu_second"] and baseline["images_per_cpu_second"]
             else None
         ),
+        "ours_peak_rss_total_mib": ours_raw["peak_rss_mib"]["driver_and_ray_workers"],
+        "baseline_peak_rss_mib": baseline_raw["peak_rss_mib"]["process"],
         "peak_rss_mib": {"ours": ours_raw["peak_rss_mib"], "baseline": baseline_raw["peak_rss_mib"]},
     }
     common.finish(

@@ -11,8 +11,11 @@ under separate ``--name``s in a temporary results folder:
 Trial-epochs are counted from each sweep's ``leaderboard.csv`` (``epochs`` column: the epochs each trial
 reported). The headline is trials per trial-epoch, so that ``ratio`` = ours/baseline = trial-epochs of the
 random search / trial-epochs of ours (higher is better). The JSON also holds both best validation AUCs
-(``val_auc_best``) and whether ours is within 0.01 of random's best. On the small quick set the AUCs are
-noisy; the quick mode checks the mechanics, the full mode gives the figure.
+(``val_auc_best``) and whether ours is within 0.01 of random's best. The ratio counts only when it is
+(``ratio_valid``): ours' best AUC is no more than 0.01 below random's, and no trial on either side errored (an
+errored trial's few epochs would pass for cheap ones); otherwise ``ratio_invalid_reason`` says why and
+``meets_target`` is false. On the small quick set the AUCs are noisy; the quick mode checks the mechanics, the
+full mode gives the figure.
 
     python benchmarks/sweep_efficiency.py --quick --out sweep_efficiency.json
 """
@@ -68,30 +71,59 @@ def run_sweep(
     }
 
 
+def ratio_invalid_reason(ours: dict, baseline: dict, within: bool | None) -> str | None:
+    """Why the trial-epoch ratio does not count, or None when it does.
+
+    The requirement compares trial-epochs only when ours' best AUC is no more than ``AUC_TOLERANCE`` below random's;
+    an errored trial stops after few epochs and would pass for a cheap one, on either side.
+    """
+    reasons = []
+    if within is None:
+        reasons.append(
+            f"no best validation AUC to compare (ours {ours['best_val_auc']}, random {baseline['best_val_auc']})"
+        )
+    elif not within:
+        reasons.append(
+            f"ours' best validation AUC {ours['best_val_auc']:.3f} is more than {AUC_TOLERANCE} below "
+            f"random's {baseline['best_val_auc']:.3f}"
+        )
+    for label, sweep in (("ours", ours), ("random", baseline)):
+        if sweep["errored_trials"]:
+            reasons.append(f"{sweep['errored_trials']} of {label}'s {sweep['trials']} trials errored")
+    return "; ".join(reasons) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, help="trials per sweep (quick 4, full 16)")
-    parser.add_argument("--epochs", type=int, help="max epochs per trial (quick 4, full 8)")
-    parser.add_argument("--grace-period", type=int, help="ASHA grace period in epochs (quick 1, full 1)")
-    parser.add_argument("--reduction-factor", type=int, default=2)
-    parser.add_argument("--patients", type=int, help="synthetic patients (quick 60, full 300)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="quick 64 48, full 128 96")
-    parser.add_argument("--epoch-length", type=int, help="training images per epoch (quick 64, full 512)")
-    parser.add_argument("--batch-size", type=int, help="quick 16, full 32")
+    positive = common.int_at_least(1)
+    parser.add_argument("--trials", type=positive, help="trials per sweep (quick 4, full 16)")
+    parser.add_argument("--epochs", type=positive, help="max epochs per trial (quick 4, full 8)")
+    parser.add_argument("--grace-period", type=positive, help="ASHA grace period in epochs (quick 1, full 1)")
+    parser.add_argument("--reduction-factor", type=common.int_at_least(2), default=2)
+    parser.add_argument("--patients", type=positive, help="synthetic patients (quick 60, full 300)")
+    parser.add_argument("--image-size", type=positive, nargs=2, metavar=("H", "W"), help="quick 64 48, full 128 96")
+    parser.add_argument("--epoch-length", type=positive, help="training images per epoch (quick 64, full 512)")
+    parser.add_argument("--batch-size", type=positive, help="quick 16, full 32")
     parser.add_argument(
-        "--max-concurrent", type=int, help="concurrent trials (default: (cores - 1) // 2, at least 1; see NOTES.md)"
+        "--max-concurrent",
+        type=positive,
+        help="concurrent trials (default: (cores - 1) // 2, at least 1; see NOTES.md)",
     )
-    parser.add_argument("--timeout", type=float, help="seconds per sweep before giving up (quick 600, full 7200)")
+    parser.add_argument(
+        "--timeout",
+        type=common.float_at_least(0, strict=True),
+        help="seconds per sweep before giving up (quick 600, full 7200)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    trials = args.trials or (4 if args.quick else 16)
-    epochs = args.epochs or (4 if args.quick else 8)
-    grace = args.grace_period or 1
-    patients = args.patients or (60 if args.quick else 300)
-    image_size = tuple(args.image_size or ((64, 48) if args.quick else (128, 96)))
-    batch_size = args.batch_size or (16 if args.quick else 32)
-    epoch_length = args.epoch_length or (64 if args.quick else 512)
+    trials = (4 if args.quick else 16) if args.trials is None else args.trials
+    epochs = (4 if args.quick else 8) if args.epochs is None else args.epochs
+    grace = 1 if args.grace_period is None else args.grace_period
+    patients = (60 if args.quick else 300) if args.patients is None else args.patients
+    image_size = tuple(((64, 48) if args.quick else (128, 96)) if args.image_size is None else args.image_size)
+    batch_size = (16 if args.quick else 32) if args.batch_size is None else args.batch_size
+    epoch_length = (64 if args.quick else 512) if args.epoch_length is None else args.epoch_length
 
     num_cpus = common.start_ray(common.cores())
     manifests = common.prepared_synthetic(patients, (512, 416), image_size)
@@ -106,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "search.seed": args.seed,
         "train.seed": args.seed,
     }
-    if epoch_length:
-        overrides["train.epoch_length"] = epoch_length
+    overrides["train.epoch_length"] = epoch_length
     # Each running trial streams a training and a validation dataset per worker; on 2 cores two
     # concurrent trials leave Ray Data no whole CPU and the sweep hangs (NOTES.md "Data starvation").
-    max_concurrent = args.max_concurrent or max(1, (common.cores() - 1) // 2)
+    max_concurrent = max(1, (common.cores() - 1) // 2) if args.max_concurrent is None else args.max_concurrent
     overrides["resources.max_concurrent_trials"] = max_concurrent
-    timeout_s = args.timeout or (600.0 if args.quick else 7200.0)
+    timeout_s = (600.0 if args.quick else 7200.0) if args.timeout is None else args.timeout
     with tempfile.TemporaryDirectory(prefix="mammo-bench-sweep-") as tmp:
         results = Path(tmp) / "results"
         ours = run_sweep(
@@ -136,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{label} sweep ran {sweep['trials']} trials, expected {trials}")
     ours_best, random_best = ours["best_val_auc"], baseline["best_val_auc"]
     within = None if ours_best is None or random_best is None else bool(ours_best >= random_best - AUC_TOLERANCE)
+    invalid_reason = ratio_invalid_reason(ours, baseline, within)
     params = {
         "mode": "quick" if args.quick else "full",
         "space": "search_spaces/demo.yaml (train.lr, model.dropout, train.sampler, model.freeze_units)",
@@ -163,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     common.finish(
         "sweep_efficiency",
-        ours=trials / ours["trial_epochs"],
-        baseline=trials / baseline["trial_epochs"],
+        ours=trials / ours["trial_epochs"] if ours["trial_epochs"] else float("nan"),
+        baseline=trials / baseline["trial_epochs"] if baseline["trial_epochs"] else float("nan"),
         unit="trials per trial-epoch",
         params=params,
         out=args.out,
         target_ratio=2.0,
         extra=extra,
         started=started,
+        invalid_reason=invalid_reason,
     )
     return 0
 

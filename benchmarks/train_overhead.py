@@ -208,30 +208,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sampler", choices=["simple", "weighted", "balanced"], default="simple", help="ours' train.sampler"
     )
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="quick 128 96, full 256 192")
-    parser.add_argument("--batch-size", type=int, help="quick 16, full 32")
-    parser.add_argument("--steps", type=int, help="optimiser steps per epoch (quick 8, full 20)")
-    parser.add_argument("--epochs", type=int, help="epochs including the uncounted first one (quick 4, full 6)")
-    parser.add_argument("--patients", type=int, help="synthetic patients (quick 60, full 200)")
-    parser.add_argument("--cpus-per-worker", type=float, help="default: 1 on <= 4 cores, else half the cores")
+    positive = common.int_at_least(1)
+    parser.add_argument("--image-size", type=positive, nargs=2, metavar=("H", "W"), help="quick 128 96, full 256 192")
+    parser.add_argument("--batch-size", type=positive, help="quick 16, full 32")
+    parser.add_argument("--steps", type=positive, help="optimiser steps per epoch (quick 8, full 20)")
+    parser.add_argument(
+        "--epochs",
+        type=common.int_at_least(2),
+        help="epochs including the uncounted first one, so at least 2 (quick 4, full 6)",
+    )
+    parser.add_argument("--patients", type=positive, help="synthetic patients (quick 60, full 200)")
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=common.float_at_least(0, strict=True),
+        help="default: 1 on <= 4 cores, else half the cores",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
         "--torch-threads",
-        type=int,
+        type=common.int_at_least(0),
         default=0,
         help="resources.torch_threads of ours, and the baseline's threads (0: Ray's default for the worker)",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    image_size = tuple(args.image_size or ((128, 96) if args.quick else (256, 192)))
-    batch_size = args.batch_size or (16 if args.quick else 32)
-    steps = args.steps or (8 if args.quick else 20)
-    epochs = args.epochs or (4 if args.quick else 6)
-    if epochs < 2:
-        parser.error("--epochs must be at least 2: the first epoch is not counted")
-    patients = args.patients or (60 if args.quick else 200)
+    image_size = tuple(((128, 96) if args.quick else (256, 192)) if args.image_size is None else args.image_size)
+    batch_size = (16 if args.quick else 32) if args.batch_size is None else args.batch_size
+    steps = (8 if args.quick else 20) if args.steps is None else args.steps
+    epochs = (4 if args.quick else 6) if args.epochs is None else args.epochs
+    patients = (60 if args.quick else 200) if args.patients is None else args.patients
     n_cores = common.cores()
-    cpus_per_worker = args.cpus_per_worker or (1.0 if n_cores <= 4 else float(n_cores // 2))
+    default_cpus = 1.0 if n_cores <= 4 else float(n_cores // 2)
+    cpus_per_worker = default_cpus if args.cpus_per_worker is None else args.cpus_per_worker
     if cpus_per_worker > n_cores - 1:
         parser.error(f"--cpus-per-worker {cpus_per_worker} leaves Ray Data no CPU on {n_cores} cores (NOTES.md)")
 

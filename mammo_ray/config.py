@@ -98,7 +98,6 @@ class TrainConfig:
     threshold: float = 0.3
     mc_dropout_samples: int = 0
     tta: bool = False
-    log_every_n_steps: int = 0
 
 
 @dataclass

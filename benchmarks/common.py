@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/x.py` from a checkout without an installed package
     sys.path.insert(0, str(REPO))
 
-# Quiet Ray (NOTES.md "Quiet logs"); set before Ray starts so that every worker process inherits them.
+# Quiet Ray; set before Ray starts so that every worker process inherits them.
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -99,7 +99,7 @@ def start_ray(num_cpus: int | None = None) -> int:
     """Start a fresh local Ray instance with ``num_cpus`` (default: this machine's cores); return that number.
 
     ``address="local"`` never joins another process's cluster on a shared machine. The dashboard stays on:
-    without it Train V2's placement-group cleaner warns every second (NOTES.md).
+    without it Train V2's placement-group cleaner warns every second.
     """
     import ray
 
@@ -323,7 +323,7 @@ class Timer:
 class Watchdog:
     """Interrupts the main thread when a ``with`` block runs past ``seconds``; hard exit 90 s later.
 
-    A Ray Data pipeline starved of CPUs waits forever instead of failing (NOTES.md "Data starvation"); a
+    A Ray Data pipeline starved of CPUs waits forever instead of failing (README, "The space file", Resources); a
     benchmark should end with a message that says so rather than hang a CI job.
     """
 
@@ -336,7 +336,7 @@ class Watchdog:
         self.fired = True
         print(
             f"\nwatchdog: {self.what} ran past {self.seconds:.0f} s; interrupting. A pipeline that makes no progress "
-            "is usually Ray Data starved of CPUs (NOTES.md): lower the concurrency or the CPUs per worker.",
+            "is usually Ray Data starved of CPUs: lower the concurrency or the CPUs per worker.",
             file=sys.stderr,
             flush=True,
         )

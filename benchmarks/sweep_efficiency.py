@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-concurrent",
         type=positive,
-        help="concurrent trials (default: (cores - 1) // 2, at least 1; see NOTES.md)",
+        help="concurrent trials (default: (cores - 1) // 2, at least 1, so that Ray Data keeps a whole CPU)",
     )
     parser.add_argument(
         "--timeout",
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     overrides["train.epoch_length"] = epoch_length
     # Each running trial streams a training and a validation dataset per worker; on 2 cores two
-    # concurrent trials leave Ray Data no whole CPU and the sweep hangs (NOTES.md "Data starvation").
+    # concurrent trials leave Ray Data no whole CPU and the sweep hangs (README, "The space file", Resources).
     max_concurrent = max(1, (common.cores() - 1) // 2) if args.max_concurrent is None else args.max_concurrent
     overrides["resources.max_concurrent_trials"] = max_concurrent
     timeout_s = (600.0 if args.quick else 7200.0) if args.timeout is None else args.timeout

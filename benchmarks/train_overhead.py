@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     default_cpus = 1.0 if n_cores <= 4 else float(n_cores // 2)
     cpus_per_worker = default_cpus if args.cpus_per_worker is None else args.cpus_per_worker
     if cpus_per_worker > n_cores - 1:
-        parser.error(f"--cpus-per-worker {cpus_per_worker} leaves Ray Data no CPU on {n_cores} cores (NOTES.md)")
+        parser.error(f"--cpus-per-worker {cpus_per_worker} leaves Ray Data no CPU on {n_cores} cores")
 
     import torch
 

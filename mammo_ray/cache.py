@@ -36,6 +36,14 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+def settings_of(cache_file: str) -> dict | None:
+    """The ``settings.json`` of the cache folder that holds ``cache_file`` (local or a URI); None when unreadable."""
+    try:
+        return json.loads(storage.read_text(storage.join(storage.parent(cache_file), "settings.json")))
+    except (OSError, ValueError, storage.StorageError):
+        return None
+
+
 def encode(pixels: np.ndarray) -> bytes:
     """Compress one uint16 image, losslessly.
 

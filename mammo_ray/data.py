@@ -62,23 +62,44 @@ def resize_uint16(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def decode_rows_uint16(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool) -> np.ndarray:
-    """Pixels of a batch of manifest rows as uint16 (N, H, W), as the cache holds them."""
+def decode_rows_uint16(
+    batch: dict[str, np.ndarray],
+    image_size: tuple[int, int],
+    use_cache: bool,
+    *,
+    decode_size: tuple[int, int] | None = None,
+    reduced_decode: bool = True,
+) -> np.ndarray:
+    """Pixels of a batch of manifest rows as uint16 (N, H, W), as the cache holds them.
+
+    Files are preprocessed at ``decode_size`` (default ``image_size``) with ``reduced_decode``, then resized to
+    ``image_size`` as a cached image is: ``predict`` passes the training cache's size and decode setting, so that a
+    raw file is made the way the model's training images were (``export.preprocessing_record``).
+    """
     if use_cache and "cache_file" in batch:
         images = cache.read_images(batch)
     else:
         from mammo_ray import imaging
 
+        size = tuple(decode_size or image_size)
         images = []
         for path, laterality in zip(batch["path"], batch["laterality"], strict=True):
             side = laterality if laterality in ("L", "R") else None
-            images.append(imaging.preprocess_file(path, size=tuple(image_size), laterality=side)[0])
+            images.append(imaging.preprocess_file(path, size=size, laterality=side, reduced_decode=reduced_decode)[0])
     return np.stack([resize_uint16(img, image_size) for img in images])
 
 
-def decode_rows(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool) -> np.ndarray:
+def decode_rows(
+    batch: dict[str, np.ndarray],
+    image_size: tuple[int, int],
+    use_cache: bool,
+    *,
+    decode_size: tuple[int, int] | None = None,
+    reduced_decode: bool = True,
+) -> np.ndarray:
     """Pixels of a batch of manifest rows as float32 (N, H, W) in [0, 1]."""
-    return decode_rows_uint16(batch, image_size, use_cache).astype(np.float32) / PIXEL_SCALE
+    images = decode_rows_uint16(batch, image_size, use_cache, decode_size=decode_size, reduced_decode=reduced_decode)
+    return images.astype(np.float32) / PIXEL_SCALE
 
 
 def normalise(images01: np.ndarray) -> np.ndarray:

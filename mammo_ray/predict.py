@@ -131,13 +131,24 @@ def predict_frame(
     tta: bool = False,
     device: str = "cpu",
     progress: bool = False,
+    preprocessing: dict | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score manifest rows in this process (no Ray). Returns (predictions, failures with path and error)."""
+    """Score manifest rows in this process (no Ray). Returns (predictions, failures with path and error).
+
+    ``preprocessing``: the bundle's ``preprocessing.json`` (``size``, ``reduced_decode``): rows without a pixel cache
+    are decoded at the training cache's size and resized, as the training images were.
+    """
     import torch
 
     from mammo_ray import data, imaging, manifest
 
     use_cache = use_cache and manifest.has_cache(frame)
+    decode_options = {}
+    if preprocessing and preprocessing.get("size"):
+        decode_options = {
+            "decode_size": tuple(int(v) for v in preprocessing["size"]),
+            "reduced_decode": bool(preprocessing.get("reduced_decode", True)),
+        }
     model = model.to(device)
     predictions, failures = [], []
     rows = frame.reset_index(drop=True)
@@ -152,7 +163,7 @@ def predict_frame(
         for index, row in chunk.iterrows():
             try:
                 batch = {k: np.array([row[k]]) for k in row.index}
-                images.append(data.decode_rows(batch, image_size, use_cache)[0])
+                images.append(data.decode_rows(batch, image_size, use_cache, **decode_options)[0])
                 good.append(index)
             except (imaging.ImageReadError, OSError, ValueError) as err:
                 failures.append({"image_id": row["image_id"], "path": row.get("path", ""), "error": str(err)})
@@ -169,6 +180,23 @@ def predict_frame(
 
 # --------------------------------------------------------------------------------------------------
 # The ``predict`` command.
+
+
+def read_preprocessing(bundle: str | Path) -> dict | None:
+    """The bundle's ``preprocessing.json`` (how its training images were made), or None for an older bundle."""
+    import json
+
+    path = Path(bundle) / "preprocessing.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        size = [int(v) for v in record["size"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a preprocessing record ({err})") from err
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{path}: size must be [height, width], got {record['size']}")
+    return {**record, "size": size}
 
 
 def load_bundle(bundle: str | Path):
@@ -393,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
         net, cfg, thresholds = load_bundle(args.model)
+        preprocessing = read_preprocessing(args.model)
         name, threshold = resolve_threshold(thresholds, args.threshold, cfg.train.threshold)
         frame = _input_frame(source)
         if frame.empty:
@@ -420,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         tta=tta,
         device=device,
         progress=True,
+        preprocessing=preprocessing,
     )
     io.atomic_write_csv(out, output_frame(frame, predictions, failures, threshold, name))
     print(f"scored {len(predictions)} image(s), {len(failures)} unreadable → {out}")

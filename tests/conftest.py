@@ -59,3 +59,19 @@ def prepared_data(ray_session, synthetic_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     paths = prepare.run(table, out, size=(64, 48), fractions=(0.6, 0.2, 0.2), seed=1, progress=False)
     return {role: str(path) for role, path in paths.items()}
+
+
+def _testdata_dir() -> Path:
+    override = os.environ.get("MAMMO_RAY_TESTDATA")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dicom"
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    folder = _testdata_dir()
+    if not (folder / "MG1_J2KI.dcm").is_file():
+        pytest.fail(
+            f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
+            "set MAMMO_RAY_TESTDATA to its folder."
+        )
+    return folder

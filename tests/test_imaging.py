@@ -4,7 +4,6 @@ orientation, resizing and the degenerate inputs (1 pixel, all black, truncated a
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from pathlib import Path
 
@@ -27,22 +26,6 @@ SIZE = (256, 128)
 # breast runs from the left edge to the nipple at about column 2060.
 MG1_LABEL_BOX = (220, 2320, 720, 2840)  # y0, x0, y1, x1
 MG1_NIPPLE_X = 2000
-
-
-def _testdata_dir() -> Path:
-    override = os.environ.get("MAMMO_RAY_TESTDATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dicom"
-
-
-@pytest.fixture(scope="session")
-def testdata() -> Path:
-    folder = _testdata_dir()
-    if not (folder / "MG1_J2KI.dcm").is_file():
-        pytest.fail(
-            f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
-            "set MAMMO_RAY_TESTDATA to its folder."
-        )
-    return folder
 
 
 @pytest.fixture(scope="session")

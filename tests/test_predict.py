@@ -174,3 +174,46 @@ def test_no_breast_score_without_the_woman_and_exam(bundle, dicoms, tmp_path):
     assert run(bundle, tmp_path / "m.csv", tmp_path / "s.csv") == 0
     table = pd.read_csv(tmp_path / "s.csv")
     assert table["prob"].notna().all() and table["breast_score"].isna().all()
+
+
+def test_raw_files_are_made_as_the_training_cache_made_them(bundle, testdata, tmp_path):
+    """A bundle trained from a 256×192 cache scores a raw file the way its training images were made: preprocessed
+    at 256×192 (its JPEG 2000 level chosen for that size), then resized to the model's 64×48. Preprocessing straight
+    at 64×48 picks a coarser level and resizes once, which gives other pixels."""
+    import torch
+
+    from mammo_ray import data, imaging
+
+    source = testdata / "MG1_J2KI.dcm"
+    trained = tmp_path / "bundle"
+    shutil.copytree(bundle, trained)
+    record = {"size": [256, 192], "reduced_decode": True, "source": "the training manifest's pixel cache"}
+    (trained / "preprocessing.json").write_text(json.dumps(record))
+    assert predict.read_preprocessing(trained) == record
+
+    cached = imaging.preprocess_file(source, size=(256, 192))[0]  # what prepare --size 256 192 caches
+    as_trained = data.resize_uint16(cached, (64, 48))  # what the training loop fed the model
+    direct = imaging.preprocess_file(source, size=(64, 48))[0]
+    assert not np.array_equal(as_trained, direct)
+
+    assert run(trained, source, tmp_path / "scores.csv") == 0
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    net, _, _ = predict.load_bundle(trained)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(data.normalise(as_trained[None] / data.PIXEL_SCALE)))).item()
+    assert scores["prob"].iloc[0] == pytest.approx(expected, abs=1e-6)
+
+    assert run(bundle, source, tmp_path / "older.csv") == 0  # a bundle without the record: as before, at 64×48
+    older = pd.read_csv(tmp_path / "older.csv")["prob"].iloc[0]
+    with torch.no_grad():
+        before = torch.sigmoid(net(torch.from_numpy(data.normalise(direct[None] / data.PIXEL_SCALE)))).item()
+    assert older == pytest.approx(before, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ['{"size": [256]}', '{"reduced_decode": true}', "not json"])
+def test_a_damaged_preprocessing_record_is_named(bundle, tmp_path, text):
+    trained = tmp_path / "bundle"
+    shutil.copytree(bundle, trained)
+    (trained / "preprocessing.json").write_text(text)
+    with pytest.raises(ValueError, match="preprocessing.json"):
+        predict.read_preprocessing(trained)

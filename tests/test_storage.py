@@ -7,6 +7,7 @@ through the same code (pyarrow's GcsFileSystem) but has no local server to test 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -433,3 +434,19 @@ def test_train_refuses_its_local_out_dir_on_a_joined_multi_node_cluster(monkeypa
     assert train.run_single(config.load("demo"), {}, tmp_path / "run", address=None) == 2
     err = capsys.readouterr().err
     assert "the cluster at head:6379 has 2 nodes" in err and "use tune with --storage" in err
+
+
+def test_the_bundle_records_how_its_training_images_were_made(prepared, tmp_path) -> None:
+    """predict makes raw files at the training cache's size with its decode setting (preprocessing.json)."""
+    cfg = config.load("demo", {"data.image_size": [32, 32]})
+    train = manifest.read_manifest(prepared["folder"] / "train.parquet", "train")
+    record = export.preprocessing_record(cfg, {"train": train})
+    assert record["size"] == list(SIZE) and record["reduced_decode"] is True  # no settings.json: the rows' size
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared["folder"], copy)
+    (copy / "cache" / "settings.json").write_text(json.dumps({"size": list(SIZE), "reduced_decode": False}))
+    train = manifest.read_manifest(copy / "train.parquet", "train")
+    assert export.preprocessing_record(cfg, {"train": train})["reduced_decode"] is False  # --full-resolution-decode
+    cfg.data.use_cache = False
+    assert export.preprocessing_record(cfg, {"train": train})["size"] == [32, 32]  # decoded on the fly
+    assert "not at hand" in export.preprocessing_record(cfg, {})["source"]

@@ -296,6 +296,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported type {tp}")
 
 
+# Keys earlier versions wrote into every saved config (trial folders, checkpoints, bundles) and that no longer
+# exist: they are read and dropped, so that an earlier bundle still loads in predict and an earlier sweep resumes.
+RETIRED_KEYS = {
+    "train.log_every_n_steps": "removed 2026-12-07: no code read it",
+}
+
+
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if data is None:
         data = {}
@@ -306,6 +313,8 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in RETIRED_KEYS:
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""

@@ -503,3 +503,16 @@ def test_search_metric_must_be_reported_and_its_mode_must_pick_the_best(override
 @pytest.mark.parametrize(("metric", "mode"), list(config.SELECTION_METRICS.items()))
 def test_every_selection_metric_loads_with_its_direction(metric: str, mode: str) -> None:
     assert config.load("demo", {"search.metric": metric, "search.mode": mode}).search.metric == metric
+
+
+def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path: Path) -> None:
+    # Every bundle and trial folder written before 2026-12-07 holds train.log_every_n_steps; removing the key made
+    # predict refuse those bundles and a resumed sweep's trials fail.
+    import yaml
+
+    saved = yaml.safe_load(config.dump(config.load("demo")))
+    saved["train"]["log_every_n_steps"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert config.load(path) == config.load("demo")
+    assert "log_every_n_steps" not in config.dump(config.load(path))

@@ -165,6 +165,9 @@ class Provenance:
             output and left out of the window fallback and the breast search.
         presentation_intent: Presentation Intent Type ("FOR PRESENTATION"); empty when the tag is absent (PNG,
             most non-mammography files). "FOR PROCESSING" images are refused, so that value never appears.
+        tag_laterality: The file's own Image Laterality (else Laterality), "L" or "R"; empty when absent or neither.
+            A given laterality wins over it, so ``prepare`` counts the images where the two disagree: a table that
+            names the other breast attaches its label to the wrong one.
     """
 
     source_format: str
@@ -181,6 +184,7 @@ class Provenance:
     decode_reduction: int = 0
     padding_pixels: int = 0
     presentation_intent: str = ""
+    tag_laterality: str = ""
 
     def as_columns(self) -> dict[str, Any]:
         """Flat manifest columns, each prefixed with "prep_"; the crop box becomes four integer columns."""
@@ -1283,10 +1287,12 @@ def preprocess_array(
     del padding
     y0, x0, y1, x1 = _crop_box(analysis, img01.shape, DEFAULT_MARGIN)
 
+    tag_side = None
+    if ds is not None:
+        tag_side = _normalise_laterality(ds.get("ImageLaterality")) or _normalise_laterality(ds.get("Laterality"))
     given, given_by = _normalise_laterality(laterality), "argument"
-    if given is None and ds is not None:
-        given = _normalise_laterality(ds.get("ImageLaterality")) or _normalise_laterality(ds.get("Laterality"))
-        given_by = "tag"
+    if given is None and tag_side is not None:
+        given, given_by = tag_side, "tag"
     flip, laterality_source = _decide_flip(_side_score(analysis), given, given_by)
 
     resized = _resize_keep_aspect(img01[y0:y1, x0:x1], size)
@@ -1315,6 +1321,7 @@ def preprocess_array(
         decode_reduction=int(decode_reduction),
         padding_pixels=padding_pixels,
         presentation_intent=presentation_intent,
+        tag_laterality=tag_side or "",
     )
     return out, provenance
 

@@ -109,6 +109,7 @@ class PrepareResult:
         peak_in_flight: the most shard tasks that were running or queued at once.
         shard_size: images per shard (the last one may hold fewer).
         failed_reused: of ``n_failed``, the failures that came from reused shards (their files unchanged since).
+        laterality_disagreements: image ids whose table laterality (L/R) is not their DICOM Image Laterality.
     """
 
     paths: dict[str, Path]
@@ -126,6 +127,7 @@ class PrepareResult:
     shard_size: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     failed_reused: int = 0
+    laterality_disagreements: list[str] = field(default_factory=list)
 
     @property
     def n_cached(self) -> int:
@@ -137,6 +139,7 @@ class PrepareResult:
             "n_input": self.n_input,
             "n_failed": self.n_failed,
             "failed_reused": self.failed_reused,
+            "laterality_disagreements": len(self.laterality_disagreements),
             "shards_total": self.shards_total,
             "shards_reused": self.shards_reused,
             "shard_size": self.shard_size,
@@ -167,6 +170,12 @@ class PrepareResult:
             lines.append(f"  {role}: {path}")
         lines.append(f"  cache: {self.cache_dir} ({self.cache_bytes / 2**20:.1f} MiB{per_image})")
         lines.append(f"  report: {self.report} ({self.n_failed} file(s))")
+        if self.laterality_disagreements:
+            shown = ", ".join(self.laterality_disagreements[:5])
+            lines.append(
+                f"  {len(self.laterality_disagreements)} image(s) whose table laterality is not their DICOM Image "
+                f"Laterality ({shown}); the table's was used, and its label goes to that breast: check the source"
+            )
         if self.failed_reused:
             lines.append(
                 f"  {self.failed_reused} of the failures come from reused shards, whose files have not changed since; "
@@ -739,6 +748,13 @@ def prepare_table(
     problem = leak_message(merged)
     if problem:
         raise PrepareError(problem)
+    disagreements = laterality_disagreements(merged)
+    if disagreements:
+        log.warning(
+            "prepare: %d image(s) whose table laterality is not their DICOM Image Laterality, e.g. %s",
+            len(disagreements),
+            ", ".join(disagreements[:5]),
+        )
     duplicates = int(merged["pixel_hash"].duplicated().sum())
     if duplicates:
         log.warning("prepare: %d image(s) have the same pixels as another image of the same split", duplicates)
@@ -779,10 +795,21 @@ def prepare_table(
         shard_size=shard_size,
         failures=list(report[["path", "error"]].itertuples(index=False, name=None)),
         failed_reused=reused_failures,
+        laterality_disagreements=disagreements,
     )
     io.atomic_write_json(out / SUMMARY, result.as_dict())
     log.info("prepare: %d images cached, %d failed, %d shard(s) reused", result.n_cached, len(report), reused)
     return result
+
+
+def laterality_disagreements(frame: pd.DataFrame) -> list[str]:
+    """Image ids whose table laterality (L or R) differs from the file's own (``prep_tag_laterality``)."""
+    if "prep_tag_laterality" not in frame or "laterality" not in frame:
+        return []
+    table = frame["laterality"].astype(str).str.upper()
+    tag = frame["prep_tag_laterality"].fillna("").astype(str).str.upper()
+    differ = table.isin(["L", "R"]) & tag.isin(["L", "R"]) & (table != tag)
+    return frame.loc[differ, "image_id"].astype(str).tolist()
 
 
 def run(table: pd.DataFrame, out: str | Path, **kwargs) -> dict[str, Path]:

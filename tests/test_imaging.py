@@ -1115,3 +1115,13 @@ def test_for_processing_images_are_refused_per_file(tmp_path, tags):
 def test_presentation_intent_is_recorded(testdata, name, intent):
     _, prov = imaging.preprocess_file(testdata / name, SIZE)
     assert prov.presentation_intent == intent
+
+
+@pytest.mark.parametrize(("given", "source"), [("L", "argument"), (None, "tag")])
+def test_the_files_own_laterality_is_recorded_beside_a_given_one(testdata, given, source) -> None:
+    # The MG test object says R; a table that says L wins (unless the image contradicts it clearly), and the tag is
+    # kept so that prepare can count the disagreement.
+    _, prov = imaging.preprocess_file(testdata / "MG_synthetic_pixelspacing_testobject.dcm", (64, 48), laterality=given)
+    assert prov.tag_laterality == "R"
+    assert prov.laterality_source in (source, "tag_overridden_by_image")
+    assert imaging.preprocess_array(np.full((64, 48), 100, np.uint16), None, (32, 32))[1].tag_laterality == ""

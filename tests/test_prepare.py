@@ -690,3 +690,15 @@ def test_driver_memory_is_bounded(ray_session, synth_set, tmp_path) -> None:
         table.iloc[:12], tmp_path / "bounded", size=SIZE, shard_size=1, progress=False, max_in_flight=2
     )
     assert bounded.peak_in_flight == 2 and bounded.n_cached == 12
+
+
+def test_laterality_disagreements_between_table_and_file_are_counted() -> None:
+    frame = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c", "d", "e"],
+            "laterality": ["L", "R", "L", "U", "R"],
+            "prep_tag_laterality": ["R", "R", "", "L", None],
+        }
+    )
+    assert prepare.laterality_disagreements(frame) == ["a"]
+    assert prepare.laterality_disagreements(frame.drop(columns=["prep_tag_laterality"])) == []

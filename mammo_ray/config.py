@@ -377,7 +377,8 @@ def _check_space(space: dict[str, Any], source: str) -> None:
                 "itself; set it in the config instead"
             )
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1)
+            searchable = [k for k in keys if not k.startswith(("search.", "resources.")) and k != "name"]
+            close = difflib.get_close_matches(key, searchable, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: {where}: {key!r} is not a searchable config key{hint}")
         if not isinstance(spec, dict) or "type" not in spec:
@@ -545,6 +546,8 @@ def from_dict(data: dict[str, Any], source: str = "config", overrides: dict[str,
             space[key[len("space.") :]] = value
             merged["space"] = space
             continue
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"--set: {key} no longer exists ({RETIRED_KEYS[key]})")
         if key not in config_keys() and key != "space":
             close = difflib.get_close_matches(key, config_keys(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -85,8 +85,11 @@ def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | str:
+def best_checkpoint(experiment: str | Path, metric: str, mode: str, *, table: pd.DataFrame | None = None) -> Path | str:
     """The best checkpoint across all trials by ``metric`` (the best trial's best epoch).
+
+    ``table``: :func:`find_checkpoints` of the experiment, when the caller has listed it already (each listing
+    reads every checkpoint's report, one request each on an object store).
 
     Returns:
         The checkpoint folder: a ``Path`` for a local experiment, a URI string for one on an object store.
@@ -96,7 +99,7 @@ def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | st
         StorageError: the experiment cannot be listed.
     """
     shown = storage.public(experiment)
-    table = find_checkpoints(experiment)
+    table = find_checkpoints(experiment) if table is None else table
     if table.empty:
         raise FileNotFoundError(f"{shown}: no finished checkpoints under {TRAIN_RUNS}/")
     if metric not in table.columns:
@@ -111,23 +114,23 @@ def best_checkpoint(experiment: str | Path, metric: str, mode: str) -> Path | st
     return location if storage.is_uri(location) else Path(location)
 
 
-def trial_epochs(experiment: str | Path) -> int:
+def trial_epochs(experiment: str | Path, *, table: pd.DataFrame | None = None) -> int:
     """Epochs evaluated across the sweep's runs, the candidates the best checkpoint was chosen from: each run's
     latest kept checkpoint (Ray always keeps it) gives its epoch count."""
-    table = find_checkpoints(experiment)
+    table = find_checkpoints(experiment) if table is None else table
     if table.empty or "epoch" not in table:
         return 0
     return int(pd.to_numeric(table["epoch"], errors="coerce").groupby(table["run"]).max().fillna(0).sum())
 
 
-def last_checkpoint(experiment: str | Path, checkpoint: str | Path) -> Path | str:
+def last_checkpoint(experiment: str | Path, checkpoint: str | Path, *, table: pd.DataFrame | None = None) -> Path | str:
     """The latest kept checkpoint of ``checkpoint``'s run, whose ``history.csv`` holds every epoch that ran.
 
     Ray keeps the latest checkpoint beside the best ``checkpoints_to_keep``; a bundle of the best epoch takes its
     curves from there, so that they show what came after the selected epoch (the demo's trial ran 8 epochs and
     its curves stopped at the selected second). Returns ``checkpoint`` itself when no later one is kept.
     """
-    table = find_checkpoints(experiment)
+    table = find_checkpoints(experiment) if table is None else table
     run = storage.name(storage.parent(str(checkpoint)))
     mine = table[table["run"] == run] if "run" in table else table
     epochs = pd.to_numeric(mine.get("epoch", pd.Series(dtype=float)), errors="coerce").dropna()
@@ -212,15 +215,30 @@ def preprocessing_record(cfg: config_mod.Config, frames: dict | None) -> dict[st
 
     train = (frames or {}).get("train")
     if train is not None and cfg.data.use_cache and manifest.has_cache(train) and len(train):
-        first = train.iloc[0]
-        settings = cache.settings_of(str(first["cache_file"])) or {}
-        size = settings.get("size") or [int(first["cache_height"]), int(first["cache_width"])]
-        reduced = settings.get("reduced_decode", True)
-        return {
-            "size": [int(v) for v in size],
-            "reduced_decode": bool(reduced),
+        folders = train["cache_file"].astype(str).map(lambda f: str(storage.parent(f)))
+        caches = []
+        for _, rows in train.groupby(folders, sort=False):
+            settings = cache.settings_of(str(rows["cache_file"].iloc[0])) or {}
+            size = settings.get("size") or [int(rows["cache_height"].iloc[0]), int(rows["cache_width"].iloc[0])]
+            reduced = bool(settings.get("reduced_decode", True))
+            caches.append({"size": [int(v) for v in size], "reduced_decode": reduced, "images": len(rows)})
+        distinct = {(tuple(c["size"]), c["reduced_decode"]) for c in caches}
+        main = max(caches, key=lambda c: c["images"])
+        record = {
+            "size": main["size"],
+            "reduced_decode": main["reduced_decode"],
             "source": "the training manifest's pixel cache",
         }
+        if len(distinct) > 1:
+            # Manifests prepared at different sizes or decode settings, joined: predict can follow only one.
+            log.warning(
+                "the training images come from caches made differently (%s); predict makes raw files as the largest "
+                "share was made (%s)",
+                "; ".join(f"{c['size']}, reduced decode {c['reduced_decode']}: {c['images']} images" for c in caches),
+                main["size"],
+            )
+            record["caches"] = caches
+        return record
     if train is None:
         source = "data.image_size (the training manifest was not at hand when the bundle was written)"
     else:
@@ -310,10 +328,15 @@ def _write_bundle(
         io.atomic_write_json(staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold)))
         history = pd.read_csv(staging / "history.csv")
         plots.plot_all_bundle(
-            val, history, staging / "plots", threshold=trial_cfg.train.threshold, selected_epoch=report.get("epoch")
+            val,
+            history,
+            staging / "plots",
+            threshold=trial_cfg.train.threshold,
+            selected_epoch=report.get("epoch"),
+            cuts=cuts,
         )
         if test is not None and not test.empty:
-            plots.plot_roc(test, staging / "plots" / "roc_test.png", threshold=trial_cfg.train.threshold, split="test")
+            plots.plot_test(test, staging / "plots", threshold=trial_cfg.train.threshold, cuts=cuts)
         (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
         if reference_files:
             write_reference_files(staging, trial_cfg.name, val, results["val"])
@@ -742,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = folder / "best"
         check_bundle_folder(out)
-        checkpoint = best_checkpoint(experiment, metric, mode)
+        checkpoints = find_checkpoints(experiment)
+        checkpoint = best_checkpoint(experiment, metric, mode, table=checkpoints)
         recorded = storage.join(folder, "manifests.json")  # what the sweep actually trained on (incl. synthetic)
         swept = json.loads(storage.read_text(recorded)) if storage.is_file(recorded) else {}
         frames = sweep_manifests(swept)  # the card's data table, and the held-out check below
@@ -769,8 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             out,
             frames=frames or None,
             bootstrap=args.bootstrap,
-            sweep_info={"metric": metric, "candidates": trial_epochs(experiment)},
-            history_from=last_checkpoint(experiment, checkpoint),
+            sweep_info={"metric": metric, "candidates": trial_epochs(experiment, table=checkpoints)},
+            history_from=last_checkpoint(experiment, checkpoint, table=checkpoints),
         )
     except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input
         print(f"error: {err}", file=sys.stderr)

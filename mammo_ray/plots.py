@@ -142,14 +142,17 @@ def plot_roc(
     *,
     threshold: float = metrics.DEFAULT_THRESHOLD,
     split: str = "validation",
+    cuts: dict[str, float] | None = None,
 ) -> Path:
-    """Image-level ROC overall and per dataset, AUC in the legend, the fixed threshold marked.
+    """Image-level ROC overall and per dataset, AUC in the legend, the fixed threshold and the operating points marked.
 
     Args:
         frame: Predictions frame.
         path: PNG to write.
         threshold: Operating point marked on the overall curve.
         split: Named in the title.
+        cuts: Thresholds fitted on the validation split (``metrics.operating_points``), marked where they fall on
+            this split's overall curve: on test the spec0.90 point shows the specificity it actually reaches.
 
     Returns:
         ``path``.
@@ -176,6 +179,18 @@ def plot_roc(
             ax.plot(
                 1 - spec, sens, "o", color=color, label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}"
             )
+            for (point, cut), marker in zip((cuts or {}).items(), ("s", "^", "D", "v", "P"), strict=False):
+                if cut is None or not math.isfinite(cut):
+                    continue
+                sens, spec = metrics.sens_spec_at(y, p, cut)
+                ax.plot(
+                    1 - spec,
+                    sens,
+                    marker,
+                    color="tab:orange",
+                    markeredgecolor="black",
+                    label=f"{point} (validation threshold {cut:.3f}): sens {sens:.2f}, spec {spec:.2f}",
+                )
     ax.set(
         xlim=(0, 1),
         ylim=(0, 1.01),
@@ -186,6 +201,52 @@ def plot_roc(
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_pr(frame: pd.DataFrame, path: str | Path, *, split: str = "validation") -> Path:
+    """Precision-recall curve overall and per data set, with average precision and the prevalence baseline.
+
+    A classifier without skill has precision equal to the prevalence at every recall, so PR-AUC is read against
+    that line, not against 0.5.
+
+    Returns:
+        ``path``.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    fig, (ax,) = _figure(size=(6.2, 5.6))
+    curves = [("overall", frame, OVERALL_COLOR)]
+    groups = _dataset_groups(frame)
+    curves += [(name, subset, color) for (name, subset), color in zip(groups, _colors(len(groups)), strict=True)]
+    for name, subset, color in curves:
+        y, p = _labels_probs(subset)
+        if y.size == 0 or not y.any():
+            ax.plot([], [], color=color, label=f"{name}: undefined (no positive cases, n={y.size})")
+            continue
+        precision, recall, _ = precision_recall_curve(y, p)
+        ap = metrics.pr_auc(y, p)
+        width = 2.2 if name == "overall" else 1.4
+        ax.step(
+            recall,
+            precision,
+            where="post",
+            color=color,
+            linewidth=width,
+            label=f"{name}: PR-AUC {ap:.3f} (n={y.size}, {int(y.sum())} pos)",
+        )
+        ax.axhline(
+            y.mean(), color=color, linestyle=":", linewidth=1, label=f"{name}: no skill = prevalence {y.mean():.3f}"
+        )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        title=f"Precision-recall, image level, {split}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
@@ -281,7 +342,7 @@ def plot_sens_spec(
     return _save(fig, path)
 
 
-def plot_score_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
+def plot_score_distributions(frame: pd.DataFrame, path: str | Path, *, split: str = "validation") -> Path:
     """Predicted probability by label, and by dataset (solid: negatives, dashed: positives).
 
     Histograms are normalised per group, because screening data hold few positives.
@@ -304,7 +365,7 @@ def plot_score_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
             )
         else:
             ax_label.plot([], [], color=color, label=f"{name}: none in this split")
-    ax_label.set(xlabel="predicted probability", ylabel="density", title="Scores by label", xlim=(0, 1))
+    ax_label.set(xlabel="predicted probability", ylabel="density", title=f"Scores by label, {split}", xlim=(0, 1))
     ax_label.legend(fontsize=8)
 
     datasets = _dataset_groups(frame) or [(str(frame["dataset"].iloc[0]) if "dataset" in frame else "all", frame)]
@@ -322,7 +383,7 @@ def plot_score_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
                     color=color,
                     label=f"{name} {kind} (n={int(mask.sum())})",
                 )
-    ax_dataset.set(xlabel="predicted probability", ylabel="density", title="Scores by dataset", xlim=(0, 1))
+    ax_dataset.set(xlabel="predicted probability", ylabel="density", title=f"Scores by dataset, {split}", xlim=(0, 1))
     ax_dataset.legend(fontsize=8)
     return _save(fig, path)
 
@@ -352,10 +413,20 @@ def plot_uncertainty_hist(frame: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10) -> Path:
+def _wilson(positives: np.ndarray, counts: np.ndarray, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval of a binomial proportion (stays inside [0, 1] and is not zero-width at 0 or n)."""
+    n = np.maximum(counts.astype(float), 1.0)
+    share = positives / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10, split: str = "validation") -> Path:
     """Reliability diagram (observed positive fraction against mean probability per bin), ECE in the legend.
 
-    The lower panel shows how many images fall in each bin: in screening most sit near 0, so the
+    The overall curve carries 95% Wilson intervals and each bin's image count, and a line marks the split's
+    prevalence; the lower panel shows how many images fall in each bin: in screening most sit near 0, so the
     upper bins rest on few cases.
 
     Returns:
@@ -385,11 +456,32 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10)
             markersize=4,
             label=f"{name}: ECE {error:.3f}, Brier {metrics.brier(ys, ps):.3f}",
         )
+        if name == "overall" and len(filled):
+            counts = filled["count"].to_numpy()
+            positives = np.round(filled["fraction_positive"].to_numpy() * counts)
+            low, high = _wilson(positives, counts)
+            middle = filled["fraction_positive"].to_numpy()
+            ax.errorbar(
+                filled["mean_prob"],
+                middle,
+                yerr=[np.clip(middle - low, 0, None), np.clip(high - middle, 0, None)],
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=3,
+                label="95% Wilson interval",
+            )
+            for x, value, count in zip(filled["mean_prob"], high, counts, strict=True):
+                ax.annotate(
+                    f"n={count}", (x, value), textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center"
+                )
+    if y.size:
+        ax.axhline(y.mean(), color="tab:red", linestyle="--", linewidth=1, label=f"prevalence {y.mean():.3f}")
     ax.set(
         xlim=(0, 1),
         ylim=(-0.02, 1.02),
         ylabel="observed fraction positive",
-        title=f"Reliability (calibration), {n_bins} equal-width bins",
+        title=f"Reliability (calibration), {split}, {n_bins} equal-width bins",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
@@ -486,6 +578,7 @@ def plot_referral(
 
 BUNDLE_PLOTS: dict[str, Callable[..., Path]] = {
     "roc.png": plot_roc,
+    "pr.png": plot_pr,
     "curves.png": plot_curves,
     "sens_spec.png": plot_sens_spec,
     "score_distributions.png": plot_score_distributions,
@@ -504,6 +597,7 @@ def plot_all_bundle(
     *,
     threshold: float = metrics.DEFAULT_THRESHOLD,
     selected_epoch: int | None = None,
+    cuts: dict[str, float] | None = None,
 ) -> list[Path]:
     """Write the bundle's plot set (``BUNDLE_PLOTS``) into ``out_dir``.
 
@@ -514,6 +608,7 @@ def plot_all_bundle(
         threshold: The bundle's decision threshold (``train.threshold``), marked on the ROC. The per-epoch
             sensitivity and specificity stay at the reference's 0.3, the threshold the history records.
         selected_epoch: The bundle's epoch, marked on the training curves.
+        cuts: The validation's operating points (``metrics.operating_points``), marked on the ROC.
 
     Returns:
         The written paths, in ``BUNDLE_PLOTS`` order.
@@ -521,11 +616,32 @@ def plot_all_bundle(
     out_dir = Path(out_dir)
     paths = []
     for name, plot in BUNDLE_PLOTS.items():
-        options: dict[str, Any] = {"threshold": threshold} if name == "roc.png" else {}
+        options: dict[str, Any] = {"threshold": threshold, "cuts": cuts} if name == "roc.png" else {}
         if name == "curves.png":
             options["selected_epoch"] = selected_epoch
         paths.append(plot(history if name in _HISTORY_PLOTS else frame, out_dir / name, **options))
     return paths
+
+
+TEST_PLOTS = ("roc_test.png", "pr_test.png", "reliability_test.png", "score_distributions_test.png")
+
+
+def plot_test(
+    frame: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    threshold: float = metrics.DEFAULT_THRESHOLD,
+    cuts: dict[str, float] | None = None,
+) -> list[Path]:
+    """The held-out split's figures (``TEST_PLOTS``): ROC with the validation's operating points, PR, reliability
+    and score distributions."""
+    out_dir = Path(out_dir)
+    return [
+        plot_roc(frame, out_dir / TEST_PLOTS[0], threshold=threshold, split="test", cuts=cuts),
+        plot_pr(frame, out_dir / TEST_PLOTS[1], split="test"),
+        plot_reliability(frame, out_dir / TEST_PLOTS[2], split="test"),
+        plot_score_distributions(frame, out_dir / TEST_PLOTS[3], split="test"),
+    ]
 
 
 # --------------------------------------------------------------------------------------- sweep plots
@@ -594,9 +710,14 @@ def plot_sweep_history(study: optuna.Study, path: str | Path) -> Path:
         numbers = np.array([t.number for t in complete])
         values = np.array([t.values[0] for t in complete], dtype=float)
         if by_epoch:
-            ran_all = np.array([t.user_attrs["stop_reason"] == "completed" for t in complete])
+            reasons = [t.user_attrs["stop_reason"] for t in complete]
+            ran_all = np.array([r == "completed" for r in reasons])
+            failed = np.array([r.startswith(("error", "interrupted")) for r in reasons])
+            early = ~ran_all & ~failed
             ax.plot(numbers[ran_all], values[ran_all], "o", color="tab:blue", label="ran every epoch")
-            ax.plot(numbers[~ran_all], values[~ran_all], "v", color="tab:orange", label="stopped early")
+            ax.plot(numbers[early], values[early], "v", color="tab:orange", label="stopped early")
+            if failed.any():
+                ax.plot(numbers[failed], values[failed], "X", color="tab:red", label="errored or interrupted")
             for trial, value in zip(complete, values, strict=True):
                 epochs = trial.user_attrs["epochs"]
                 ax.annotate(

@@ -27,14 +27,18 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from mammo_ray import config as config_mod
 from mammo_ray import io, manifest, storage
 from mammo_ray.export import STORAGE_POINTER, TRAIN_RUNS
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -290,7 +294,24 @@ def leaderboard(result_grid, cfg: config_mod.Config, unfinished: dict[str, str] 
     return frame.reset_index(drop=True)
 
 
-def plotted_study(stored, board: pd.DataFrame, cfg: config_mod.Config):
+def _param_key(values: list[Any]) -> str:
+    """A hashable, type-stable key of a trial's parameter values: NaN (pandas' None) as None, 2.0 as 2, lists kept."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float | np.floating):
+            if math.isnan(value):
+                return None
+            return int(value) if float(value).is_integer() else float(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, list | tuple | np.ndarray):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps([plain(v) for v in values], sort_keys=True, default=str)
+
+
+def plotted_study(stored: optuna.Study, board: pd.DataFrame, cfg: config_mod.Config) -> optuna.Study:
     """The sweep as its plots show it: an in-memory study with each trial at its best epoch's metric.
 
     The stored study holds what Ray's searcher told Optuna, each trial's *last* report; the leaderboard and the
@@ -305,7 +326,11 @@ def plotted_study(stored, board: pd.DataFrame, cfg: config_mod.Config):
     metric = cfg.search.metric
     keys = list(cfg.space)
     best_column = f"{metric}_best"
-    rows = {tuple(row.get(k) for k in keys): row for row in board.to_dict("records")}
+    # Trials are matched to leaderboard rows by their parameters; trials that drew the same values (a small discrete
+    # space) take the rows of those values one each, so none is lost and the exported one is marked once.
+    rows: dict[str, list[dict]] = {}
+    for row in board.to_dict("records"):
+        rows.setdefault(_param_key([row.get(k) for k in keys]), []).append(row)
     exported = board.iloc[0]["trial_id"] if len(board) and pd.notna(board.iloc[0].get(best_column)) else None
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
@@ -317,9 +342,10 @@ def plotted_study(stored, board: pd.DataFrame, cfg: config_mod.Config):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         view.set_metric_names([metric])
     for trial in stored.get_trials(deepcopy=False):
-        row = rows.get(tuple(trial.params.get(k) for k in keys))
-        if row is None:
+        matches = rows.get(_param_key([trial.params.get(k) for k in keys]))
+        if not matches:
             continue  # asked for, never started
+        row = matches.pop(0)
         value = row.get(best_column)
         finite = value is not None and math.isfinite(float(value))
         view.add_trial(
@@ -555,9 +581,10 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
             file=sys.stderr,
         )
         return 130
-    trial_epochs = int(pd.to_numeric(board["epochs"], errors="coerce").fillna(0).sum())
+    trial_epochs = int(pd.to_numeric(board["epochs"], errors="coerce").fillna(0).sum()) if "epochs" in board else 0
     try:
-        checkpoint = export.best_checkpoint(experiment, cfg.search.metric, cfg.search.mode)
+        checkpoints = export.find_checkpoints(experiment)
+        checkpoint = export.best_checkpoint(experiment, cfg.search.metric, cfg.search.mode, table=checkpoints)
     except (FileNotFoundError, ValueError, storage.StorageError) as err:
         print(f"error: nothing to export: {err}", file=sys.stderr)
         return 1
@@ -569,7 +596,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
             cfg,
             frames,
             sweep_info={"metric": cfg.search.metric, "candidates": trial_epochs},
-            history_from=export.last_checkpoint(experiment, checkpoint),
+            history_from=export.last_checkpoint(experiment, checkpoint, table=checkpoints),
         )
     except storage.StorageError as err:
         print(f"error: cannot export the best checkpoint: {err}", file=sys.stderr)

@@ -368,6 +368,17 @@ def test_space_step_is_sampled_on_its_grid(key: str, spec: dict, allowed: set, s
     assert drawn == {round(v, 9) for v in allowed}
 
 
+def test_a_misspelt_space_key_is_not_pointed_at_a_key_that_cannot_be_searched(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(_write(tmp_path, _space("resources.num_worker", {"type": "int", "low": 1, "high": 2})))
+    assert "resources.num_workers" not in str(err.value)
+
+
+def test_setting_a_retired_key_says_it_is_gone() -> None:
+    with pytest.raises(ConfigError, match="train.log_every_n_steps no longer exists"):
+        config.load("demo", {"train.log_every_n_steps": 5})
+
+
 def test_space_unknown_key_suggests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
         config.load(_write(tmp_path, _space("train.lrr", {"type": "loguniform", "low": 0.001, "high": 0.1})))

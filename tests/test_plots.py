@@ -153,6 +153,7 @@ def studies() -> dict[str, optuna.Study]:
 
 FRAME_PLOTS: list[Callable[..., Path]] = [
     plots.plot_roc,
+    plots.plot_pr,
     plots.plot_score_distributions,
     plots.plot_uncertainty_hist,
     plots.plot_reliability,
@@ -226,7 +227,7 @@ def test_plot_all_bundle_marks_the_bundles_threshold_and_keeps_the_historys(tmp_
     )
     plots.plot_all_bundle(FRAMES["normal"], HISTORIES["full"], tmp_path, threshold=0.5)
     assert not [m for m in messages if "epoch history" in m]
-    assert seen == {"threshold": 0.5}
+    assert seen == {"threshold": 0.5, "cuts": None}
 
 
 def _messages(monkeypatch) -> list[str]:
@@ -287,6 +288,40 @@ def test_plotted_study_shows_each_trial_at_its_best_epoch() -> None:
     assert len(stored.trials) == 4  # the stored study is left as it was
 
 
+def test_plotted_study_keeps_trials_that_drew_the_same_values_and_odd_values() -> None:
+    # Rows were keyed by their parameter tuple: two trials that drew the same sampler collapsed into one, a None
+    # read back as NaN matched nothing, and a list-valued choice raised TypeError (all sweep plots lost).
+    from mammo_ray import config, tune
+
+    stored = optuna.create_study(direction="maximize", study_name="s")
+    choices = {
+        "train.sampler": optuna.distributions.CategoricalDistribution(["weighted", "simple"]),
+        "train.pos_weight": optuna.distributions.CategoricalDistribution([None, 2.0]),
+        "data.image_size": optuna.distributions.CategoricalDistribution([(64, 48), (128, 96)]),
+    }
+    drawn = [("weighted", None, (64, 48)), ("simple", 2.0, (128, 96)), ("weighted", None, (64, 48))]
+    for values in drawn:
+        params = dict(zip(choices, values, strict=True))
+        stored.add_trial(optuna.trial.create_trial(params=params, distributions=choices, value=0.5))
+    board = pd.DataFrame(
+        {
+            "trial_id": ["c", "b", "a"],
+            "stop_reason": ["completed", "early_stopped (asha)", "completed"],
+            "epochs": [8, 1, 8],
+            "train.sampler": ["weighted", "simple", "weighted"],
+            "train.pos_weight": [None, 2.0, None],  # NaN in a float column
+            "data.image_size": [[64, 48], [128, 96], [64, 48]],
+            "val_auc_best": [0.7, 0.6, 0.5],
+        }
+    )
+    cfg = config.load("demo")
+    cfg.space = {key: {"type": "choice", "values": []} for key in choices}
+    view = tune.plotted_study(stored, board, cfg)
+    assert len(view.trials) == 3
+    assert sorted(t.values[0] for t in view.trials) == [0.5, 0.6, 0.7]
+    assert [t.user_attrs["trial_id"] for t in view.trials if t.user_attrs["exported"]] == ["c"]
+
+
 def test_sweep_plots_of_the_best_epochs_name_the_metric_and_the_exported_trial(tmp_path: Path, monkeypatch) -> None:
     from mammo_ray import config, tune
 
@@ -339,6 +374,40 @@ def test_curves_mark_the_bundles_epoch(selected, expected: str, tmp_path: Path, 
     texts = _legend_texts(monkeypatch)
     plots.plot_curves(HISTORIES["full"], tmp_path / "curves.png", selected_epoch=selected)
     assert expected in texts and "chance (AUC 0.5)" in texts
+
+
+def test_the_test_split_gets_its_roc_pr_reliability_and_scores_with_the_validation_points(tmp_path, monkeypatch):
+    texts = _legend_texts(monkeypatch)
+    titles: list[str] = []
+    real_save = plots._save
+
+    def save(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    frame = FRAMES["normal"]
+    cuts = metrics.operating_points(frame["label"], frame["prob"])
+    written = plots.plot_test(frame, tmp_path, threshold=0.3, cuts=cuts)
+    assert [p.name for p in written] == list(plots.TEST_PLOTS)
+    for path in written:
+        assert_png(path)
+    sens, spec = metrics.sens_spec_at(frame["label"].to_numpy(), frame["prob"].to_numpy(), cuts["youden"])
+    assert f"youden (validation threshold {cuts['youden']:.3f}): sens {sens:.2f}, spec {spec:.2f}" in texts
+    prevalence = frame["label"].mean()
+    assert f"prevalence {prevalence:.3f}" in texts  # reliability
+    assert f"overall: no skill = prevalence {prevalence:.3f}" in texts  # PR baseline
+    assert all("test" in t for t in titles if t and t != "")
+
+
+def test_reliability_intervals_are_wilsons() -> None:
+    from scipy.stats import binomtest
+
+    positives, counts = np.array([0, 1, 3, 10]), np.array([4, 4, 281, 10])
+    low, high = plots._wilson(positives, counts)
+    for k, n, lo, hi in zip(positives, counts, low, high, strict=True):
+        expected = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (lo, hi) == pytest.approx((expected.low, expected.high), abs=1e-9)
 
 
 def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> None:

@@ -447,6 +447,12 @@ def test_the_bundle_records_how_its_training_images_were_made(prepared, tmp_path
     (copy / "cache" / "settings.json").write_text(json.dumps({"size": list(SIZE), "reduced_decode": False}))
     train = manifest.read_manifest(copy / "train.parquet", "train")
     assert export.preprocessing_record(cfg, {"train": train})["reduced_decode"] is False  # --full-resolution-decode
+    # Two manifests prepared differently and joined: the larger share decides, and the record lists both.
+    joined = pd.concat(
+        [train, manifest.read_manifest(prepared["folder"] / "valid.parquet", "valid")], ignore_index=True
+    )
+    mixed = export.preprocessing_record(cfg, {"train": joined})
+    assert mixed["reduced_decode"] is False and len(mixed["caches"]) == 2
     cfg.data.use_cache = False
     assert export.preprocessing_record(cfg, {"train": train})["size"] == [32, 32]  # decoded on the fly
     assert "not at hand" in export.preprocessing_record(cfg, {})["source"]

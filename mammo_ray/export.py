@@ -156,10 +156,19 @@ def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
         yield storage.download(str(checkpoint), CHECKPOINT_FILES, Path(tmp) / storage.name(str(checkpoint)))
 
 
-def _thresholds(val: pd.DataFrame, default: float) -> dict[str, Any]:
+def _thresholds(val: pd.DataFrame, default: float, epoch: Any = None) -> dict[str, Any]:
     from mammo_ray import metrics
 
-    table = metrics.thresholds_table(val)
+    table: dict[str, Any] = metrics.thresholds_table(val)
+    labels = pd.to_numeric(val["label"], errors="coerce")
+    table["provenance"] = {
+        "fitted_on": "validation",
+        "n_images": len(val),
+        "n_positive": int((labels == 1).sum()),
+        "epoch": epoch,
+        "note": "youden and spec* are fitted on these validation predictions, so their validation sensitivity and "
+        "specificity are optimistic; 0.3 is the reference script's fixed threshold, not fitted",
+    }
     table["default"] = "0.3" if math.isclose(default, 0.3) else str(default)
     if table["default"] not in table:
         from mammo_ray.metrics import sens_spec_at
@@ -325,7 +334,9 @@ def _write_bundle(
             **(sweep_info or {}),
         }
         io.atomic_write_json(staging / "metrics.json", _json_ready(results))
-        io.atomic_write_json(staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold)))
+        io.atomic_write_json(
+            staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold, report.get("epoch")))
+        )
         history = pd.read_csv(staging / "history.csv")
         plots.plot_all_bundle(
             val,
@@ -583,7 +594,9 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "## Calibration and operating points",
         f"ECE {_fmt(val.get('ece'))}, Brier {_fmt(val.get('brier'))} on validation (see plots/reliability.png). "
         "thresholds.json lists the thresholds at 0.3 (the reference's), the Youden point and specificity 0.90 "
-        "and 0.987 (a screening operating point), each with its validation sensitivity and specificity; they were "
+        "and 0.987 (a high-specificity screening point, near what double reading reaches in European programmes; the "
+        "value is this project's choice, not taken from one study), each with its validation sensitivity and "
+        "specificity; they were "
         "chosen on validation data and are optimistic there. Test figures at the Youden and fixed-specificity points "
         "apply these validation thresholds (metrics.json `threshold@…`, `specificity@…`); they are not re-fitted on "
         "the test labels. 0.3 is the reference script's fixed threshold, not fitted on any data."

@@ -667,6 +667,11 @@ def _split_metrics(
     _put(out, "auc_breast", auc_breast, why(True, True, breast=True))
     put_ci("auc_breast", math.isfinite(auc_breast), why(True, True, breast=True))
     _put(out, "pf1_breast", pf1(y_br, s_br), why(True, False, breast=True))
+    # The other aggregation as well (DESIGN: breast level by mean or max); a point estimate beside the main one.
+    other = "max" if breast_agg == "mean" else "mean"
+    other_breasts = breast_level(frame, other)
+    y_other, s_other = labels_and_scores(other_breasts["label"], other_breasts["prob"])
+    _put(out, f"auc_breast_{other}", _auc_unchecked(y_other, s_other), why(True, True, breast=True))
     _put(out, "ece", ece(y, s) if n else math.nan, why(False, False))
     _put(out, "brier", brier(y, s) if n else math.nan, why(False, False))
     out["n_images"] = n
@@ -674,7 +679,7 @@ def _split_metrics(
     if bootstrap:
         out["bootstrap"] = {
             "method": "percentile",
-            "resampling_unit": "patient_id",
+            "resampling_unit": "patient (dataset + patient_id)",
             "n_resamples": int(bootstrap),
             "seed": int(seed),
             "level": float(level),

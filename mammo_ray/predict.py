@@ -317,7 +317,7 @@ def resolve_threshold(thresholds: dict, choice: str | None, default: float = 0.3
     try:
         value = float(name)
     except ValueError:
-        known = ", ".join(k for k in thresholds if k != "default") or "none"
+        known = ", ".join(k for k, v in thresholds.items() if isinstance(v, dict) and "threshold" in v) or "none"
         raise ValueError(f"unknown threshold {name!r}; the bundle has: {known}") from None
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"--threshold {name}: a threshold on the probability must lie in [0, 1]")

@@ -26,7 +26,12 @@ def bundle(tmp_path_factory) -> Path:
     net = model_from_config(cfg, for_inference=True)
     save_file({key: value.contiguous() for key, value in net.state_dict().items()}, folder / "model.safetensors")
     config.save(cfg, folder / "config.yaml")
-    thresholds = {"default": "0.3", "0.3": {"threshold": 0.3}, "youden": {"threshold": 0.5}}
+    thresholds = {
+        "default": "0.3",
+        "0.3": {"threshold": 0.3},
+        "youden": {"threshold": 0.5},
+        "provenance": {"fitted_on": "validation", "n_images": 8},  # not a threshold, and never listed as one
+    }
     (folder / "thresholds.json").write_text(json.dumps(thresholds))
     return folder
 

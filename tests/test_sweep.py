@@ -341,6 +341,9 @@ def test_export_command_reexports_by_another_metric(smoke_sweep, tmp_path):
     # The test split is scored at the validation's operating points, not at points fitted on its own labels.
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert metrics["test"]["operating_points"] == "from the validation split"
+    provenance = thresholds["provenance"]
+    assert provenance["fitted_on"] == "validation" and provenance["epoch"] == metrics["selected"]["epoch"]
+    assert provenance["n_images"] == metrics["val"]["n_images"]
     for name in ("youden", "spec0.90"):
         if thresholds[name]["threshold"] is not None:
             assert metrics["test"][f"threshold@{name}"] == pytest.approx(thresholds[name]["threshold"])

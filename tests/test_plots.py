@@ -420,3 +420,19 @@ def test_plot_all_sweep(studies: dict[str, optuna.Study], tmp_path: Path) -> Non
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prob"):
         plots.plot_roc(FRAMES["normal"].drop(columns=["prob"]), tmp_path / "roc.png")
+
+
+def test_referral_says_when_uncertainty_only_reranks_the_score(tmp_path, monkeypatch) -> None:
+    # On the demo the probabilities lie in 0.19-0.66, so entropy ranks images exactly as prob does (rho 0.9996):
+    # "defer the most uncertain" deferred the highest scores, and the label did not say so.
+    texts = _legend_texts(monkeypatch)
+    frame = FRAMES["normal"]
+    plots.plot_referral(frame, tmp_path / "referral.png")
+    entropy = [t for t in texts if t.startswith("by predictive entropy")]
+    assert len(entropy) == 1 and "ρ with prob" in entropy[0]
+    y = frame["label"].to_numpy().astype(bool)
+    curve = metrics.referral_curve(y, frame["prob"].to_numpy(), plots._binary_entropy(frame["prob"].to_numpy()))
+    last = curve.loc[curve["fraction"].idxmax()]
+    assert (
+        f"{int(last['n_positive_retained'])} of {int(y.sum())} positives kept at {last['fraction']:.0%}" in entropy[0]
+    )

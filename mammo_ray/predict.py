@@ -3,10 +3,12 @@
 ``predict_tensor`` is the one place where a model turns images into probabilities; validation in
 the worker loop, export (test predictions) and ``python -m mammo_ray.predict`` all call it.
 
-* ``prob``: sigmoid of the logit μ (the mean over passes when MC dropout or TTA is on).
-* ``aleatoric``: σ² of the attenuation head (Kendall & Gal 2017), in logit units; NaN without one.
-* ``epistemic``: the variance of the probability over K MC-dropout passes (Gal & Ghahramani 2016)
-  and/or test-time flips; NaN when neither is configured.
+* ``prob``: sigmoid of the logit μ; with an attenuation head the probit approximation of E[sigmoid(μ + σε)],
+  the likelihood its loss trains (the mean over the stochastic passes when MC dropout or TTA is on).
+* ``aleatoric``: σ² of the attenuation head (Kendall & Gal 2017), in logit units, clamped as in the loss;
+  NaN without one.
+* ``epistemic``: the variance of the probability over K MC-dropout passes (Gal & Ghahramani 2016;
+  the deterministic pass is not one of them) and/or test-time flips; NaN when neither is configured.
 """
 
 from __future__ import annotations
@@ -34,8 +36,35 @@ def _enable_dropout(model) -> None:
             module.train()
 
 
+def _probability(output):
+    """The predictive probability of a model output.
+
+    One logit: its sigmoid. Attenuation head ``[μ, log σ²]``: the likelihood the attenuation loss trains is
+    E[sigmoid(μ + σε)] with ε ~ N(0, 1) (Kendall & Gal 2017), not sigmoid(μ); its probit approximation
+    sigmoid(μ / √(1 + πσ²/8)) (MacKay 1992) gives it in closed form, with σ² clamped as in the loss.
+    """
+    import math
+
+    import torch
+
+    from mammo_ray.losses import LOG_VAR_MAX, LOG_VAR_MIN, split_output
+
+    logit, log_var = split_output(output)
+    if log_var is None:
+        return torch.sigmoid(logit)
+    variance = torch.exp(log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX))
+    return torch.sigmoid(logit / torch.sqrt(1.0 + math.pi * variance / 8.0))
+
+
 def predict_tensor(model, images, *, mc_samples: int = 0, tta: bool = False, use_amp: bool = False) -> dict:
-    """Score one batch. Returns numpy arrays ``logit``, ``prob``, ``aleatoric``, ``epistemic``."""
+    """Score one batch. Returns numpy arrays ``logit``, ``prob``, ``aleatoric``, ``epistemic``, and ``output``.
+
+    ``output`` and ``logit`` come from the deterministic pass (dropout off; the validation loss uses it). With
+    ``mc_samples`` K > 0, ``prob`` and ``epistemic`` are the mean and variance over the K stochastic passes only
+    (Gal & Ghahramani 2016 average stochastic passes; the deterministic one is not a sample), every second pass on
+    the up-down flipped image when ``tta`` is on. With ``tta`` alone they are over the plain and the flipped pass.
+    ``aleatoric`` is the head's clamped σ², averaged over the passes that gave ``prob``.
+    """
     import torch
 
     from mammo_ray.losses import split_output
@@ -43,26 +72,29 @@ def predict_tensor(model, images, *, mc_samples: int = 0, tta: bool = False, use
     was_training = model.training
     model.eval()
     device_type = images.device.type
-    passes = []
+    # Up-down flip only: images are oriented chest wall left, so a left-right flip is not a view the model was
+    # trained on.
+    flipped = torch.flip(images, dims=[2]) if tta else None
     with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_amp):
         output = model(images).float()
         logit, log_var = split_output(output)
-        passes.append(torch.sigmoid(logit))
-        if tta:
-            # Up-down flip only: images are oriented chest wall left, so a left-right flip is not a view the
-            # model was trained on.
-            flipped = model(torch.flip(images, dims=[2])).float()
-            passes.append(torch.sigmoid(split_output(flipped)[0]))
+        outputs = [output]
         if mc_samples > 0:
             _enable_dropout(model)
-            for _ in range(mc_samples):
-                passes.append(torch.sigmoid(split_output(model(images).float())[0]))
+            outputs = [model(flipped if flipped is not None and i % 2 else images).float() for i in range(mc_samples)]
             model.eval()
+        elif flipped is not None:
+            outputs.append(model(flipped).float())
     model.train(was_training)
-    stack = torch.stack(passes)
-    prob = stack.mean(0) if len(passes) > 1 else stack[0]
-    epistemic = stack.var(0, unbiased=False) if len(passes) > 1 else torch.full_like(prob, float("nan"))
-    aleatoric = torch.exp(log_var) if log_var is not None else torch.full_like(prob, float("nan"))
+    probs = torch.stack([_probability(out) for out in outputs])
+    prob = probs.mean(0)
+    epistemic = probs.var(0, unbiased=False) if len(outputs) > 1 else torch.full_like(prob, float("nan"))
+    if log_var is not None:
+        from mammo_ray.losses import aleatoric_variance
+
+        aleatoric = torch.stack([aleatoric_variance(out) for out in outputs]).mean(0)
+    else:
+        aleatoric = torch.full_like(prob, float("nan"))
     return {
         "output": output,
         "logit": logit.cpu().numpy(),

@@ -222,3 +222,60 @@ def test_a_damaged_preprocessing_record_is_named(bundle, tmp_path, text):
     (trained / "preprocessing.json").write_text(text)
     with pytest.raises(ValueError, match="preprocessing.json"):
         predict.read_preprocessing(trained)
+
+
+def test_mc_dropout_prob_and_variance_come_from_the_stochastic_passes_only() -> None:
+    """The dropout-off pass was stacked with the K dropout passes, which biased the mean towards it and the
+    variance low (Gal & Ghahramani average stochastic passes only)."""
+    import torch
+
+    cfg = config.load("demo", {"data.image_size": [64, 48], "model.dropout": 0.5})
+    torch.manual_seed(0)
+    net = model_from_config(cfg, for_inference=True).eval()
+    images = torch.randn(3, 1, 64, 48)
+    torch.manual_seed(1)
+    scored = predict.predict_tensor(net, images, mc_samples=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        deterministic = torch.sigmoid(net(images)[:, 0])
+        predict._enable_dropout(net)
+        passes = torch.stack([torch.sigmoid(net(images)[:, 0]) for _ in range(4)])
+    assert np.allclose(scored["prob"], passes.mean(0).numpy(), atol=1e-6)
+    assert np.allclose(scored["epistemic"], passes.var(0, unbiased=False).numpy(), atol=1e-9)
+    assert np.allclose(scored["logit"], torch.logit(deterministic).numpy(), atol=1e-4)  # the loss's pass
+
+
+def test_an_attenuation_heads_probability_integrates_its_noise() -> None:
+    """prob was sigmoid(mu), not the likelihood E[sigmoid(mu + sigma eps)] that the attenuation loss trains."""
+    import torch
+
+    output = torch.tensor([[2.0, 3.0], [-1.0, 3.0], [0.5, -10.0], [3.0, 60.0]])
+    prob = predict._probability(output).numpy()
+    mu, sigma = output[:, 0], torch.exp(output[:, 1].clamp(-40, 40) / 2)
+    torch.manual_seed(0)
+    monte_carlo = torch.sigmoid(mu + sigma * torch.randn(200_000, 4)).mean(0).numpy()
+    assert np.allclose(prob[:3], monte_carlo[:3], atol=0.02)  # probit approximation (0.881 -> 0.660 for row 0)
+    assert abs(prob[0] - 0.881) > 0.2 and prob[3] == pytest.approx(0.5, abs=1e-3)
+    scored = predict.predict_tensor(_FixedHead(output), torch.zeros(4, 1, 8, 8))
+    assert scored["aleatoric"][3] == pytest.approx(float(np.exp(40.0)), rel=1e-5)  # clamped as the loss clamps
+
+
+class _FixedHead:
+    """A stand-in model that returns a fixed output, with the calls predict_tensor makes."""
+
+    training = False
+
+    def __init__(self, output):
+        self.output = output
+
+    def __call__(self, images):
+        return self.output
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def modules(self):
+        return []

@@ -344,6 +344,25 @@ def _epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def restore_state(directory: Path, net, optimizer, ema, device) -> tuple[int, list[dict]]:
+    """Load a checkpoint into a run that restarts: the raw weights and the optimiser carry on training, and the EMA
+    carries on from the averaged weights the checkpoint holds (``model.safetensors``; it was reset to the raw
+    weights before, so a restarted run validated and exported an average begun afresh).
+
+    Returns:
+        The epochs already done and the history up to them.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state = torch.load(directory / CHECKPOINT_STATE, map_location=device, weights_only=True)
+    _unwrap(net).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.module.load_state_dict(load_file(str(directory / CHECKPOINT_WEIGHTS), device=str(device)))
+    return int(state["epoch"]), pd.read_csv(directory / "history.csv").to_dict("records")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train worker function: train, validate, report and checkpoint once per epoch."""
     import ray.train
@@ -379,7 +398,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(_unwrap(net), decay=cfg.train.ema_decay, device=device)
+        # Warm-up (timm: decay 1 - (1 + step)^(-2/3), capped at ema_decay): without it an EMA of decay 0.999 is
+        # still 83% its initial weights after the demo's 192 steps, and validation and ASHA would judge those.
+        ema = ModelEmaV3(_unwrap(net), decay=cfg.train.ema_decay, device=device, use_warmup=True)
 
     run_environment = environment.describe(device, num_workers=context.get_world_size()) if rank == 0 else None
     steps = loop_config["steps_per_epoch"]
@@ -387,13 +408,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_STATE, map_location=device, weights_only=True)
-            _unwrap(net).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"])
-            history = pd.read_csv(Path(directory) / "history.csv").to_dict("records")
-        if ema is not None:
-            ema.set(_unwrap(net))
+            start_epoch, history = restore_state(Path(directory), net, optimizer, ema, device)
         log.info("rank %d resumed after epoch %d", rank, start_epoch)
 
     def set_lr(global_step: int) -> float:
@@ -450,7 +465,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     break
                 optimizer.step()
                 if ema is not None:
-                    ema.update(_unwrap(net))
+                    ema.update(_unwrap(net), step=epoch * steps + step_in_epoch + 1)
                 loss_sum += float(loss.detach()) * len(labels)
                 seen += len(labels)
                 positives += int(labels.sum().item())

@@ -402,3 +402,37 @@ def test_default_out_dir_is_not_the_sweep_folder_of_the_same_config(tmp_path, mo
     assert train.main(["--config", "demo"]) == 0
     assert seen["out"] == Path("results") / "demo-train"
     assert sorted(p.name for p in sweep.iterdir()) == ["config.yaml", "leaderboard.csv"]
+
+
+def test_a_restarted_run_keeps_its_ema_and_its_raw_weights(tmp_path) -> None:
+    """On a restart the EMA was set to the raw weights, so the model validated and exported after a worker failure
+    or --resume was an average begun afresh."""
+    import pandas as pd
+    from timm.utils import ModelEmaV3
+
+    cfg = config.load("demo", {"data.image_size": [64, 48]})
+    torch.manual_seed(0)
+    net = train.model_from_config(cfg)
+    ema = ModelEmaV3(net, decay=0.9, use_warmup=True)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)  # an average that differs from the raw weights
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    train._write_checkpoint(
+        folder, model=net, optimizer=optimizer, epoch=3, history=[{"epoch": e} for e in (1, 2, 3)],
+        config_yaml=config.dump(cfg), predictions=pd.DataFrame(), metrics={}, report={"epoch": 3}, ema=ema,
+    )  # fmt: skip
+
+    torch.manual_seed(1)
+    fresh = train.model_from_config(cfg)
+    fresh_ema = ModelEmaV3(fresh, decay=0.9, use_warmup=True)
+    epoch, history = train.restore_state(
+        folder, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), fresh_ema, "cpu"
+    )
+    assert epoch == 3 and [row["epoch"] for row in history] == [1, 2, 3]
+    for name, value in net.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(fresh_ema.module.state_dict()[name], value), name

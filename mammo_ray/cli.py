@@ -175,6 +175,15 @@ def check_model(cfg: config_mod.Config, searched: bool = True) -> None:
                     "'Model, freeze depth and losses'). The reference's --upto_freeze numbers count "
                     "convnext_small's 42 units."
                 )
+    pretrained = [value for _, value in drawn("model.pretrained", cfg.model.pretrained) if value]
+    frozen = [(key, depth) for key, depth in drawn("model.freeze_units", cfg.model.freeze_units) if depth]
+    if frozen and not pretrained:
+        key, depth = max(frozen, key=lambda item: item[1])
+        print(
+            f"warning: {key} freezes up to {depth:g} unit(s) of a randomly initialised model (model.pretrained is "
+            "not set): frozen random weights stay random; set model.pretrained to a weights file",
+            file=sys.stderr,
+        )
     files = [
         (key, value)
         for key, value in drawn("model.pretrained", cfg.model.pretrained)

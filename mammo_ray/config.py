@@ -475,6 +475,30 @@ def validate(config: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: data.synthetic.split must be three fractions summing to 1, got {fractions}")
     if config.model.attenuation and config.train.loss == "focal":
         raise ConfigError(f"{source}: model.attenuation uses its own loss; set train.loss to bce")
+    searched_loss = config.space.get("train.loss")
+    losses = searched_loss.get("values") if isinstance(searched_loss, dict) else None
+    losses = losses if isinstance(losses, list) else [config.train.loss]
+    if config.train.pos_weight is not None and "focal" in losses:
+        raise ConfigError(
+            f"{source}: train.pos_weight weights BCE only; the focal loss weights classes by train.focal_alpha "
+            "(it was dropped without a word)"
+        )
+    if config.train.warmup_epochs > config.train.epochs and "train.epochs" not in config.space:
+        raise ConfigError(
+            f"{source}: train.warmup_epochs ({config.train.warmup_epochs:g}) exceeds train.epochs "
+            f"({config.train.epochs}): the learning rate would never reach train.lr"
+        )
+    if config.train.mc_dropout_samples and config.model.dropout == 0 and "model.dropout" not in config.space:
+        raise ConfigError(
+            f"{source}: train.mc_dropout_samples {config.train.mc_dropout_samples} needs model.dropout > 0: without "
+            "dropout every pass is the same and the epistemic uncertainty reads 0"
+        )
+    gpus, workers = config.resources.gpus_per_worker, config.resources.num_workers
+    if 0 < gpus < 1 and workers > 1 and config.resources.backend in ("auto", "nccl"):
+        raise ConfigError(
+            f"{source}: resources.gpus_per_worker {gpus:g} with {workers} workers would put two NCCL ranks on one GPU, "
+            "which NCCL refuses; give each worker a whole GPU, or use one worker"
+        )
     if (config.model.pretrained or "").startswith("timm:") and (config.model.stem, config.model.norm) != (
         "patchify",
         "layer",

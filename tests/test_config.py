@@ -460,7 +460,7 @@ def test_with_params_validates(tmp_path: Path, params: dict, names: list[str]) -
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_save_then_load_round_trips(tmp_path: Path, name: str) -> None:
-    cfg = config.load(name, ["train.pos_weight=2.5", "data.train=manifests/train.parquet"])
+    cfg = config.load(name, ["train.grad_clip=2.5", "data.train=manifests/train.parquet"])
     path = tmp_path / "out" / "config.yaml"  # the folder does not exist yet
     config.save(cfg, path)
     assert config.load(path).to_dict() == cfg.to_dict()
@@ -527,3 +527,33 @@ def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(saved))
     assert config.load(path) == config.load("demo")
     assert "log_every_n_steps" not in config.dump(config.load(path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"train.loss": "focal", "train.pos_weight": 5.0}, "pos_weight weights BCE only"),
+        ({"train.pos_weight": 5.0, "space.train.loss": {"type": "choice", "values": ["bce", "focal"]}}, "focal"),
+        ({"train.warmup_epochs": 12, "train.epochs": 8}, "never reach train.lr"),
+        ({"train.mc_dropout_samples": 5, "model.dropout": 0.0, "space.model.dropout": None}, "needs model.dropout"),
+        ({"resources.gpus_per_worker": 0.5, "resources.num_workers": 2}, "NCCL"),
+    ],
+)
+def test_settings_that_would_be_ignored_or_meaningless_are_refused(overrides: dict, needle: str) -> None:
+    data = yaml.safe_load(config.dump(config.load("demo")))
+    data["space"].pop("model.dropout")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("space."):
+            data["space"][key.removeprefix("space.")] = value
+            continue
+        section, name = key.split(".")
+        data[section][name] = value
+    with pytest.raises(ConfigError, match=needle):
+        config.from_dict(data)
+
+
+def test_a_searched_dropout_may_reach_zero_with_mc_dropout() -> None:
+    cfg = config.load("demo", {"train.mc_dropout_samples": 3, "model.dropout": 0.0})  # the space searches dropout
+    assert cfg.train.mc_dropout_samples == 3

@@ -121,7 +121,8 @@ GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
         ({"resources.gpus_per_worker": 1, "resources.num_workers": 2}, [CPU_NODE, GPU_NODE], "room for 1"),
         ({"resources.gpus_per_worker": 1, "resources.num_workers": 2}, [GPU_NODE, GPU_NODE], None),
         ({"resources.gpus_per_worker": 2}, [GPU_NODE, GPU_NODE], "the cluster's 2 nodes have 32 CPUs and 2 GPUs"),
-        ({"resources.gpus_per_worker": 0.5, "resources.num_workers": 2}, [GPU_NODE], None),
+        # Two ranks on one GPU: gloo takes it (NCCL refuses a duplicate GPU, so the config refuses it with nccl).
+        ({"resources.gpus_per_worker": 0.5, "resources.num_workers": 2, "resources.backend": "gloo"}, [GPU_NODE], None),
     ],
 )
 def test_check_placement_refuses_workers_no_node_can_host(overrides, nodes, problem, capsys):
@@ -731,6 +732,21 @@ def test_check_model_refuses_backbones_and_freeze_depths_the_model_cannot_take(o
     else:
         with pytest.raises(config.ConfigError, match=re.escape(needle)):
             cli.check_model(cfg, searched=searched)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "searched", "warned"),
+    [
+        ({}, True, "space.model.freeze_units freezes up to 2 unit(s) of a randomly initialised model"),
+        ({"model.freeze_units": 3}, False, "model.freeze_units freezes up to 3 unit(s)"),
+        ({"model.freeze_units": 0}, False, None),
+        ({"model.freeze_units": 3, "model.pretrained": "timm:convnext_atto.d2_in1k"}, False, None),
+    ],
+)
+def test_freezing_a_randomly_initialised_model_is_warned_of(overrides, searched, warned, capsys):
+    cli.check_model(config.load("demo", overrides), searched=searched)
+    err = capsys.readouterr().err
+    assert (warned in err) if warned else "randomly initialised" not in err
 
 
 def test_check_model_matches_weights_files_against_every_build_before_ray(tmp_path, capsys):

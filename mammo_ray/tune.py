@@ -193,8 +193,8 @@ def make_tuner(
             search_alg=make_searcher(cfg, output_dir(cfg, results, storage_location)),
             scheduler=make_scheduler(cfg),
             num_samples=cfg.search.num_samples,
-            # Optuna's ConcurrencyLimiter already holds the limit; the random searcher takes it here.
-            max_concurrent_trials=cfg.resources.max_concurrent_trials if cfg.search.searcher == "random" else None,
+            # Not here: Optuna's ConcurrencyLimiter and the random search's BasicVariantGenerator (make_searcher)
+            # hold the limit; Tune ignores this setting for a BasicVariantGenerator, with a warning.
         ),
         run_config=tune.RunConfig(
             name=cfg.name,
@@ -556,7 +556,10 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
     trainable = make_trainable(cfg, manifests, experiment)
     if args.resume and tune.Tuner.can_restore(str(experiment)):
         print(f"resuming the sweep in {storage.public(experiment)}")
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, restart_errored=True)
+        # resume_errored, not restart_errored: a restarted trial gets a new id that OptunaSearch has never seen, and
+        # its first report raised KeyError in the searcher and ended the sweep; resumed, it keeps its id and its
+        # Train run goes on from its last checkpoint.
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
         tuner = make_tuner(cfg, manifests, results, args.storage)
     grid = tuner.fit()

@@ -313,6 +313,33 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
     assert Path(metrics["selected"]["checkpoint"]).parent.name == f"trial_{good['trial_id']}"
 
 
+@pytest.mark.slow
+def test_resume_of_a_sweep_with_an_errored_trial_keeps_the_optuna_study_whole(prepared_data, tmp_path, ray_env):
+    """--resume restarted errored trials under new ids, which OptunaSearch had never seen: the first report raised
+    KeyError in the searcher and ended the resumed sweep. Resumed, the trial keeps its id and fails again, cleanly."""
+    space = config.load("demo").to_dict()
+    space["search"].update(scheduler="fifo", num_samples=1)  # Optuna, the default searcher
+    space["space"] = {"train.lr": {"type": "choice", "values": [1.0e6]}}  # a non-finite loss in the first steps
+    space["train"].update(epochs=1, warmup_epochs=0.0, grad_clip=0.0)
+    space["resources"]["max_failures"] = 0
+    space["data"]["synthetic"]["enabled"] = False
+    space_file = tmp_path / "errored.yaml"
+    space_file.write_text(json.dumps(space))
+    results = tmp_path / "results"
+    command = _sweep_command(str(space_file), "errored", results, prepared_data)
+    outputs = []
+    for extra in ([], ["--resume"]):
+        proc = subprocess.run(
+            [*command, *extra], cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=300, check=False
+        )
+        outputs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 1 and "nothing to export" in outputs[-1], _tail(outputs[-1])
+    assert "resuming the sweep" in outputs[1] and "KeyError" not in outputs[1], _tail(outputs[1])
+    board = pd.read_csv(results / "errored" / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == 1 and board["status"].tolist() == ["ERROR"]
+    assert len(_optuna_trials(results / "errored" / "optuna.db", "errored")) == 1
+
+
 # Trials that run side by side, as the shipped spaces' max_concurrent_trials: 4 asks on a GPU node. The driver's
 # Ray gets 4 logical CPUs on the 2 cores, so that two 0.6-CPU trials still leave Ray Data a whole CPU.
 CONCURRENT_DRIVER = """

@@ -54,29 +54,15 @@ class NonFiniteLossError(RuntimeError):
 # the controller shuts down normally, which cancels every request.
 
 
-class _StopFlag:
-    """A tiny async actor: ``wait`` resolves once ``set`` has been called."""
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> bool:
-        await self._event.wait()
-        return True
-
-
 class RunStopper:
     """Held by the process that fits a TorchTrainer: asks the run's workers to stop at their next step."""
 
     def __init__(self) -> None:
         import ray
 
-        self.flag = ray.remote(num_cpus=0)(_StopFlag).remote()
+        from mammo_ray.stop_flag import StopFlag
+
+        self.flag = ray.remote(num_cpus=0)(StopFlag).remote()
         self.finished = threading.Event()
 
     def fit(self, trainer):

@@ -271,16 +271,23 @@ def test_resume_continues_an_interrupted_sweep(prepared_data, tmp_path, ray_env)
 # 3. A trial that fails for good is recorded with its reason, and the sweep goes on.
 
 
-def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path, ray_env):
+def _one_epoch_space(path: Path, lr: dict, *, searcher: str) -> Path:
+    """The demo space, one trial (per grid value) of one epoch on given manifests, no retries, searching only lr."""
     space = config.load("demo").to_dict()
-    space["search"].update(searcher="random", scheduler="fifo", num_samples=1)
-    # A grid makes the two trials deterministic; lr 1e6 drives the loss to inf or NaN in the first steps.
-    space["space"] = {"train.lr": {"type": "grid", "values": [1.0e6, 1.0e-3]}}
+    space["search"].update(searcher=searcher, scheduler="fifo", num_samples=1)
+    space["space"] = {"train.lr": lr}
     space["train"].update(epochs=1, warmup_epochs=0.0, grad_clip=0.0)
     space["resources"]["max_failures"] = 0
     space["data"]["synthetic"]["enabled"] = False
-    space_file = tmp_path / "failing.yaml"
-    space_file.write_text(json.dumps(space))
+    path.write_text(json.dumps(space))
+    return path
+
+
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path, ray_env):
+    # A grid makes the two trials deterministic; lr 1e6 drives the loss to inf or NaN in the first steps.
+    space_file = _one_epoch_space(
+        tmp_path / "failing.yaml", {"type": "grid", "values": [1.0e6, 1.0e-3]}, searcher="random"
+    )
     results = tmp_path / "results"
     # Run from the manifests' folder and name them relatively, as a user does: Tune runs each trial in its own
     # trial folder, so the driver must hand the trials absolute paths (before, every trial failed to find them).
@@ -317,14 +324,8 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
 def test_resume_of_a_sweep_with_an_errored_trial_keeps_the_optuna_study_whole(prepared_data, tmp_path, ray_env):
     """--resume restarted errored trials under new ids, which OptunaSearch had never seen: the first report raised
     KeyError in the searcher and ended the resumed sweep. Resumed, the trial keeps its id and fails again, cleanly."""
-    space = config.load("demo").to_dict()
-    space["search"].update(scheduler="fifo", num_samples=1)  # Optuna, the default searcher
-    space["space"] = {"train.lr": {"type": "choice", "values": [1.0e6]}}  # a non-finite loss in the first steps
-    space["train"].update(epochs=1, warmup_epochs=0.0, grad_clip=0.0)
-    space["resources"]["max_failures"] = 0
-    space["data"]["synthetic"]["enabled"] = False
-    space_file = tmp_path / "errored.yaml"
-    space_file.write_text(json.dumps(space))
+    # Optuna, the default searcher; lr 1e6 makes the loss non-finite in the first steps.
+    space_file = _one_epoch_space(tmp_path / "errored.yaml", {"type": "choice", "values": [1.0e6]}, searcher="optuna")
     results = tmp_path / "results"
     command = _sweep_command(str(space_file), "errored", results, prepared_data)
     outputs = []
@@ -618,9 +619,8 @@ def _tiny_model_and_optimizer():
 def test_training_state_loads_weights_only(tmp_path):
     import torch
 
-    # The restore path in the worker loop loads the training state with weights_only=True.
-    source = inspect.getsource(train.train_loop_per_worker)
-    assert re.search(r"torch\.load\(\s*Path\(directory\) / CHECKPOINT_STATE,[^)]*weights_only=True", source)
+    # The worker loop restores a checkpoint through train.restore_state, which loads the state with weights_only.
+    assert "restore_state(" in inspect.getsource(train.train_loop_per_worker)
 
     net, optimizer = _tiny_model_and_optimizer()
     good = tmp_path / "good"
@@ -636,11 +636,9 @@ def test_training_state_loads_weights_only(tmp_path):
         metrics={"auc": 0.5},
         report={"epoch": 3},
     )
-    state = torch.load(good / train.CHECKPOINT_STATE, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 3
     fresh, fresh_optimizer = _tiny_model_and_optimizer()
-    fresh.load_state_dict(state["model"])
-    fresh_optimizer.load_state_dict(state["optimizer"])
+    epoch, history = train.restore_state(good, fresh, fresh_optimizer, None, "cpu")
+    assert epoch == 3 and len(history) == 3
     for name, tensor in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor)
 
@@ -649,7 +647,7 @@ def test_training_state_loads_weights_only(tmp_path):
     evil.mkdir()
     torch.save({"epoch": 1, "model": net.state_dict(), "extra": _Payload(marker)}, evil / train.CHECKPOINT_STATE)
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
-        torch.load(evil / train.CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+        train.restore_state(evil, fresh, fresh_optimizer, None, "cpu")
     assert not marker.exists()
     # The payload is real: a full unpickle would have run it.
     torch.load(evil / train.CHECKPOINT_STATE, map_location="cpu", weights_only=False)

@@ -89,17 +89,9 @@ def decode_rows_uint16(
     return np.stack([resize_uint16(img, image_size) for img in images])
 
 
-def decode_rows(
-    batch: dict[str, np.ndarray],
-    image_size: tuple[int, int],
-    use_cache: bool,
-    *,
-    decode_size: tuple[int, int] | None = None,
-    reduced_decode: bool = True,
-) -> np.ndarray:
-    """Pixels of a batch of manifest rows as float32 (N, H, W) in [0, 1]."""
-    images = decode_rows_uint16(batch, image_size, use_cache, decode_size=decode_size, reduced_decode=reduced_decode)
-    return images.astype(np.float32) / PIXEL_SCALE
+def decode_rows(batch: dict[str, np.ndarray], image_size: tuple[int, int], use_cache: bool, **options) -> np.ndarray:
+    """Pixels of a batch of manifest rows as float32 (N, H, W) in [0, 1]; ``options`` as :func:`decode_rows_uint16`'s."""
+    return decode_rows_uint16(batch, image_size, use_cache, **options).astype(np.float32) / PIXEL_SCALE
 
 
 def normalise(images01: np.ndarray) -> np.ndarray:

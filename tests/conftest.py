@@ -69,7 +69,7 @@ def _testdata_dir() -> Path:
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     folder = _testdata_dir()
-    if not (folder / "MG1_J2KI.dcm").is_file():
+    if not all((folder / name).is_file() for name in ("MG1_J2KI.dcm", "MG1_JPLY.dcm")):
         pytest.fail(
             f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
             "set MAMMO_RAY_TESTDATA to its folder."

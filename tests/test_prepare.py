@@ -32,22 +32,6 @@ CACHE_COLUMNS = {"cache_file", "cache_offset", "cache_nbytes", "cache_height", "
 MANIFEST_COLUMNS = set(manifest.REQUIRED) | {"split", "age", "density", "manufacturer", "birads"}
 
 
-def _testdata_dir() -> Path:
-    override = os.environ.get("MAMMO_RAY_TESTDATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dicom"
-
-
-@pytest.fixture(scope="module")
-def testdata() -> Path:
-    folder = _testdata_dir()
-    if not (folder / "MG1_JPLY.dcm").is_file() or not (folder / "MG1_J2KI.dcm").is_file():
-        pytest.fail(
-            f"DICOM test data not found at {folder}. It ships beside the repository as shared/testdata/dicom; "
-            "set MAMMO_RAY_TESTDATA to its folder."
-        )
-    return folder
-
-
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """6 patients, 60 DICOMs at 128×104 (a few seconds to write)."""

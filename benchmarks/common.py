@@ -99,9 +99,13 @@ def start_ray(num_cpus: int | None = None) -> int:
     """Start a fresh local Ray instance with ``num_cpus`` (default: this machine's cores); return that number.
 
     ``address="local"`` never joins another process's cluster on a shared machine. The dashboard stays on:
-    without it Train V2's placement-group cleaner warns every second.
+    without it Train V2's placement-group cleaner warns every second. The cluster gets the same system settings
+    as one that ``tune``/``train`` start themselves (``cli.LOCAL_SYSTEM_CONFIG``: idle workers are kept for a
+    minute), so that per-trial start-up costs here what it costs a user.
     """
     import ray
+
+    from mammo_ray import cli
 
     set_quiet_env()
     num_cpus = num_cpus or cores()
@@ -116,6 +120,7 @@ def start_ray(num_cpus: int | None = None) -> int:
         logging_level=logging.WARNING,
         log_to_driver=True,
         runtime_env={"env_vars": {k: os.environ[k] for k in (*QUIET_ENV, "RAY_DATA_LOGGING_CONFIG")}},
+        _system_config=dict(cli.LOCAL_SYSTEM_CONFIG),
     )
     return num_cpus
 

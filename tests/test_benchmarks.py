@@ -219,3 +219,21 @@ def test_ingest_closes_its_stream(fail_after):
         with pytest.raises(RuntimeError, match="pipeline failed"):
             ingest.run_ours(Dataset(), n_rows=8, batch_size=2, epochs=1, warmup_s=0.0)
     assert passes and passes[-1].closed
+
+
+def test_benchmark_ray_gets_the_products_local_system_config(monkeypatch):
+    """The benchmarks' cluster keeps idle workers as long as the one ``tune`` starts, so trial start-up is alike."""
+    import ray
+
+    from mammo_ray import cli
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(common, "_pin_address", lambda: None)
+    monkeypatch.setattr(common, "set_quiet_env", lambda: None)
+    for key in (*common.QUIET_ENV, "RAY_DATA_LOGGING_CONFIG"):
+        monkeypatch.setenv(key, "x")
+    assert common.start_ray(2) == 2
+    assert calls[0]["_system_config"] == cli.LOCAL_SYSTEM_CONFIG
+    assert calls[0]["address"] == "local"

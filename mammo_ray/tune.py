@@ -68,13 +68,40 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def trial_function(
-    params: dict[str, Any], *, base: dict[str, Any], manifests: dict[str, str | None], experiment: str
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    manifests: dict[str, str | None],
+    experiment: str,
+    slots: Any = None,
 ) -> None:
     """One trial: the base config plus this trial's parameters, fitted by a TorchTrainer.
 
-    ``experiment`` is the sweep's folder on its storage, a local path or a URI (Train takes either).
+    ``experiment`` is the sweep's folder on its storage, a local path or a URI (Train takes either). ``slots`` is
+    the sweep's :class:`mammo_ray.trial_slots.TrialSlots` actor: the trial waits for a slot before it starts.
     """
     import ray.tune
+
+    from mammo_ray import trial_slots
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    slot = trial_slots.Slot(slots, trial_id) if slots is not None else None
+    if slot is not None:
+        _SLOTS[trial_id] = slot
+        slot.acquire()
+        if slot.released:  # Tune stopped the trial while it waited
+            return
+    try:
+        _fit_trial(params, base, manifests, experiment, trial_id)
+    finally:
+        if slot is not None:
+            slot.release()
+            _SLOTS.pop(trial_id, None)
+
+
+def _fit_trial(
+    params: dict[str, Any], base: dict[str, Any], manifests: dict[str, str | None], experiment: str, trial_id: str
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mammo_ray import train
@@ -83,7 +110,6 @@ def trial_function(
     frames = manifest.load_manifests(manifests, check_files=False, use_cache=cfg.data.use_cache)
     runs = str(storage.join(experiment, TRAIN_RUNS))
     # A fixed Train run name per trial lets a restarted trial (--resume, max_failures) find its checkpoints.
-    trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"trial_{trial_id}"
     storage.write_text(storage.join(runs, run_name, "config.yaml"), config_mod.dump(cfg))
     stopper = train.RunStopper()
@@ -106,6 +132,8 @@ def trial_function(
 # The Train runs of the trials in this process (a trial actor runs one trial), by trial id, so that
 # _StopRunFirst can reach its trial's run.
 _RUNNING: dict[str, Any] = {}
+# The trial slots (trial_slots.Slot) held or awaited by the trials in this process, by trial id.
+_SLOTS: dict[str, Any] = {}
 # How long a stopped trial waits for its Train run to leave: a step, the controller's shutdown and, when the stop
 # comes early, the worker group's start-up.
 STOP_TIMEOUT_S = 60.0
@@ -125,6 +153,9 @@ class _StopRunFirst:
                 f"warning: trial {self.trial_id}: its Train run did not stop within {STOP_TIMEOUT_S:.0f} s",
                 file=sys.stderr,
             )
+        slot = _SLOTS.get(self.trial_id)
+        if slot is not None:  # after the run has left: the next trial's run must not meet this one's
+            slot.release()
         super().cleanup()
 
 
@@ -132,13 +163,18 @@ class _StopRunFirst:
 trial_function.__mixins__ = (_StopRunFirst,)
 
 
-def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment: str | Path):
-    """The Tune trainable, with the small trial actor that only drives a TorchTrainer."""
+def make_trainable(cfg: config_mod.Config, manifests: dict[str, str | None], experiment: str | Path, slots: Any = None):
+    """The Tune trainable, with the small trial actor that only drives a TorchTrainer.
+
+    ``slots``: the sweep's :class:`mammo_ray.trial_slots.TrialSlots` actor (None: trials take no slot).
+    """
     from ray import tune
 
     base = cfg.to_dict()
     base["space"] = {}
-    trainable = tune.with_parameters(trial_function, base=base, manifests=manifests, experiment=str(experiment))
+    trainable = tune.with_parameters(
+        trial_function, base=base, manifests=manifests, experiment=str(experiment), slots=slots
+    )
     return tune.with_resources(trainable, {"cpu": cfg.resources.trial_cpus})
 
 
@@ -179,13 +215,12 @@ def make_scheduler(cfg: config_mod.Config):
     )
 
 
-def make_tuner(
-    cfg: config_mod.Config, manifests: dict[str, str | None], results: Path, storage_location: str | None = None
-):
+def make_tuner(cfg: config_mod.Config, trainable, results: Path, storage_location: str | None = None):
+    """The sweep's Tuner over ``trainable`` (:func:`make_trainable`)."""
     from ray import tune
 
     return tune.Tuner(
-        make_trainable(cfg, manifests, experiment_path(cfg, results, storage_location)),
+        trainable,
         param_space=tune_space(cfg.space),
         tune_config=tune.TuneConfig(
             metric=cfg.search.metric,
@@ -522,7 +557,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
     """
     from ray import tune
 
-    from mammo_ray import cli, export
+    from mammo_ray import cli, export, trial_slots
 
     started = time.perf_counter()
     try:
@@ -553,7 +588,8 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
         counts = manifest.summary(frame)
         print(f"{role}: {counts['n_images']} images, {counts['n_positive']} positive, {counts['n_patients']} patients")
 
-    trainable = make_trainable(cfg, manifests, experiment)
+    # The searcher holds back new suggestions beyond the limit; restored trials bypass it, so the trials hold it too.
+    trainable = make_trainable(cfg, manifests, experiment, trial_slots.start(cfg.resources.max_concurrent_trials))
     if args.resume and tune.Tuner.can_restore(str(experiment)):
         print(f"resuming the sweep in {storage.public(experiment)}")
         # resume_errored, not restart_errored: a restarted trial gets a new id that OptunaSearch has never seen, and
@@ -561,7 +597,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
         # Train run goes on from its last checkpoint.
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
-        tuner = make_tuner(cfg, manifests, results, args.storage)
+        tuner = make_tuner(cfg, trainable, results, args.storage)
     grid = tuner.fit()
 
     unfinished = unfinished_trials(experiment)

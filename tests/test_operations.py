@@ -341,6 +341,28 @@ def test_resume_of_a_sweep_with_an_errored_trial_keeps_the_optuna_study_whole(pr
     assert len(_optuna_trials(results / "errored" / "optuna.db", "errored")) == 1
 
 
+@pytest.mark.slow
+def test_resume_runs_errored_trials_no_more_at_a_time_than_the_concurrency_limit(prepared_data, tmp_path, ray_env):
+    """Tune gives every resumed trial an actor at once: the concurrency limiter only holds back new suggestions. Two
+    errored demo trials resumed side by side reserve 1.2 of the 2 CPUs, Ray Data gets no whole CPU and the resumed
+    sweep hung. The trials now queue for the sweep's slots."""
+    space_file = _one_epoch_space(tmp_path / "errored2.yaml", {"type": "choice", "values": [1.0e6]}, searcher="optuna")
+    results = tmp_path / "results"
+    command = _sweep_command(str(space_file), "errored2", results, prepared_data, "--num-samples", "2")
+    outputs = []
+    for extra in ([], ["--resume"]):
+        proc = subprocess.run(
+            [*command, *extra], cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=300, check=False
+        )
+        outputs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 1 and "nothing to export" in outputs[-1], _tail(outputs[-1])
+    assert "resuming the sweep" in outputs[1], _tail(outputs[1])
+    experiment = results / "errored2"
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == 2 and board["status"].tolist() == ["ERROR", "ERROR"]
+    assert len(_optuna_trials(experiment / "optuna.db", "errored2")) == 2
+
+
 # Trials that run side by side, as the shipped spaces' max_concurrent_trials: 4 asks on a GPU node. The driver's
 # Ray gets 4 logical CPUs on the 2 cores, so that two 0.6-CPU trials still leave Ray Data a whole CPU.
 CONCURRENT_DRIVER = """

@@ -463,6 +463,10 @@ def validate(config: Config, source: str = "config") -> Config:
     for key, value in _walk(config):
         if key != "space":
             _check_value(key, value, source)
+    # The name becomes a folder (results/<name>, <storage>/<name>) that --overwrite deletes: one plain folder name.
+    name = config.name
+    if not name or name in {".", ".."} or any(sep in name for sep in "/\\") or name != name.strip():
+        raise ConfigError(f"{source}: name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
     # ConvNeXt shrinks its input 32-fold (stem 4, three 2× downsamplings); a smaller side leaves its last stage no
     # pixel and every Train worker failed at its first step.
     if len(config.data.image_size) != 2 or min(config.data.image_size) < MIN_IMAGE_SIDE:

@@ -544,7 +544,31 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if taken and args.overwrite and not args.resume:
+        try:
+            foreign = [location for location in taken if not holds_a_sweep(location)]
+        except storage.StorageError as err:
+            print(f"error: --storage {err}", file=sys.stderr)
+            return 2
+        if foreign:
+            print(
+                f"error: --overwrite would delete {storage.public(foreign[0])}, which does not hold a mammo_ray "
+                f"sweep (no {' or '.join(SWEEP_MARKERS)}); choose another --name, or remove that folder yourself",
+                file=sys.stderr,
+            )
+            return 2
     return run_sweep(cfg, args, results, experiment, out_dir)
+
+
+# Files that only a sweep's folder holds: ours (write_sweep_files, before Ray starts) and Tune's experiment state.
+SWEEP_MARKERS = ("manifests.json", "tuner.pkl")
+
+
+def holds_a_sweep(location: str | Path) -> bool:
+    """Whether ``--overwrite`` may delete ``location``: it holds a sweep's files, or nothing at all."""
+    if any(storage.is_file(storage.join(location, marker)) for marker in SWEEP_MARKERS):
+        return True
+    return not storage.is_uri(str(location)) and Path(location).is_dir() and not any(Path(location).iterdir())
 
 
 def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Path, out_dir: Path) -> int:

@@ -34,6 +34,43 @@ def test_tune_without_manifests_stops_before_ray():
     assert "Ray dashboard" not in proc.stdout  # Ray never started
 
 
+def test_overwrite_refuses_a_folder_that_holds_no_sweep_and_deletes_nothing(tmp_path):
+    """--overwrite ran shutil.rmtree on whatever results/<name> was: a prepared data folder named like the sweep
+    was deleted whole."""
+    data = tmp_path / "results" / "embed"
+    (data / "images").mkdir(parents=True)
+    (data / "train.parquet").write_bytes(b"user data")
+    (data / "images" / "a.dcm").write_bytes(b"user image")
+    proc = run_module(
+        "mammo_ray.tune", "--space", "demo", "--name", "embed", "--results", str(tmp_path / "results"), "--overwrite"
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "does not hold a mammo_ray sweep" in proc.stderr and str(data) in proc.stderr
+    assert "Ray dashboard" not in proc.stdout
+    assert (data / "train.parquet").read_bytes() == b"user data" and (data / "images" / "a.dcm").is_file()
+
+
+def test_holds_a_sweep_knows_a_sweep_folder_and_an_empty_one(tmp_path):
+    assert not tune.holds_a_sweep(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert tune.holds_a_sweep(empty)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "leaderboard.csv").write_text("trial_id\n")
+    assert not tune.holds_a_sweep(sweep)
+    (sweep / "manifests.json").write_text("{}")
+    assert tune.holds_a_sweep(sweep)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "a\\\\b"])
+def test_a_name_that_is_not_one_folder_name_is_refused_before_ray(name, tmp_path):
+    proc = run_module(
+        "mammo_ray.tune", "--space", "demo", "--set", f"name={name}", "--results", str(tmp_path), "--dry-run"
+    )
+    assert proc.returncode == 2 and "name must be a single folder name" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("name", ["cli", "export", "predict", "prepare", "synth", "train", "tune"])
 def test_python_dash_m_runs_the_importable_module(name, monkeypatch):
     """`python -m mammo_ray.<name>` calls the imported module's main, not that of a second, `__main__` copy.

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -387,12 +390,16 @@ OUTPUT_COLUMNS = (
 )
 
 
-def check_output(out: Path, source: Path) -> None:
+def check_output(out: Path, source: Path, paths: Iterable[str] = ()) -> None:
     """Refuse, before any image is scored, an ``--out`` that cannot take the CSV or would write into the input.
 
+    ``paths``: the images to score; ``--out`` may not lie in (or under) a folder that holds one of them, so a
+    manifest's or a single file's images are as safe as a folder input's (an ``--out`` that named an input image
+    replaced it with the CSV).
+
     Raises:
-        ValueError: a folder, the input file itself, a path inside the input folder, or a folder that cannot be
-            created.
+        ValueError: a folder, the input file itself, a path inside the input folder or inside a folder that holds
+            an input image, or a folder that cannot be created or written.
     """
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'predictions.csv'}")
@@ -400,10 +407,22 @@ def check_output(out: Path, source: Path) -> None:
         raise ValueError(f"--out {out} is the --input manifest itself; write the predictions elsewhere")
     if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise ValueError(f"--out {out} lies inside the --input folder {source}; predict does not write into the data")
+    image_folders = {os.path.dirname(os.path.abspath(p)) for p in paths if isinstance(p, str) and p and "://" not in p}
+    image_folders |= {os.path.realpath(folder) for folder in image_folders}
+    for folder in (out.parent.absolute(), out.parent.resolve()):
+        inside = sorted(image_folders & {str(f) for f in (folder, *folder.parents)})
+        if inside:
+            raise ValueError(
+                f"--out {out} lies inside {inside[0]}, a folder that holds input images; predict does not write "
+                "into the data"
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # A folder that cannot be written fails now, not after every image has been scored.
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
     except OSError as err:
-        raise ValueError(f"--out {out}: cannot create its folder ({err})") from err
+        raise ValueError(f"--out {out}: cannot write in its folder ({err})") from err
 
 
 def output_frame(
@@ -462,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.image_size, "pass its manifest, or pass the image files or their folder as --input"
         )
         manifest.check_cache_size(frame, cfg.data.image_size, args.input, remedy)
-        check_output(out, source)
+        check_output(out, source, frame["path"].tolist())
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

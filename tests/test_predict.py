@@ -84,8 +84,8 @@ def test_a_manifest_needs_only_image_id_and_path_and_a_blank_label_is_unknown(bu
 
 
 def test_nothing_readable_is_an_error_after_the_csv_with_the_reasons(bundle, tmp_path, capsys):
-    (tmp_path / "m.csv").write_text("image_id,path\na,missing1.dcm\nb,missing2.dcm\n")
-    out = tmp_path / "scores.csv"
+    (tmp_path / "m.csv").write_text("image_id,path\na,data/missing1.dcm\nb,data/missing2.dcm\n")
+    out = tmp_path / "scores.csv"  # not in data/, the images' folder
     assert run(bundle, tmp_path / "m.csv", out) == 1
     assert pd.read_csv(out)["error"].notna().all()
     assert "no image" in capsys.readouterr().err
@@ -98,6 +98,11 @@ def test_nothing_readable_is_an_error_after_the_csv_with_the_reasons(bundle, tmp
         ("out_is_input", [], "is the --input manifest itself"),
         ("out_in_input", [], "inside the --input folder"),
         ("out_is_folder", [], "is a folder"),
+        # Before, a manifest's or a single file's image folder was not protected: this --out replaced the image.
+        ("out_is_an_image", [], "a folder that holds input images"),
+        ("out_beside_the_file", [], "a folder that holds input images"),
+        # Before, every image was scored and then the CSV's write failed with a traceback.
+        ("out_unwritable", [], "cannot write in its folder"),
         ("dup_ids", [], "appear more than once"),
         (None, ["--threshold", "5"], "must lie in [0, 1]"),
         (None, ["--threshold", "nan"], "must lie in [0, 1]"),
@@ -110,7 +115,7 @@ def test_bad_inputs_and_outputs_are_refused_before_scoring(bundle, dicoms, tmp_p
     source, out = folder, tmp_path / "scores.csv"
     if setup != "empty":
         shutil.copy(dicoms[0], folder / "a.dcm")
-    if setup in ("out_is_input", "dup_ids"):
+    if setup in ("out_is_input", "dup_ids", "out_is_an_image"):
         ids = ["a", "a"] if setup == "dup_ids" else ["a", "b"]
         source = tmp_path / "m.csv"
         pd.DataFrame({"image_id": ids, "path": [str(folder / "a.dcm")] * 2}).to_csv(source, index=False)
@@ -118,6 +123,13 @@ def test_bad_inputs_and_outputs_are_refused_before_scoring(bundle, dicoms, tmp_p
             out = source
     if setup == "out_in_input":
         out = folder / "scores.csv"
+    if setup == "out_is_an_image":
+        out = folder / "a.dcm"
+    if setup == "out_beside_the_file":
+        source, out = folder / "a.dcm", folder / "scores.csv"
+    if setup == "out_unwritable":
+        out = Path("/proc/scores.csv")  # a folder nobody, root included, can create a file in
+    image = (folder / "a.dcm").read_bytes() if (folder / "a.dcm").is_file() else None
     if setup == "out_is_folder":
         out = tmp_path
     before = source.read_bytes() if source.is_file() else None
@@ -125,6 +137,8 @@ def test_bad_inputs_and_outputs_are_refused_before_scoring(bundle, dicoms, tmp_p
     assert needle in capsys.readouterr().err
     if before is not None:
         assert source.read_bytes() == before
+    if image is not None:
+        assert (folder / "a.dcm").read_bytes() == image
     assert not (tmp_path / "scores.csv").is_file() and not (folder / "scores.csv").exists()
 
 

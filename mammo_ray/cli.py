@@ -401,17 +401,33 @@ def resolve_weights(cfg: config_mod.Config) -> None:
         spec["values"] = [resolve(value, "space.model.pretrained") for value in spec["values"]]
 
 
-def needs_synthetic(cfg: config_mod.Config, args) -> bool:
+def needs_synthetic(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> bool:
+    """Whether the run trains on the synthetic set: no data of the user's was named at all, and the config allows it."""
     paths = manifest_paths(cfg, args)
-    return not (paths["train"] and paths["valid"]) and cfg.data.synthetic.enabled
+    return not (any(paths.values()) or any(reference_csvs)) and cfg.data.synthetic.enabled
 
 
 def check_data_given(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> None:
-    """Fail fast, before Ray starts, when there is no data to train on."""
+    """Fail fast, before Ray starts, when there is no data to train on, or only part of the user's.
+
+    Half of a pair (``--train`` without ``--valid``, a test manifest alone, one of the reference's CSVs) is an
+    error even where the synthetic set is enabled: falling back to it would train on other data than was named.
+    """
     paths = manifest_paths(cfg, args)
     if paths["train"] and paths["valid"]:
         return
-    if all(reference_csvs) or cfg.data.synthetic.enabled:
+    if all(reference_csvs):
+        return
+    named = [f"--{role} {paths[role]}" for role in ("train", "valid", "test") if paths[role]]
+    flags = ("train_csv_pth", "valid_csv_pth")
+    named += [f"--{flag} {csv}" for flag, csv in zip(flags, reference_csvs, strict=True) if csv]
+    if named:
+        raise DataMissingError(
+            f"{', '.join(named)} given without the rest of its pair: pass both --train and --valid manifests (or "
+            "set data.train and data.valid in the space file), or both --train_csv_pth and --valid_csv_pth for "
+            "train. Nothing was run: the built-in synthetic set is used only when no data is named at all."
+        )
+    if cfg.data.synthetic.enabled:
         return
     missing = [f"--{role}" for role in ("train", "valid") if not paths[role]]
     raise DataMissingError(
@@ -444,7 +460,7 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
     paths = manifest_paths(cfg, args)
     if not (paths["train"] and paths["valid"]) and all(reference_csvs):
         return _reference_frames(reference_csvs, test=paths["test"])
-    if needs_synthetic(cfg, args):
+    if needs_synthetic(cfg, args, reference_csvs):
         start_ray(address=getattr(args, "address", None))
         generated = synthetic_manifests(cfg)
         paths = {"train": generated["train"], "valid": generated["valid"], "test": generated.get("test")}

@@ -71,6 +71,24 @@ def test_a_name_that_is_not_one_folder_name_is_refused_before_ray(name, tmp_path
     assert proc.returncode == 2 and "name must be a single folder name" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("module", "flags"),
+    [
+        ("mammo_ray.tune", ["--space", "demo", "--train", "mine.parquet"]),
+        ("mammo_ray.tune", ["--space", "demo", "--valid", "mine.parquet", "--test", "t.parquet"]),
+        ("mammo_ray.train", ["--train_csv_pth", "mine.csv"]),
+        ("mammo_ray.train", ["--train", "mine.parquet", "--valid_csv_pth", "v.csv"]),
+    ],
+)
+def test_half_of_the_users_data_is_an_error_not_the_synthetic_set(module, flags, tmp_path):
+    """The demo space (train's default config) enables the synthetic set; with only --train given it trained on the
+    synthetic set instead of the user's data, silently."""
+    proc = run_module(module, *flags, "--results" if module.endswith("tune") else "--out_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "given without the rest of its pair" in proc.stderr and "mine." in proc.stderr
+    assert "Ray dashboard" not in proc.stdout and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("name", ["cli", "export", "predict", "prepare", "synth", "train", "tune"])
 def test_python_dash_m_runs_the_importable_module(name, monkeypatch):
     """`python -m mammo_ray.<name>` calls the imported module's main, not that of a second, `__main__` copy.

@@ -494,11 +494,13 @@ def prepared_synthetic(
     root = Path(info["manifest_csv"]).parent
     out = root / f"prepared-v{prepare.PREPROCESS_VERSION}-{image_size[0]}x{image_size[1]}"
     expected = {role: out / f"{role}.parquet" for role in ("train", "valid", "test")}
-    if (out / "complete").is_file() and all(p.is_file() for p in expected.values()):
+    # prepare writes its summary last, so it marks a complete folder; no marker of our own goes in, as prepare refuses
+    # an --out that holds files it did not write.
+    if (out / prepare.SUMMARY).is_file() and all(p.is_file() for p in expected.values()):
         return {role: str(p) for role, p in expected.items()}
+    (out / "complete").unlink(missing_ok=True)  # the marker this function wrote before
     table = importers.import_source("generic", [info["manifest_csv"]], root)
     paths = prepare.run(table, out, size=tuple(image_size), fractions=SYNTH_SPLIT, seed=seed, progress=False)
-    (out / "complete").write_text(now_iso() + "\n")
     return {role: str(p) for role, p in paths.items()}
 
 

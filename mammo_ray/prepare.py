@@ -20,7 +20,8 @@ Files that cannot be used go to ``prepare_report.csv`` (path, error) and the run
 than ``--max-bad-fraction`` of them fail. Shards are written to temporary names and renamed; a second
 run reuses every shard whose index and pixel file agree and redoes the rest. The cache folder is named
 by a hash of the preprocessing settings, so a cache built with another ``--size`` is never reused.
-Inputs are only read: everything is written under ``--out``, which may not lie inside an input folder.
+Inputs are only read: everything is written under ``--out``, which may not lie inside an image folder, be a
+table's folder, or hold files prepare did not write.
 On a multi-node cluster ``--out`` must be storage that every node mounts at the same path, because the
 tasks write their shards directly.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = 3
 REPORT = "prepare_report.csv"
 SUMMARY = "prepare_summary.json"
+CACHE_FOLDER = "cache"
+# Everything prepare writes in --out. Any other item there is the user's, and the folder is refused: prepare
+# replaces these names and removes the manifest of a split that a run leaves empty.
+OUTPUT_FILES = (*(f"{role}.parquet" for role in manifest.SPLITS), REPORT, SUMMARY)
+OUTPUT_ITEMS = (*OUTPUT_FILES, CACHE_FOLDER)
 SMOKE_TEST_PATIENTS = 16
 IN_FLIGHT_PER_CPU = 2  # enough queued work to keep every CPU busy while the driver collects results
 # Automatic shard size (``auto_shard_size``). Shards are the unit of parallelism: 300 images in fixed 256-image
@@ -289,8 +296,17 @@ def check_images_and_out(images: str, out: str) -> None:
         raise PrepareError(f"--out {out} is a file; name a folder for the manifests and the cache")
 
 
-def check_output_folder(out: str | Path, images_root: str | Path | None = None, paths: Iterable[str] = ()) -> None:
-    """Refuse an output folder inside ``--images`` or inside any folder that holds an input image.
+def check_output_folder(
+    out: str | Path,
+    images_root: str | Path | None = None,
+    paths: Iterable[str] = (),
+    tables: Iterable[str | Path] = (),
+) -> None:
+    """Refuse an output folder inside ``--images`` or inside any folder that holds an input image, and one that is
+    the folder of a ``--csv`` table (``tables``).
+
+    A subfolder of a table's folder is allowed (``--csv my.csv --out prepared``): it holds only what prepare writes,
+    which :func:`check_own_output` makes sure of.
 
     Raises:
         PrepareError: naming both folders.
@@ -298,6 +314,15 @@ def check_output_folder(out: str | Path, images_root: str | Path | None = None, 
     out_abs = Path(os.path.abspath(out))
     ancestors = {str(p) for p in (out_abs, *out_abs.parents)}
     ancestors |= {str(p) for p in (out_abs.resolve(), *out_abs.resolve().parents)}
+    for table in tables:
+        if manifest.is_remote(str(table)):
+            continue
+        folders = {os.path.dirname(os.path.abspath(table)), os.path.dirname(os.path.realpath(table))}
+        if folders & {str(out_abs), str(out_abs.resolve())}:
+            raise PrepareError(
+                f"--out {out_abs} is the folder of --csv {table}; prepare never writes into input folders. "
+                "Choose an --out of its own, e.g. a new subfolder."
+            )
     if images_root is not None and not manifest.is_remote(str(images_root)):
         for root in {os.path.abspath(images_root), str(Path(images_root).resolve())}:
             if root in ancestors:
@@ -315,6 +340,49 @@ def check_output_folder(out: str | Path, images_root: str | Path | None = None, 
             f"--out {out_abs} is inside {inside[0]}, a folder that holds input images; prepare never writes "
             "into input folders. Choose an --out outside the image tree."
         )
+
+
+def _is_own_temporary(name: str) -> bool:
+    """A temporary file of an interrupted atomic write of one of prepare's outputs (``io.atomic_write``)."""
+    return name.endswith(".tmp") and any(name.startswith(f".{item}.") for item in OUTPUT_FILES)
+
+
+def check_own_output(out: str | Path) -> None:
+    """Refuse an ``--out`` that holds files prepare did not write.
+
+    prepare replaces its manifests, report and summary in ``--out`` and removes the manifest of a split that a run
+    leaves empty. Run into the user's own folder (the one holding the table and the images, or a curated
+    ``test.parquet``), that replaced or deleted their files. So ``--out`` must be new, empty, or an earlier prepare's
+    output: nothing but :data:`OUTPUT_ITEMS` (and temporaries of its atomic writes), with ``prepare_summary.json`` or
+    a ``cache/<settings>/settings.json`` (written first, so a run that failed later is still resumed) to show that
+    prepare wrote them.
+
+    Raises:
+        PrepareError: naming the folder and the first items prepare did not write.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in names if name not in OUTPUT_ITEMS and not _is_own_temporary(name)]
+    ours = (out / SUMMARY).is_file() or any((out / CACHE_FOLDER).glob("*/settings.json"))
+    if foreign or (names and not ours):
+        shown = ", ".join((foreign or names)[:5]) + (" ..." if len(foreign or names) > 5 else "")
+        raise PrepareError(
+            f"--out {out} holds files prepare did not write ({shown}); prepare writes {', '.join(OUTPUT_FILES)} and "
+            f"{CACHE_FOLDER}/ there and would replace or delete files of those names. Name a new or empty folder, "
+            "or the --out of an earlier prepare (to resume it)."
+        )
+
+
+def _listed_manifests(out: Path) -> set[str]:
+    """File names of the manifests the previous run's ``prepare_summary.json`` lists: the only ones prepare may
+    delete. Names, not paths, so that a prepared folder that was moved still counts as prepare's own."""
+    try:
+        listed = json.loads((out / SUMMARY).read_text())["manifests"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {Path(str(path)).name for path in listed}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -615,7 +683,8 @@ def prepare_table(
         max_bad_fraction: the run fails when more than this share of the images cannot be used.
         shard_size: images per shard (one Ray task each); default :func:`auto_shard_size` of the table.
         progress: show a tqdm bar.
-        images_root: the input image folder; ``out`` may not lie inside it.
+        images_root: the input image folder; ``out`` may not lie inside it. ``out`` must be new, empty or an
+            earlier prepare's output (:func:`check_own_output`).
         max_in_flight: most shard tasks submitted at once; default ``2 × cluster CPUs``.
         retry_failed: redo reused shards that hold failed images (e.g. after a network file system error).
         reduced_decode: decode JPEG 2000 at reduced resolution where ``size`` allows
@@ -638,6 +707,7 @@ def prepare_table(
     out = Path(os.path.abspath(out))
     manifest.validate_manifest(table, "prepare input", check_files=False)
     check_output_folder(out, images_root, table["path"])
+    check_own_output(out)
     table = assign_splits(table, fractions, seed).sort_values("image_id").reset_index(drop=True)
     problem = leak_message(table)
     if problem:
@@ -647,7 +717,7 @@ def prepare_table(
     reduction = {"j2k_min_oversampling": imaging.MIN_OVERSAMPLING} if reduced_decode else False
     settings = {"size": [int(s) for s in size], "preprocess": PREPROCESS_VERSION, "reduced_decode": reduction}
     key = cache.settings_key(settings)
-    cache_dir = out / "cache" / key
+    cache_dir = out / CACHE_FOLDER / key
     cache_dir.mkdir(parents=True, exist_ok=True)
     io.atomic_write_json(
         cache_dir / "settings.json", {**settings, "cache_format": cache.CACHE_FORMAT_VERSION, "dtype": "uint16"}
@@ -764,12 +834,24 @@ def prepare_table(
         frame.attrs["source"] = role
     manifest.check_overlap(frames)
 
+    listed = _listed_manifests(out)  # read before this run's summary replaces it
     paths = {role: io.atomic_write_parquet(out / f"{role}.parquet", frame) for role, frame in frames.items()}
     for role in manifest.SPLITS:
         stale = out / f"{role}.parquet"
-        if role not in paths and stale.is_file():
+        if role in paths or not stale.is_file():
+            continue
+        if stale.name in listed:
             stale.unlink()  # an older run's manifest for a split that is now empty would mix two preparations
             log.info("prepare: removed %s (the %s split is empty in this run)", stale, role)
+        else:
+            log.warning(
+                "prepare: left %s in place although the %s split is empty in this run: the previous %s does not "
+                "list it, so prepare did not write it (or was interrupted before its summary); it is not part of "
+                "this preparation",
+                stale,
+                role,
+                SUMMARY,
+            )
     _remove_stale_temporaries(cache_dir, wall_start)
     result = PrepareResult(
         paths=paths,
@@ -828,7 +910,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--csv", action="append", required=True, help="source table (repeat for several)")
     parser.add_argument("--images", required=True, help="root folder of the images (only read)")
-    parser.add_argument("--out", required=True, help="output folder (manifests, cache, report); not inside --images")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (manifests, cache, report): new, empty or an earlier prepare's; not inside --images",
+    )
     parser.add_argument(
         "--size",
         nargs=2,
@@ -928,7 +1014,7 @@ def plan(table: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
     manifest.validate_manifest(table.assign(split="all"), ", ".join(map(str, args.csv)), check_files=False)
     table = assign_splits(table, tuple(args.split), args.seed)
     table = subset_training(table, fraction=fraction, n_rows=n_rows, seed=args.seed)
-    check_output_folder(args.out, args.images, table["path"])
+    check_output_folder(args.out, args.images, table["path"], args.csv)
     problem = leak_message(table)
     if problem:
         raise PrepareError(problem)
@@ -942,7 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     try:
         check_images_and_out(args.images, args.out)
-        check_output_folder(args.out, args.images)  # before reading a single table
+        check_output_folder(args.out, args.images, tables=args.csv)  # before reading a single table
+        check_own_output(args.out)
         table = importers.import_source(args.source, args.csv, args.images)
         table = plan(table, args)
         cli.start_ray(address=args.address, verbose=args.verbose)

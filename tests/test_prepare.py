@@ -255,6 +255,93 @@ def test_an_image_folder_reached_through_a_symlink_is_still_an_input_folder(tmp_
         prepare.check_output_folder(tmp_path / "images" / "p1" / "out", None, [str(tmp_path / "link" / "p1" / "a.dcm")])
 
 
+def _user_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The audit's layout: a folder with the user's table, their images and their own curated test.parquet."""
+    data = tmp_path / "ds"
+    (data / "img").mkdir(parents=True)
+    rows = [
+        {"path": f"img/p{i}_{side}_CC.png", "label": int(i == 0), "patient_id": f"p{i}"}
+        for i in range(6)
+        for side in "LR"
+    ]
+    csv = _write_csv(data / "my.csv", pd.DataFrame(rows))
+    (data / "test.parquet").write_bytes(b"the user's own external test set")
+    return data, Path(csv), data / "img"
+
+
+@pytest.mark.parametrize(
+    ("out", "needle"),
+    [
+        ("ds", "is the folder of --csv"),  # the folder holding the table (and here also the images)
+        ("ds/img/..", "is the folder of --csv"),  # the same folder, spelt otherwise
+        (".", "holds files prepare did not write (ds)"),  # a parent of the table's and the images' folders
+        ("curated", "holds files prepare did not write (test.parquet)"),  # prepare's names, but not prepare's files
+    ],
+)
+def test_out_holding_the_users_files_is_refused_before_ray(tmp_path, capsys, monkeypatch, out, needle) -> None:
+    """prepare wrote its manifests next to the user's table and deleted their test.parquet (the test split was empty
+    in that run); an --out must be new, empty or an earlier prepare's own."""
+    from mammo_ray import cli
+
+    data, csv, images = _user_folder(tmp_path)
+    if out == "curated":
+        (tmp_path / "curated").mkdir()
+        shutil.copy(data / "test.parquet", tmp_path / "curated" / "test.parquet")
+    monkeypatch.setattr(cli, "start_ray", lambda **_: pytest.fail("Ray started: the --out was accepted"))
+    before = _tree_digest(tmp_path)
+    argv = ["--source", "generic", "--csv", str(csv), "--images", str(images), "--out", str(tmp_path / out)]
+    argv += ["--size", *map(str, SIZE), "--split", "0.5", "0.5", "0", "--no-progress"]
+    assert prepare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert _tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("items", "accepted"),
+    [
+        ((), True),  # new or empty
+        (("cache/abc/settings.json", "prepare_report.csv"), True),  # a first run that failed after caching: resumed
+        (("train.parquet", "valid.parquet", "prepare_summary.json", ".test.parquet.x1y2.tmp"), True),
+        (("train.parquet", "valid.parquet", "prepare_summary.json", "notes.txt"), False),
+        (("test.parquet",), False),  # a name prepare uses, but nothing shows that prepare wrote it
+        (("cache/abc/settings.json", "dicom/a.dcm"), False),
+    ],
+)
+def test_check_own_output(tmp_path, items, accepted) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for item in items:
+        (out / item).parent.mkdir(parents=True, exist_ok=True)
+        (out / item).write_text("x")
+    prepare.check_own_output(tmp_path / "missing")
+    if accepted:
+        prepare.check_own_output(out)
+    else:
+        with pytest.raises(PrepareError, match="holds files prepare did not write"):
+            prepare.check_own_output(out)
+
+
+def test_only_manifests_prepare_listed_are_removed(ray_session, synth_set, tmp_path, caplog) -> None:
+    """A manifest of a split that is empty in this run is removed only when the previous prepare_summary.json lists
+    it; a test.parquet the user put into the folder stays, with a warning. A rerun still resumes."""
+    table = _table(synth_set, 24)
+    out = tmp_path / "prepared"
+    run = functools.partial(prepare.prepare_table, table, out, size=SIZE, shard_size=8, progress=False)
+    first = run(fractions=(0.5, 0.25, 0.25))
+    assert set(first.paths) == {"train", "valid", "test"}
+    again = run(fractions=(0.6, 0.4, 0.0))  # prepare's own test.parquet, listed in its summary: removed
+    assert again.shards_reused == again.shards_total == 3
+    assert not (out / "test.parquet").exists()
+
+    (out / "test.parquet").write_bytes(b"the user's own external test set")
+    with caplog.at_level("WARNING", logger="mammo_ray.prepare"):
+        third = run(fractions=(0.6, 0.4, 0.0))
+    assert third.shards_reused == 3 and set(third.paths) == {"train", "valid"}
+    assert (out / "test.parquet").read_bytes() == b"the user's own external test set"
+    assert "left " in caplog.text and "test.parquet" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("images", "out", "needle"),
     [

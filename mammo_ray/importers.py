@@ -155,6 +155,45 @@ def _check_binary(values: pd.Series, path: Path | str, column: str) -> pd.Series
     return numeric.astype("int64")
 
 
+_SIDES = ("L", "LEFT", "R", "RIGHT")
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    text = values.astype("string").str.strip()
+    return (text.isna() | (text == "")).astype(bool)
+
+
+def _refuse_rows(values: pd.Series, bad: pd.Series, path: Path | str, column: str, expected: str | None) -> None:
+    """Raise naming the file, the column, the first rows where ``bad`` holds (1-based data rows) and their values.
+
+    A coded column read without this check turned every value outside its code set into "no cancer" (or dropped
+    the row), silently. ``expected`` says what the column may hold; None means it may not be blank.
+    """
+    bad = bad.fillna(False).astype(bool)
+    if not bad.any():
+        return
+    index = values.index[bad.to_numpy()]
+    rows = [int(i) + 1 for i in index]
+    if expected is None:
+        shown, what = [f"row {r}" for r in rows], "is blank"
+    else:
+        blank = _blank(values)
+        shown = [f"row {r} ({'blank' if blank[i] else repr(values[i])})" for r, i in zip(rows, index, strict=True)]
+        what = f"is not {expected}"
+    raise ImportErrorWithContext(
+        f"{path}: {len(rows)} row(s) whose {column!r} {what}: {_examples(shown)} "
+        "(rows are 1-based data rows, header excluded)",
+        file=path,
+        rows=rows[:5],
+    )
+
+
+def _refuse_unknown(values: pd.Series, known: Iterable[str], path: Path | str, column: str, expected: str) -> None:
+    """Refuse a filled-in value outside ``known`` (compared stripped and upper-case); blanks pass."""
+    text = values.astype("string").str.strip().str.upper()
+    _refuse_rows(values, ~_blank(values) & ~text.isin(list(known)), path, column, expected)
+
+
 def _laterality(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip().str.upper()
     mapped = text.map({"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"})
@@ -374,9 +413,29 @@ def _embed_relative(path: str) -> str:
     return path
 
 
+_EMBED_SIDES = {"L": "L", "R": "R", "B": "B", "LEFT": "L", "RIGHT": "R", "BILATERAL": "B"}
+
+
 def _embed_side(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip().str.upper()
-    return text.map({"L": "L", "R": "R", "B": "B", "LEFT": "L", "RIGHT": "R", "BILATERAL": "B"})
+    return text.map(_EMBED_SIDES)
+
+
+def _embed_image_type_kept(values: pd.Series, include_cview: bool) -> pd.Series:
+    image_type = values.astype("string").str.upper().str.replace(r"[^A-Z0-9]", "", regex=True)
+    return image_type.isin(["2D", "CVIEW"] if include_cview else ["2D"]).astype(bool)
+
+
+def _check_embed_clinical(frame: pd.DataFrame, path: Path) -> None:
+    """Refuse codes outside the EMBED README's sets (section VI): ``path_severity`` 0-6 or blank (no pathology),
+    ``side``/``bside`` L, R, B or blank. Before, ``path_severity`` "malignant" was read as no cancer and an unknown
+    side as both breasts."""
+    severity = pd.to_numeric(frame["path_severity"], errors="coerce")
+    outside = ~_blank(frame["path_severity"]) & ~severity.isin(range(7))
+    _refuse_rows(frame["path_severity"], outside, path, "path_severity", "a code 0-6 or blank")
+    for column in ("side", "bside"):
+        if column in frame.columns:
+            _refuse_unknown(frame[column], _EMBED_SIDES, path, column, "L, R, B or blank")
 
 
 def import_embed(
@@ -401,7 +460,9 @@ def import_embed(
     back to earlier exams by date) and the EMBED screening-label workflow
     (``resources/notebooks/screening_label_assignment.ipynb``: recall work-up within 180 days, interval
     cancers within 365 days). ``window_days=None`` or 0 uses the exam's own findings only. Images whose
-    exam has no clinical row have no known outcome and are dropped with a warning.
+    exam has no clinical row have no known outcome and are dropped with a warning. A ``path_severity`` outside
+    0-6, a ``side``/``bside`` outside L/R/B and a kept image's ``ImageLateralityFinal`` outside L/R are refused,
+    naming the file and row (blanks stay: no pathology, both breasts, unknown side).
 
     Kept images: ``FinalImageType`` "2D" (plus "C-view" with ``include_cview``); spot-compression and
     magnification views (``spot_mag`` = 1) are dropped unless ``include_spot_mag``, because they exist
@@ -428,10 +489,13 @@ def import_embed(
         if "anon_dicom_path" in header:
             frame = _read_csv(path, _EMBED_META_REQUIRED + _EMBED_META_OPTIONAL)
             _require(frame, path, _EMBED_META_REQUIRED, "EMBED metadata")
+            kept = frame[_embed_image_type_kept(frame["FinalImageType"], include_cview)]
+            _refuse_unknown(kept["ImageLateralityFinal"], _SIDES, path, "ImageLateralityFinal", "L or R")
             metadata.append(frame)
         elif "path_severity" in header or "asses" in header or "side" in header:
             frame = _read_csv(path, _EMBED_CLIN_REQUIRED + _EMBED_CLIN_OPTIONAL)
             _require(frame, path, _EMBED_CLIN_REQUIRED, "EMBED clinical")
+            _check_embed_clinical(frame, path)
             clinical.append(frame)
         else:
             raise ImportErrorWithContext(
@@ -451,8 +515,7 @@ def import_embed(
         frame["empi_anon"] = _norm_id(frame["empi_anon"])
         frame["acc_anon"] = _norm_id(frame["acc_anon"])
 
-    image_type = meta["FinalImageType"].astype("string").str.upper().str.replace(r"[^A-Z0-9]", "", regex=True)
-    keep = image_type.isin(["2D", "CVIEW"] if include_cview else ["2D"])
+    keep = _embed_image_type_kept(meta["FinalImageType"], include_cview)
     if "spot_mag" in meta.columns and not include_spot_mag:
         keep &= pd.to_numeric(meta["spot_mag"], errors="coerce").fillna(0) != 1
     meta = meta[keep].drop_duplicates(subset="anon_dicom_path").copy()
@@ -576,6 +639,25 @@ _CSAW_REQUIRED = (
 )
 
 
+_CSAW_BOTH = ("B", "BOTH", "BILATERAL")
+
+
+def _check_csaw(frame: pd.DataFrame, path: Path, use_timing: bool) -> None:
+    """Refuse codes the label cannot be read from: ``x_cancer_laterality`` other than Left/Right/both or blank (a
+    control), ``imagelaterality`` other than Left/Right (blank only where the row's cancer side does not need it),
+    ``rad_timing`` that is not a whole-number code. Before, each of them made a cancer breast "no cancer"."""
+    cancer = frame["x_cancer_laterality"]
+    _refuse_unknown(cancer, (*_SIDES, *_CSAW_BOTH), path, "x_cancer_laterality", "Left, Right, Both or blank (control)")
+    image = frame["imagelaterality"]
+    _refuse_unknown(image, _SIDES, path, "imagelaterality", "Left or Right")
+    one_side = cancer.astype("string").str.strip().str.upper().isin(_SIDES)
+    _refuse_rows(image, _blank(image) & one_side, path, "imagelaterality", "Left or Right (on a case's image)")
+    if use_timing and "rad_timing" in frame.columns:
+        timing = pd.to_numeric(frame["rad_timing"], errors="coerce")
+        outside = ~_blank(frame["rad_timing"]) & ~(timing.notna() & (timing % 1 == 0))
+        _refuse_rows(frame["rad_timing"], outside, path, "rad_timing", "a whole number (CSAW-CC codes 1-3) or blank")
+
+
 def import_csaw(
     csv_paths: CsvPaths, images_root: str | Path, *, positive_timings: Sequence[int] | None = (1, 2)
 ) -> pd.DataFrame:
@@ -586,7 +668,10 @@ def import_csaw(
     in ``positive_timings``: 1 = cancer found at this screen (screen-detected), 2 = cancer surfaced before
     the next screen (interval cancer). Earlier exams of cancer patients (``rad_timing`` 3, a round or more
     before diagnosis) and every image of a control are 0. Pass ``positive_timings=None`` (or use a table
-    without ``rad_timing``) to label every exam of the cancer breast positive.
+    without ``rad_timing``) to label every exam of the cancer breast positive. A blank ``x_cancer_laterality``
+    marks a control; any other value than Left/Right/both, an ``imagelaterality`` other than Left/Right (blank is
+    allowed where the cancer side does not need it) and a ``rad_timing`` that is not a whole number are refused,
+    naming the file and row.
 
     Mapping: ``anon_patientid`` → patient_id, ``anon_patientid`` + ``exam_year`` → exam_id,
     ``imagelaterality`` → laterality, ``viewposition`` → view, ``anon_filename`` → path and image_id.
@@ -599,9 +684,10 @@ def import_csaw(
     for path in paths:
         frame = _read_csv(path)
         _require(frame, path, _CSAW_REQUIRED, "CSAW-CC")
+        _check_csaw(frame, path, use_timing=positive_timings is not None)
         laterality = _laterality(frame["imagelaterality"])
         cancer_side = _laterality(frame["x_cancer_laterality"])
-        both = frame["x_cancer_laterality"].astype("string").str.strip().str.upper().isin(["B", "BOTH", "BILATERAL"])
+        both = frame["x_cancer_laterality"].astype("string").str.strip().str.upper().isin(_CSAW_BOTH)
         in_breast = ((cancer_side == laterality) & (laterality != "U")) | both
         if "rad_timing" in frame.columns and positive_timings is not None:
             timing = pd.to_numeric(frame["rad_timing"], errors="coerce")
@@ -803,7 +889,9 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
     → ``P_00001``; DDSM holds one exam per case) → exam_id, ``left or right breast`` → laterality,
     ``image view`` → view, ``breast density``/``breast_density`` 1-4 → density A-D, highest
     ``assessment`` → birads, ``image file path`` (first one in sort order) → path;
-    image_id = ``{patient_id}_{LEFT|RIGHT}_{view}``.
+    image_id = ``{patient_id}_{LEFT|RIGHT}_{view}``. A blank ``patient_id``, side, view or image path, and a side
+    other than LEFT/RIGHT, are refused naming the file and row: the image could not be found, or its findings
+    grouped.
     """
     paths = _as_list(csv_paths)
     frames = []
@@ -821,13 +909,19 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
                 file=path,
                 rows=rows[:5],
             )
+        # The image is found by patient, side and view, and read from its path: none may be blank (a blank key
+        # dropped its rows from the grouping, and so a MALIGNANT finding from its image's label).
+        for column in ("patient_id", "left or right breast", "image view", "image file path"):
+            _refuse_rows(frame[column], _blank(frame[column]), path, column, None)
+        side = frame["left or right breast"].astype("string").str.strip().str.upper()
+        _refuse_unknown(frame["left or right breast"], _SIDES, path, "left or right breast", "LEFT or RIGHT")
         density_column = _pick(frame, "breast density", "breast_density")
-        image_path = frame["image file path"].astype("string").str.strip().map(_clean_relative)
+        image_path = frame["image file path"].astype("string").str.strip().map(_clean_relative, na_action="ignore")
         frames.append(
             pd.DataFrame(
                 {
                     "patient_id": _norm_id(frame["patient_id"]),
-                    "side": frame["left or right breast"].astype("string").str.strip().str.upper(),
+                    "side": side.replace({"L": "LEFT", "R": "RIGHT"}),
                     "view": _view(frame["image view"]),
                     "malignant": (pathology == "MALIGNANT").astype("int64"),
                     "density": pd.to_numeric(frame[density_column], errors="coerce"),

@@ -317,6 +317,93 @@ def test_cbis_rejects_unknown_pathology(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Coded columns: a value outside a source's documented set is refused, naming file, row, column and value
+
+CODED_TABLES = {
+    "csaw": {"CSAW-CC.csv": CSAW},
+    "embed": {"metadata.csv": EMBED_META, "clinical.csv": EMBED_CLINICAL},
+    "cbis": {"mass_case_description_train_set.csv": CBIS_MASS, "calc_case_description_test_set.csv": CBIS_CALC},
+}
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "old", "new", "column", "shown"),
+    [
+        # Each of these was read as "no cancer" (or as both breasts, or dropped the row) without a word.
+        ("csaw", "CSAW-CC.csv", "1001,2012,1,1,Left,", "1001,2012,1,1,Lft,", "x_cancer_laterality", "row 1 ('Lft')"),
+        ("csaw", "CSAW-CC.csv", "1,1,Left,1,0,1,", "1,1,Left,1,0,screen-detected,", "rad_timing", "row 3 ('screen-"),
+        (
+            "csaw",
+            "CSAW-CC.csv",
+            ",Left,CC,1001_20990909_L_CC_1",
+            ",Up,CC,1001_20990909_L_CC_1",
+            "imagelaterality",
+            "row 1",
+        ),
+        (
+            "csaw",
+            "CSAW-CC.csv",
+            ",Left,CC,1001_20990909_L_CC_2",
+            ",,CC,1001_20990909_L_CC_2",
+            "imagelaterality",
+            "row 3",
+        ),
+        ("embed", "clinical.csv", ",2,L,0,61.2", ",2,L,malignant,61.2", "path_severity", "row 1 ('malignant')"),
+        ("embed", "clinical.csv", ",2,L,0,61.2", ",2,L,7,61.2", "path_severity", "row 1 ('7')"),
+        ("embed", "clinical.csv", "Bilateral,1,B,A,3", "Bilateral,1,both,A,3", "side", "row 4 ('both')"),
+        ("embed", "clinical.csv", ",S,2,L,0,61.3", ",S,2,X,0,61.3", "bside", "row 3 ('X')"),
+        ("embed", "metadata.csv", "L CC,2D,L,CC", "L CC,2D,Lt,CC", "ImageLateralityFinal", "row 1 ('Lt')"),
+        (
+            "cbis",
+            "mass_case_description_train_set.csv",
+            "P_00001,3,LEFT,CC,2,",
+            "P_00001,3,,CC,2,",
+            "left or right breast",
+            "row 2",
+        ),  # the MALIGNANT finding: its image became label 0
+        (
+            "cbis",
+            "mass_case_description_train_set.csv",
+            "P_00001,3,LEFT,CC,2,",
+            "P_00001,3,BOTH,CC,2,",
+            "left or right breast",
+            "row 2 ('BOTH')",
+        ),
+        ("cbis", "mass_case_description_train_set.csv", "P_00001,3,LEFT,MLO,", ",3,LEFT,MLO,", "patient_id", "row 3"),
+        (
+            "cbis",
+            "mass_case_description_train_set.csv",
+            "4,Mass-Training_P_00001_LEFT_MLO/1.3.6.1.4.1.9590.100.1.2.1/1.3.6.1.4.1.9590.100.1.2.2/000000.dcm,",
+            "4,,",
+            "image file path",
+            "row 3",
+        ),  # was an AttributeError
+    ],
+)
+def test_codes_outside_the_documented_set_are_refused(tmp_path, source, name, old, new, column, shown):
+    paths = []
+    for file, text in CODED_TABLES[source].items():
+        if file == name:
+            assert old in text
+            text = text.replace(old, new, 1)
+        paths.append(write(tmp_path / file, text))
+    with pytest.raises(ImportErrorWithContext) as info:
+        import_source(source, paths, tmp_path / "images")
+    message = str(info.value)
+    assert name in message and repr(column) in message and shown in message, message
+    assert info.value.rows[0] == int(shown.split()[1])
+
+
+def test_documented_blanks_are_not_refused(tmp_path):
+    """A blank CSAW cancer side is a control, whose images may also lack a side; a blank EMBED side is both breasts
+    and a blank path_severity no pathology (the fixtures above hold those too)."""
+    text = CSAW.replace(",Left,CC,1003_20990909_L_CC_1", ",,CC,1003_20990909_L_CC_1")
+    rows = by_id(import_csaw([write(tmp_path / "CSAW-CC.csv", text)], tmp_path))
+    assert tuple(rows.loc["1003_20990909_L_CC_1.dcm", ["label", "laterality"]]) == (0, "U")
+    assert rows["label"].sum() == 3
+
+
+# ------------------------------------------------------------------------------------------------
 # Reference CSV (seed) and generic
 
 

@@ -234,8 +234,10 @@ def youden_threshold(labels: Any, scores: Any) -> float:
     if n_pos == 0 or n_neg == 0:
         return math.nan
     thresholds, tps, fps = _distinct_threshold_counts(y, s)
-    youden_j = tps / n_pos - fps / n_neg
-    return float(thresholds[int(np.argmax(youden_j))])  # argmax returns the first, i.e. highest, threshold
+    # J * n_pos * n_neg in integers: as fractions, two exactly tied J can round apart (1/2 - 2/10 < 1 - 7/10 in
+    # floating point), and the lower, less specific threshold then won the tie.
+    scaled_j = tps.astype(np.int64) * n_neg - fps.astype(np.int64) * n_pos
+    return float(thresholds[int(np.argmax(scaled_j))])  # argmax returns the first, i.e. highest, threshold
 
 
 def threshold_at_specificity(labels: Any, scores: Any, specificity: float) -> float:

@@ -106,6 +106,34 @@ def test_youden_matches_sklearn_roc_curve(seed: int) -> None:
     assert metrics.youden_threshold(labels, scores) == pytest.approx(expected)
 
 
+def test_youden_exact_tie_goes_to_the_highest_threshold() -> None:
+    """2 positives, 10 negatives: J is exactly 3/10 at 0.8 (sensitivity 1/2, specificity 8/10) and at 0.2 (2/2,
+    3/10), but in floating point 1/2 - 2/10 < 1 - 7/10, and the lower, less specific threshold won the tie."""
+    labels = [1, 1] + [0] * 10
+    scores = [0.8, 0.2] + [0.8] * 2 + [0.2] * 5 + [0.05] * 3
+    assert metrics.youden_threshold(labels, scores) == 0.8
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_youden_is_the_highest_threshold_of_the_exact_maximum(seed: int) -> None:
+    from fractions import Fraction
+
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        n = int(rng.integers(4, 30))
+        labels = (rng.random(n) < 0.4).astype(int)
+        labels[:2] = [1, 0]
+        scores = rng.integers(0, 6, n) / 5.0  # few distinct scores: many ties in J
+        candidates = np.unique(scores)
+        exact = {
+            t: Fraction(int(((scores >= t) & (labels == 1)).sum()), int(labels.sum()))
+            - Fraction(int(((scores >= t) & (labels == 0)).sum()), int((labels == 0).sum()))
+            for t in candidates
+        }
+        best = max(exact.values())
+        assert metrics.youden_threshold(labels, scores) == max(t for t, j in exact.items() if j == best)
+
+
 def test_sens_spec_at_hand_case() -> None:
     labels = [1, 1, 1, 0, 0, 0, 0]
     scores = [0.9, 0.3, 0.1, 0.3, 0.2, 0.05, 0.6]

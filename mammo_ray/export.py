@@ -495,7 +495,8 @@ def _ci(values: dict, key: str) -> str:
     ci = values.get(f"{key}_ci95")
     if not ci or ci[0] is None:
         return _fmt(values.get(key))
-    return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])})"
+    exact = "†" if values.get(f"{key}_ci95_method") else ""  # Clopper-Pearson on patients, not the bootstrap
+    return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])}){exact}"
 
 
 def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, report: dict) -> str:
@@ -554,8 +555,13 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "",
         "## Metrics",
         f"95% CIs from a patient-level percentile bootstrap ({_bootstrap_text(results)}patients resampled with all "
-        "their images); a CI is left out where the split has fewer than 10 patients or more than 5% of the resamples "
-        "held one class only. The breast AUC scores each breast of an exam by the mean of its images' probabilities; "
+        "their images). Patients are counted per class: an AUC's CI is left out where fewer than 10 patients have a "
+        "positive image or fewer than 10 a negative one, where more than 5% of the resamples held one class only, or "
+        "where the resamples' percentiles coincide (a zero-width interval would read as certainty). A sensitivity or "
+        "specificity at 0 or 1, where every resample gives the same value, or from fewer than 10 patients of its "
+        "class gets Clopper-Pearson's exact interval instead, marked †, with each patient of the class (with a "
+        "positive image for sensitivity, a negative one for specificity) counted once: conservative, as if a "
+        "patient's images were fully correlated. The breast AUC scores each breast of an exam by the mean of its images' probabilities; "
         "ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: on test and on each data set "
         "it is applied as it stands, so the specificity it reaches is shown beside the sensitivity."
         + _selection_text(results),

@@ -27,7 +27,13 @@ References:
       calibrated probabilities using Bayesian binning", AAAI) with equal-width bins on the
       positive-class probability: ``sum_b |B_b|/n * |mean(y in B_b) - mean(p in B_b)|``.
     * Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani, 1993) that
-      resample patients, not images, because the images of one patient are correlated.
+      resample patients, not images, because the images of one patient are correlated. Where that
+      bootstrap cannot give an interval for a sensitivity or specificity (an observed 0 or 1, at which
+      every resample gives the same value, or fewer than ``BOOTSTRAP_MIN_PATIENTS`` patients of the
+      class), the interval is Clopper-Pearson's exact one (1934, Biometrika 26:404-413) with the
+      patients of the class as the sample size and ``estimate x patients`` as the count (the
+      effective-sample-size form of Korn & Graubard, 1998, Survey Methodology 24:193-201, with each
+      patient counted once: conservative, as if a patient's images were fully correlated).
 """
 
 from __future__ import annotations
@@ -61,13 +67,17 @@ DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
 DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
 DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
 BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast")
+BOTH_CLASSES = ("positive", "negative")
 # A percentile interval is reported only when at most this share of the patient resamples had one class: dropping
 # more conditions the interval on resamples that happened to hold a positive, and with one or two positive patients
 # it collapses to a point ([1.0, 1.0]) that reads as certainty.
 BOOTSTRAP_MAX_SKIPPED = 0.05
-# Nor from fewer patients than this: resampling 3 patients has 10 distinct outcomes, and its percentiles can come out
-# as a point ([0.5, 0.5]) however uncertain the figure is.
+# Nor from fewer patients than this in each class the metric needs (patients with a positive image for sensitivity,
+# with a negative image for specificity, both for the AUCs), counted separately: a sensitivity depends only on which
+# positive patients are drawn, and resampling 3 of them has 10 distinct outcomes, whose percentiles can come out as a
+# point ([0.5, 0.5]; [1.0, 1.0] from 4 women with cancer among 200) however uncertain the figure is.
 BOOTSTRAP_MIN_PATIENTS = 10
+CLOPPER_PEARSON = "clopper-pearson (patients)"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -466,6 +476,23 @@ def _percentile_interval(values: Sequence[float], level: float) -> list[float | 
     return [float(low), float(high)]
 
 
+def clopper_pearson(successes: float, trials: int, level: float = 0.95) -> list[float | None]:
+    """Clopper-Pearson exact interval for a proportion; ``successes`` may be fractional (an effective count).
+
+    Returns:
+        ``[low, high]``; ``[None, None]`` without trials.
+    """
+    from scipy.stats import beta
+
+    if trials <= 0:
+        return [None, None]
+    successes = min(max(float(successes), 0.0), float(trials))
+    tail = (1.0 - level) / 2.0
+    low = 0.0 if successes <= 0.0 else float(beta.ppf(tail, successes, trials - successes + 1.0))
+    high = 1.0 if successes >= trials else float(beta.ppf(1.0 - tail, successes + 1.0, trials - successes))
+    return [low, high]
+
+
 def _check_bootstrap_args(n: int, level: float) -> None:
     if n < 1:
         raise ValueError(f"number of bootstrap resamples must be positive, got {n}")
@@ -600,21 +627,35 @@ def _split_metrics(
 
     out: dict[str, Any] = {}
 
-    n_patients = int(patient_key(frame).nunique()) if bootstrap else 0
+    patients = patient_key(frame) if bootstrap else None
+    class_patients = {
+        "positive": int(patients[y].nunique()) if bootstrap else 0,
+        "negative": int(patients[~y].nunique()) if bootstrap else 0,
+    }
 
-    def put_ci(name: str, point_defined: bool, point_reason: str | None) -> None:
+    def put_ci(name: str, point_defined: bool, point_reason: str | None, classes: Sequence[str]) -> None:
+        """The interval of ``name``, which needs patients of ``classes``; withheld, or for a proportion (one class)
+        Clopper-Pearson's on patients, where the percentile bootstrap would give a point or too few outcomes."""
         if not bootstrap:
             return
         key = f"{name}_ci95"
         interval = intervals.get(name, [None, None])
-        if not point_defined:
+        few = [c for c in classes if class_patients[c] < BOOTSTRAP_MIN_PATIENTS]
+        degenerate = interval[0] is not None and not interval[1] > interval[0]
+        if point_defined and len(classes) == 1 and (few or degenerate):
+            # A proportion: each patient of the class counted once, the estimate times their number as the count.
+            trials = class_patients[classes[0]]
+            out[key] = clopper_pearson(float(out[name]) * trials, trials, level)
+            out[f"{key}_method"] = CLOPPER_PEARSON
+        elif not point_defined:
             out[key] = None
             out[f"{key}_reason"] = point_reason or "undefined on this data"
-        elif n_patients < BOOTSTRAP_MIN_PATIENTS:
+        elif few:
+            counts = " and ".join(f"{class_patients[c]} with a {c} image" for c in few)
+            needed = " and ".join(f"{BOOTSTRAP_MIN_PATIENTS} with a {c} image" for c in classes)
             out[key] = None
             out[f"{key}_reason"] = (
-                f"not reported: {n_patients} patient(s) in {scope}, too few for a bootstrap interval (at least "
-                f"{BOOTSTRAP_MIN_PATIENTS})"
+                f"not reported: patients in {scope}: {counts}, too few for a bootstrap interval (at least {needed})"
             )
         elif interval[0] is None:
             valid = bootstrap - skipped.get(name, bootstrap)
@@ -628,22 +669,28 @@ def _split_metrics(
                 f"not reported: {skipped[name]} of {bootstrap} patient resamples held one class only, too many for a "
                 f"percentile interval (at most {BOOTSTRAP_MAX_SKIPPED:.0%}); {n_pos} positive image(s) in {scope}"
             )
+        elif degenerate:
+            out[key] = None
+            out[f"{key}_reason"] = (
+                f"not reported: the patient resamples' percentiles coincide at {interval[0]:.3f}, an interval of "
+                "zero width that would read as certainty (the estimate lies at the boundary)"
+            )
         else:
             out[key] = interval
 
     auc_value = _auc_unchecked(y, s)
     _put(out, "auc", auc_value, why(True, True))
-    put_ci("auc", math.isfinite(auc_value), why(True, True))
+    put_ci("auc", math.isfinite(auc_value), why(True, True), BOTH_CLASSES)
     pr_value = _average_precision_unchecked(y, s)
     _put(out, "pr_auc", pr_value, why(True, False))
-    put_ci("pr_auc", math.isfinite(pr_value), why(True, False))
+    put_ci("pr_auc", math.isfinite(pr_value), why(True, False), BOTH_CLASSES)
 
     sens, spec = sens_spec_at(y, s, threshold)
     key = _threshold_key(threshold)
     _put(out, f"sensitivity@{key}", sens, why(True, False))
-    put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False))
+    put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False), ("positive",))
     _put(out, f"specificity@{key}", spec, why(False, True))
-    put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True))
+    put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True), ("negative",))
 
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
@@ -667,7 +714,7 @@ def _split_metrics(
 
     auc_breast = _auc_unchecked(y_br, s_br)
     _put(out, "auc_breast", auc_breast, why(True, True, breast=True))
-    put_ci("auc_breast", math.isfinite(auc_breast), why(True, True, breast=True))
+    put_ci("auc_breast", math.isfinite(auc_breast), why(True, True, breast=True), BOTH_CLASSES)
     _put(out, "pf1_breast", pf1(y_br, s_br), why(True, False, breast=True))
     # The other aggregation as well (DESIGN: breast level by mean or max); a point estimate beside the main one.
     other = "max" if breast_agg == "mean" else "mean"
@@ -686,6 +733,10 @@ def _split_metrics(
             "seed": int(seed),
             "level": float(level),
             "skipped": {name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(threshold)},
+            "patients": {f"with a {c} image": count for c, count in class_patients.items()},
+            "min_patients_per_class": BOOTSTRAP_MIN_PATIENTS,
+            "fallback": f"{CLOPPER_PEARSON} for a sensitivity or specificity at 0 or 1, or from fewer patients of "
+            "its class than the minimum (`<name>_ci95_method`)",
         }
     return out
 
@@ -745,6 +796,9 @@ def compute_metrics(
     and ``auc_breast_ci95`` as ``[low, high]``: percentile intervals over ``n`` resamples of
     patients drawn with replacement (seeded by ``seed``), and a ``bootstrap`` entry recording the
     method and how many resamples were skipped because the metric was undefined on them (one class).
+    Patients are counted per class: an AUC interval is None (with a reason) below ``BOOTSTRAP_MIN_PATIENTS``
+    patients with a positive or with a negative image, or when its percentiles coincide; sensitivity and
+    specificity then get :func:`clopper_pearson` on the patients of their class (``<name>_ci95_method``).
 
     Args:
         frame: Predictions frame.

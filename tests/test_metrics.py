@@ -441,8 +441,9 @@ def test_bootstrap_skips_and_counts_one_class_resamples() -> None:
     skipped = result["bootstrap"]["skipped"]["auc"]
     assert 60 < skipped < 150
     # Percentiles over the resamples that happened to hold the positive gave [1.0, 1.0]: certainty from one case.
+    # One patient with cancer is also below the minimum of patients with a positive image, which now says so first.
     assert result["auc_ci95"] is None
-    assert result["auc_ci95_reason"].startswith(f"not reported: {skipped} of 300 patient resamples held one class")
+    assert result["auc_ci95_reason"].startswith("not reported: patients in this split: 1 with a positive image,")
     single = metrics.compute_metrics(frame.iloc[1:], bootstrap=20)
     assert single["auc_ci95"] is None and single["auc_ci95_reason"].startswith("undefined: no positive cases")
 
@@ -566,7 +567,7 @@ def test_breasts_are_keyed_within_their_data_set_and_unknown_sides_stand_alone()
 def test_a_blank_dataset_read_back_from_csv_does_not_break_the_bootstrap(tmp_path) -> None:
     """export reads val_predictions.csv with ids as text: a blank dataset cell comes back NaN, which the patient key
     turned into factorize's code -1 and np.bincount's ValueError, after the whole sweep had run."""
-    frame = make_predictions(20, seed=3).assign(dataset="")
+    frame = make_predictions(40, seed=3).assign(dataset="")
     frame.to_csv(tmp_path / "val.csv", index=False)
     back = pd.read_csv(tmp_path / "val.csv", dtype={column: str for column in metrics.PREDICTION_COLUMNS[:6]})
     assert back["dataset"].isna().all()
@@ -585,6 +586,7 @@ def test_sensitivity_and_specificity_get_patient_bootstrap_intervals() -> None:
         assert result[f"{name}_ci95"] == pytest.approx(expected)
         assert result[f"{name}_ci95"][0] <= result[name] <= result[f"{name}_ci95"][1]
         assert name in result["bootstrap"]["skipped"]
+        assert f"{name}_ci95_method" not in result  # the ordinary case keeps the patient bootstrap
     no_positive = metrics.compute_metrics(frame.assign(label=0), bootstrap=20)
     assert no_positive["sensitivity@0.3_ci95"] is None and no_positive["specificity@0.3_ci95"] is not None
 
@@ -595,9 +597,10 @@ def test_no_bootstrap_interval_from_a_handful_of_patients() -> None:
     result = metrics.compute_metrics(frame, bootstrap=100)
     assert result["auc"] is not None and result["auc_ci95"] is None
     assert result["auc_ci95_reason"] == (
-        "not reported: 9 patient(s) in this split, too few for a bootstrap interval (at least 10)"
+        "not reported: patients in this split: 4 with a positive image and 9 with a negative image, too few for a "
+        "bootstrap interval (at least 10 with a positive image and 10 with a negative image)"
     )
-    assert metrics.compute_metrics(make_predictions(10, seed=2), bootstrap=100)["auc_ci95"] is not None
+    assert metrics.compute_metrics(make_predictions(24, seed=2), bootstrap=100)["auc_ci95"] is not None
 
 
 def test_the_other_breast_aggregation_is_reported_too(frame: pd.DataFrame) -> None:
@@ -607,3 +610,71 @@ def test_the_other_breast_aggregation_is_reported_too(frame: pd.DataFrame) -> No
     assert result["auc_breast_max"] == pytest.approx(metrics.roc_auc(breasts["label"], breasts["prob"]))
     assert result["auc_breast_max"] != pytest.approx(result["auc_breast"])
     assert "auc_breast_mean" in metrics.compute_metrics(frame, breast_agg="max")
+
+
+def _screening_split(n_patients: int, with_cancer: int, seed: int = 0) -> pd.DataFrame:
+    """4 images per woman (L/R x CC/MLO); the left breast of the first ``with_cancer`` women is positive, and every
+    positive image scores at least 0.35, so that sensitivity at 0.3 is 1.0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_patients):
+        for j, (side, view) in enumerate((("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))):
+            label = int(i < with_cancer and side == "L")
+            prob = rng.uniform(0.35, 0.9) if label else rng.uniform(0.0, 0.6)
+            rows.append(
+                {"image_id": f"{i}_{j}", "patient_id": str(i), "exam_id": f"e{i}", "laterality": side, "view": view,
+                 "dataset": "CSAW", "label": label, "prob": prob}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    ("n_patients", "with_cancer", "expected_low"),
+    [
+        (200, 4, 0.025 ** (1 / 4)),  # below the minimum of patients with cancer: the bootstrap gave 1.000 (1.000–1.000)
+        (120, 12, 0.025 ** (1 / 12)),  # enough patients, but every resample gives 1.0: a zero-width percentile interval
+    ],
+)
+def test_a_sensitivity_of_one_gets_an_exact_interval_on_patients_not_a_point(n_patients, with_cancer, expected_low):
+    """A sensitivity of 1.0 from 4 women with cancer was shown as 1.000 (1.000–1.000), certainty."""
+    frame = _screening_split(n_patients, with_cancer)
+    result = metrics.compute_metrics(frame, bootstrap=200, seed=0)
+    assert result["sensitivity@0.3"] == 1.0
+    low, high = result["sensitivity@0.3_ci95"]
+    # Clopper-Pearson with the women with cancer as the trials: 0.398 from 4, 0.735 from 12 (not 8 or 24 images).
+    assert (low, high) == (pytest.approx(expected_low, abs=1e-9), 1.0)
+    assert result["sensitivity@0.3_ci95_method"] == metrics.CLOPPER_PEARSON
+    assert result["bootstrap"]["patients"] == {
+        "with a positive image": with_cancer,
+        "with a negative image": n_patients,
+    }
+    # Specificity is an ordinary proportion here: the patient bootstrap, with its width.
+    assert "specificity@0.3_ci95_method" not in result
+    spec_low, spec_high = result["specificity@0.3_ci95"]
+    assert spec_low < result["specificity@0.3"] < spec_high
+    json.dumps(result, allow_nan=False)
+
+
+def test_a_specificity_of_zero_gets_an_exact_interval_too() -> None:
+    frame = _screening_split(60, 15).assign(prob=lambda f: 0.31 + 0.6 * f["label"])  # every image is called
+    result = metrics.compute_metrics(frame, bootstrap=100, seed=0)
+    assert result["specificity@0.3"] == 0.0
+    assert result["specificity@0.3_ci95"] == [0.0, pytest.approx(1 - 0.025 ** (1 / 60), abs=1e-9)]
+    assert result["specificity@0.3_ci95_method"] == metrics.CLOPPER_PEARSON
+
+
+def test_a_zero_width_auc_interval_is_withheld() -> None:
+    """Perfectly separated classes gave auc 1.0 with auc_ci95 [1.0, 1.0]."""
+    frame = _screening_split(120, 12).assign(prob=lambda f: np.where(f["label"] == 1, 0.95, f["prob"] * 0.9))
+    result = metrics.compute_metrics(frame, bootstrap=200, seed=0)
+    assert result["auc"] == 1.0
+    assert result["auc_ci95"] is None
+    assert "zero width" in result["auc_ci95_reason"]
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "expected"),
+    [(4, 4, [0.025**0.25, 1.0]), (0, 10, [0.0, 1 - 0.025**0.1]), (5, 10, [0.187086, 0.812914]), (0, 0, [None, None])],
+)
+def test_clopper_pearson(successes, trials, expected) -> None:
+    assert metrics.clopper_pearson(successes, trials) == pytest.approx(expected, abs=1e-6)

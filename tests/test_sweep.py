@@ -947,6 +947,31 @@ def test_the_card_describes_the_cohort_the_selection_and_the_operating_points():
     assert "Training batches held" not in single
 
 
+def test_the_card_shows_no_zero_width_interval_and_marks_the_exact_one():
+    """The card printed sensitivity 1.000 (1.000–1.000) from 4 women with cancer among 200."""
+    from mammo_ray import export, metrics
+
+    rng = np.random.default_rng(0)
+    n = 200 * 4
+    patient = np.repeat(np.arange(200), 4)
+    label = ((patient < 4) & (np.arange(n) % 4 < 2)).astype(int)  # the left breast of the first 4 women
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(n)],
+            "patient_id": patient.astype(str),
+            "exam_id": patient.astype(str),
+            "laterality": np.where(np.arange(n) % 4 < 2, "L", "R"),
+            "dataset": "A",
+            "label": label,
+            "prob": np.where(label == 1, rng.uniform(0.35, 0.9, n), rng.uniform(0.0, 0.6, n)),
+        }
+    )
+    card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frame, bootstrap=100)}, None, {})
+    assert "1.000 (0.398–1.000)†" in card and "(1.000–1.000)" not in card
+    assert "Clopper-Pearson's exact interval instead, marked †" in card
+    assert "- val: `auc_ci95`: not reported: patients in this split: 4 with a positive image" in card
+
+
 def test_the_card_says_what_the_test_split_was_checked_against():
     from mammo_ray import export
 

@@ -161,20 +161,21 @@ def _thresholds(val: pd.DataFrame, default: float, epoch: Any = None) -> dict[st
 
     table: dict[str, Any] = metrics.thresholds_table(val)
     labels = pd.to_numeric(val["label"], errors="coerce")
+    note = (
+        "youden and spec* are fitted on these validation predictions, so their validation sensitivity and "
+        "specificity are optimistic; 0.3 is the reference script's fixed threshold, not fitted"
+    )
+    table["default"] = "0.3" if math.isclose(default, 0.3) else str(default)
+    if table["default"] not in table:
+        table[table["default"]] = metrics.thresholds_table(val, threshold=default)[metrics.threshold_key(default)]
+        note += f"; the default, {table['default']}, is the bundle's train.threshold, not fitted either"
     table["provenance"] = {
         "fitted_on": "validation",
         "n_images": len(val),
         "n_positive": int((labels == 1).sum()),
         "epoch": epoch,
-        "note": "youden and spec* are fitted on these validation predictions, so their validation sensitivity and "
-        "specificity are optimistic; 0.3 is the reference script's fixed threshold, not fitted",
+        "note": note,
     }
-    table["default"] = "0.3" if math.isclose(default, 0.3) else str(default)
-    if table["default"] not in table:
-        from mammo_ray.metrics import sens_spec_at
-
-        sensitivity, specificity = sens_spec_at(val["label"].to_numpy(), val["prob"].to_numpy(), default)
-        table[table["default"]] = {"threshold": default, "sensitivity": sensitivity, "specificity": specificity}
     return table
 
 
@@ -309,7 +310,10 @@ def _write_bundle(
         )
         val = val[[c for c in val.columns if c != "logit"]]
         io.atomic_write_csv(staging / "val_predictions.csv", val[list(predict.PREDICTION_COLUMNS)])
-        results = {"val": metrics.compute_metrics(val, bootstrap=bootstrap, seed=trial_cfg.train.seed)}
+        # At the bundle's own decision threshold (train.threshold, predict's default), and at the reference's 0.3.
+        threshold = trial_cfg.train.threshold
+        scoring = {"bootstrap": bootstrap, "seed": trial_cfg.train.seed, "threshold": threshold}
+        results = {"val": metrics.compute_metrics(val, **scoring)}
         cuts = metrics.operating_points(val["label"], val["prob"])  # the validation's, applied to test as they are
         test = None
         if frames and frames.get("test") is not None:
@@ -326,11 +330,12 @@ def _write_bundle(
             if not failures.empty:
                 io.atomic_write_csv(staging / "test_failures.csv", failures)
             io.atomic_write_csv(staging / "test_predictions.csv", test[list(predict.PREDICTION_COLUMNS)])
-            results["test"] = metrics.compute_metrics(test, bootstrap=bootstrap, seed=trial_cfg.train.seed, cuts=cuts)
+            results["test"] = metrics.compute_metrics(test, cuts=cuts, **scoring)
         results["selected"] = {
             "checkpoint": recorded,
             "epoch": report.get("epoch"),
             "report": {k: v for k, v in report.items() if isinstance(v, int | float)},
+            "decision_threshold": threshold,
             **(sweep_info or {}),
         }
         io.atomic_write_json(staging / "metrics.json", _json_ready(results))
@@ -501,6 +506,9 @@ def _ci(values: dict, key: str) -> str:
 
 def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, report: dict) -> str:
     """MODEL_CARD.md: data, preprocessing, metrics with CIs, per-dataset tables, calibration, use and limits."""
+    from mammo_ray import metrics
+
+    decision = metrics.threshold_key(cfg.train.threshold)  # the bundle's decision threshold names the columns
     lines = [f"# Model card: {cfg.name}", ""]
     lines += [
         "## Model",
@@ -566,18 +574,18 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "it is applied as it stands, so the specificity it reaches is shown beside the sensitivity."
         + _selection_text(results),
         "",
-        "| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@0.3 | spec@0.3 | sens / spec at the spec0.90 "
-        "point | ECE | Brier |",
+        f"| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@{decision} | spec@{decision} | sens / spec at "
+        "the spec0.90 point | ECE | Brier |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split in ("val", "test"):
         values = results.get(split)
         if not values:
             continue
-        lines.append(_metric_row(split, values))
+        lines.append(_metric_row(split, values, decision))
         by_dataset = values.get("by_dataset") or {}
         if len(by_dataset) > 1:  # one data set's row would repeat the split's
-            lines += [_metric_row(f"{split} · {name}", sub) for name, sub in by_dataset.items()]
+            lines += [_metric_row(f"{split} · {name}", sub, decision) for name, sub in by_dataset.items()]
     scopes = [
         (f"{split} · {name}" if name else split, values)
         for split in ("val", "test")
@@ -599,7 +607,14 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "",
         "## Calibration and operating points",
         f"ECE {_fmt(val.get('ece'))}, Brier {_fmt(val.get('brier'))} on validation (see plots/reliability.png). "
-        "thresholds.json lists the thresholds at 0.3 (the reference's), the Youden point and specificity 0.90 "
+        "thresholds.json lists the thresholds at 0.3 (the reference's), "
+        + (
+            ""
+            if decision == "0.3"
+            else f"at {decision} (train.threshold: the bundle's decision threshold, predict's default, not fitted; "
+            f"the table above and metrics.json `sensitivity@{decision}` give it on each split), "
+        )
+        + "the Youden point and specificity 0.90 "
         "and 0.987 (a high-specificity screening point, near what double reading reaches in European programmes; the "
         "value is this project's choice, not taken from one study), each with its validation sensitivity and "
         "specificity; they were "
@@ -708,11 +723,11 @@ def _held_out(frames: dict | None) -> str:
     return said + (f"; not with {missing}, whose manifest was not found)" if missing else ")")
 
 
-def _metric_row(name: str, values: dict) -> str:
+def _metric_row(name: str, values: dict, threshold: str = "0.3") -> str:
     return (
         f"| {name} | {values.get('n_images')} ({values.get('n_positive')}) | {_ci(values, 'auc')} | "
-        f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_ci(values, 'sensitivity@0.3')} | "
-        f"{_ci(values, 'specificity@0.3')} | {_fmt(values.get('sensitivity@spec0.90'))} / "
+        f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_ci(values, f'sensitivity@{threshold}')} | "
+        f"{_ci(values, f'specificity@{threshold}')} | {_fmt(values.get('sensitivity@spec0.90'))} / "
         f"{_fmt(values.get('specificity@spec0.90'))} | "
         f"{_fmt(values.get('ece'))} | {_fmt(values.get('brier'))} |"
     )

@@ -148,7 +148,8 @@ def _spec_key(specificity: float) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-def _threshold_key(threshold: float) -> str:
+def threshold_key(threshold: float) -> str:
+    """A fixed threshold's name in the metric keys: ``0.3`` -> ``"0.3"`` (``sensitivity@0.3``)."""
     return f"{threshold:g}"
 
 
@@ -545,42 +546,56 @@ def bootstrap_ci(
     return _percentile_interval(values, level)
 
 
-def _bootstrap_names(threshold: float) -> tuple[str, ...]:
-    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at the fixed
+def fixed_thresholds(threshold: float = DEFAULT_THRESHOLD) -> tuple[float, ...]:
+    """The fixed thresholds a split is scored at: the reference's 0.3, whose names (``sensitivity@0.3``) readers of
+    metrics.json rely on, and the decision threshold (a bundle's ``train.threshold``) when that is another."""
+    if threshold_key(threshold) == threshold_key(DEFAULT_THRESHOLD):
+        return (DEFAULT_THRESHOLD,)
+    return (DEFAULT_THRESHOLD, float(threshold))
+
+
+def _bootstrap_names(thresholds: Sequence[float]) -> tuple[str, ...]:
+    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at each fixed
     threshold (their names carry it, ``sensitivity@0.3``)."""
-    key = _threshold_key(threshold)
-    return (*BOOTSTRAP_METRICS, f"sensitivity@{key}", f"specificity@{key}")
+    keys = [threshold_key(t) for t in thresholds]
+    return (*BOOTSTRAP_METRICS, *(f"{what}@{key}" for key in keys for what in ("sensitivity", "specificity")))
 
 
 def _bootstrap_split(
-    frame: pd.DataFrame, breasts: pd.DataFrame, n: int, seed: int, level: float, threshold: float = DEFAULT_THRESHOLD
+    frame: pd.DataFrame,
+    breasts: pd.DataFrame,
+    n: int,
+    seed: int,
+    level: float,
+    thresholds: Sequence[float] = (DEFAULT_THRESHOLD,),
 ) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at ``threshold``, from one shared set
-    of patient draws.
+    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at each of ``thresholds``, from one
+    shared set of patient draws.
 
     Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
     breast rows are resampled with their patient, which equals aggregating the resampled images.
     """
     y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
-    called = s_img >= threshold
+    called = {threshold_key(t): s_img >= t for t in thresholds}
     image_clusters = _PatientClusters(patient_key(frame))
     breast_clusters = _PatientClusters(patient_key(breasts))
     assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
-    names = _bootstrap_names(threshold)
-    values: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, list[float]] = {name: [] for name in _bootstrap_names(thresholds)}
     for drawn in _patient_draws(image_clusters.patients.size, n, seed):
         rows, _ = image_clusters.expand(drawn)
         breast_rows, _ = breast_clusters.expand(drawn)
-        y, hit = y_img[rows], called[rows]
+        y = y_img[rows]
         n_pos = int(y.sum())
         sample = {
             "auc": _auc_unchecked(y, s_img[rows]),
             "pr_auc": _average_precision_unchecked(y, s_img[rows]),
             "auc_breast": _auc_unchecked(y_br[breast_rows], s_br[breast_rows]),
-            names[3]: float(hit[y].sum() / n_pos) if n_pos else math.nan,
-            names[4]: float((~hit[~y]).sum() / (y.size - n_pos)) if y.size > n_pos else math.nan,
         }
+        for key, calls in called.items():
+            hit = calls[rows]
+            sample[f"sensitivity@{key}"] = float(hit[y].sum() / n_pos) if n_pos else math.nan
+            sample[f"specificity@{key}"] = float((~hit[~y]).sum() / (y.size - n_pos)) if y.size > n_pos else math.nan
         for name, value in sample.items():
             if math.isfinite(value):
                 values[name].append(value)
@@ -623,7 +638,7 @@ def _split_metrics(
     if bootstrap:
         _check_bootstrap_args(bootstrap, level)
         if n:
-            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, threshold)
+            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, fixed_thresholds(threshold))
 
     out: dict[str, Any] = {}
 
@@ -685,12 +700,13 @@ def _split_metrics(
     _put(out, "pr_auc", pr_value, why(True, False))
     put_ci("pr_auc", math.isfinite(pr_value), why(True, False), BOTH_CLASSES)
 
-    sens, spec = sens_spec_at(y, s, threshold)
-    key = _threshold_key(threshold)
-    _put(out, f"sensitivity@{key}", sens, why(True, False))
-    put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False), ("positive",))
-    _put(out, f"specificity@{key}", spec, why(False, True))
-    put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True), ("negative",))
+    for fixed in fixed_thresholds(threshold):
+        sens, spec = sens_spec_at(y, s, fixed)
+        key = threshold_key(fixed)
+        _put(out, f"sensitivity@{key}", sens, why(True, False))
+        put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False), ("positive",))
+        _put(out, f"specificity@{key}", spec, why(False, True))
+        put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True), ("negative",))
 
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
@@ -732,7 +748,9 @@ def _split_metrics(
             "n_resamples": int(bootstrap),
             "seed": int(seed),
             "level": float(level),
-            "skipped": {name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(threshold)},
+            "skipped": {
+                name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(fixed_thresholds(threshold))
+            },
             "patients": {f"with a {c} image": count for c, count in class_patients.items()},
             "min_patients_per_class": BOOTSTRAP_MIN_PATIENTS,
             "fallback": f"{CLOPPER_PEARSON} for a sensitivity or specificity at 0 or 1, or from fewer patients of "
@@ -761,7 +779,8 @@ def compute_split_metrics(
 
     Args:
         frame: Predictions frame.
-        threshold: Fixed operating point; keys are named after it (``sensitivity@0.3``).
+        threshold: Fixed operating point (the decision threshold); keys are named after it (``sensitivity@0.35``),
+            and the reference's 0.3 is scored as well (``sensitivity@0.3``, see :func:`fixed_thresholds`).
         breast_agg: ``"mean"`` or ``"max"`` aggregation of image probabilities per breast.
         specificities: Targets for ``sensitivity@spec<target>``.
 
@@ -804,7 +823,7 @@ def compute_metrics(
         frame: Predictions frame.
         bootstrap: Number of patient resamples; 0 turns the intervals off.
         seed: Seed of the resampling.
-        threshold: Fixed operating point.
+        threshold: Fixed operating point (the decision threshold), scored beside the reference's 0.3.
         breast_agg: ``"mean"`` or ``"max"``.
         specificities: Targets for ``sensitivity@spec<target>``.
         level: Coverage of the intervals.
@@ -874,7 +893,7 @@ def thresholds_table(
         return row
 
     table = {
-        _threshold_key(threshold): entry(threshold, None),
+        threshold_key(threshold): entry(threshold, None),
         "youden": entry(youden_threshold(y, s), why(True, True)),
     }
     for target in specificities:

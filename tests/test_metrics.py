@@ -357,6 +357,19 @@ def test_custom_threshold_and_specificities_name_their_keys(frame: pd.DataFrame)
     assert "sensitivity@0.5" in result and "specificity@0.5" in result and "sensitivity@spec0.95" in result
 
 
+def test_a_decision_threshold_is_scored_beside_the_reference_one(frame: pd.DataFrame) -> None:
+    """export scored a bundle with train.threshold 0.35 at 0.3 only; readers of metrics.json still need 0.3."""
+    result = metrics.compute_metrics(frame, threshold=0.35, bootstrap=50, seed=1)
+    for cut in (0.3, 0.35):
+        sens, spec = metrics.sens_spec_at(frame["label"], frame["prob"], cut)
+        assert (result[f"sensitivity@{cut}"], result[f"specificity@{cut}"]) == pytest.approx((sens, spec))
+        low, high = result[f"sensitivity@{cut}_ci95"]
+        assert low <= sens <= high
+    assert result["sensitivity@0.35"] != result["sensitivity@0.3"]
+    assert set(result["bootstrap"]["skipped"]) >= {"sensitivity@0.35", "specificity@0.3"}
+    assert metrics.fixed_thresholds(0.3) == (0.3,)
+
+
 def test_thresholds_table(frame: pd.DataFrame) -> None:
     table = metrics.thresholds_table(frame)
     assert list(table) == ["0.3", "youden", "spec0.90", "spec0.987"]

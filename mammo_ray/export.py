@@ -569,13 +569,16 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "specificity at 0 or 1, where every resample gives the same value, or from fewer than 10 patients of its "
         "class gets Clopper-Pearson's exact interval instead, marked †, with each patient of the class (with a "
         "positive image for sensitivity, a negative one for specificity) counted once: conservative, as if a "
-        "patient's images were fully correlated. The breast AUC scores each breast of an exam by the mean of its images' probabilities; "
-        "ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: on test and on each data set "
-        "it is applied as it stands, so the specificity it reaches is shown beside the sensitivity."
-        + _selection_text(results),
+        "patient's images were fully correlated. ROC-AUC, PR-AUC, sensitivity and specificity in this table are per "
+        "image, each image a case. The breast AUC scores each breast (one side in one exam) by the mean of its images' "
+        "probabilities, and a breast is positive if any of its images is. Per exam, as a recall is decided, see the "
+        "operating points below: an exam is recalled when any of its images reaches the threshold, and is positive "
+        "when any of its images is. ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: "
+        "on test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
+        "sensitivity." + _selection_text(results),
         "",
-        f"| split | images (pos.) | ROC-AUC | PR-AUC | breast AUC | sens@{decision} | spec@{decision} | sens / spec at "
-        "the spec0.90 point | ECE | Brier |",
+        f"| split | images (pos.) | image ROC-AUC | image PR-AUC | breast AUC | image sens@{decision} | image "
+        f"spec@{decision} | image sens / spec at the spec0.90 point | ECE | Brier |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split in ("val", "test"):
@@ -620,9 +623,10 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "specificity; they were "
         "chosen on validation data and are optimistic there. Test figures at the Youden and fixed-specificity points "
         "apply these validation thresholds (metrics.json `threshold@…`, `specificity@…`); they are not re-fitted on "
-        "the test labels. 0.3 is the reference script's fixed threshold, not fitted on any data."
-        + _calibration_caveat(cfg),
-        *_operating_points_table(results),
+        "the test labels. 0.3 is the reference script's fixed threshold, not fitted on any data. The table gives "
+        "each point's sensitivity and specificity per image and per exam (an exam is recalled when any of its images "
+        "reaches the threshold)." + _calibration_caveat(cfg),
+        *_operating_points_table(results, cfg.train.threshold),
         "",
         "## Uncertainty",
         "`aleatoric` is σ² of the attenuation head (logit units) when the model has one; `epistemic` is the "
@@ -679,23 +683,33 @@ def _selection_text(results: dict) -> str:
     )
 
 
-def _operating_points_table(results: dict) -> list[str]:
+def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
+    """Each operating point per split, per image and per exam: the fixed thresholds (the bundle's decision threshold
+    and the reference's 0.3), then the points fitted on validation."""
+    from mammo_ray import metrics
+
+    own = metrics.threshold_key(decision)
+    fixed = [(own, f"{own} (train.threshold{', reference' if own == '0.3' else ''})", decision)]
+    fixed += [] if own == "0.3" else [("0.3", "0.3 (reference)", 0.3)]
     rows = []
     for split in ("val", "test"):
         values = results.get(split) or {}
-        for point in ("youden", "spec0.90", "spec0.987"):
-            if values.get(f"threshold@{point}") is None:
+        points = list(fixed)
+        points += [(name, name, values.get(f"threshold@{name}")) for name in ("youden", "spec0.90", "spec0.987")]
+        for key, label, cut in points:
+            if cut is None or f"sensitivity@{key}" not in values:
                 continue
             rows.append(
-                f"| {split} | {point} | {_fmt(values.get(f'threshold@{point}'))} | "
-                f"{_fmt(values.get(f'sensitivity@{point}'))} | {_fmt(values.get(f'specificity@{point}'))} |"
+                f"| {split} | {label} | {_fmt(cut)} | {_fmt(values.get(f'sensitivity@{key}'))} | "
+                f"{_fmt(values.get(f'specificity@{key}'))} | {_fmt(values.get(f'sensitivity_exam@{key}'))} | "
+                f"{_fmt(values.get(f'specificity_exam@{key}'))} |"
             )
     if not rows:
         return []
     return [
         "",
-        "| split | point | threshold (from validation) | sensitivity | specificity |",
-        "|---|---|---|---|---|",
+        "| split | point | threshold | image sensitivity | image specificity | exam sensitivity | exam specificity |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
 

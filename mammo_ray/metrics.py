@@ -308,6 +308,23 @@ def breast_level(frame: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
     return out[columns + (["dataset"] if "dataset" in out.columns else [])]
 
 
+def exam_level(frame: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate image predictions to one row per exam (patient x exam, within a data set), as a recall is decided.
+
+    An exam is positive if any of its images is, and it is scored by its highest image probability, so that
+    ``prob >= threshold`` calls it (a recall) exactly when any of its images reaches the threshold.
+
+    Returns:
+        Columns ``patient_id, exam_id, label, prob, n_images`` and ``dataset`` when present.
+    """
+    _require_columns(frame, ("patient_id", "exam_id", "label", "prob"))
+    keys = ["patient_id", "exam_id", *(["dataset"] if "dataset" in frame.columns else [])]
+    # dropna=False: a missing exam_id still forms a group (the patient's images without an exam) rather than vanishing.
+    grouped = frame.groupby(keys, sort=True, dropna=False)
+    out = grouped.agg(label=("label", "max"), prob=("prob", "max"), n_images=("prob", "size")).reset_index()
+    return out[["patient_id", "exam_id", "label", "prob", "n_images", *keys[2:]]]
+
+
 def patient_key(frame: pd.DataFrame) -> pd.Series:
     """The patient a row belongs to: ``patient_id``, within its ``dataset`` when the frame has one (see
     :func:`breast_level`). The bootstrap resamples these."""
@@ -625,13 +642,26 @@ def _split_metrics(
     breasts = breast_level(frame, breast_agg)
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
     n_br, n_pos_br = int(y_br.size), int(y_br.sum())
+    exams = exam_level(frame)
+    y_ex, s_ex = labels_and_scores(exams["label"], exams["prob"])
+    n_ex, n_pos_ex = int(y_ex.size), int(y_ex.sum())
 
-    def why(need_pos: bool, need_neg: bool, breast: bool = False) -> str | None:
+    def why(need_pos: bool, need_neg: bool, breast: bool = False, exam: bool = False) -> str | None:
         if breast:
             return _reason(
                 n_br, n_pos_br, need_pos=need_pos, need_neg=need_neg, unit="breasts", what="breasts", scope=scope
             )
+        if exam:
+            return _reason(
+                n_ex, n_pos_ex, need_pos=need_pos, need_neg=need_neg, unit="exams", what="exams", scope=scope
+            )
         return _reason(n, n_pos, need_pos=need_pos, need_neg=need_neg, unit="images", what="cases", scope=scope)
+
+    def put_exam(name: str, cut: float, cut_reason: str | None = None) -> None:
+        """Sensitivity and specificity per exam at ``cut``: recalled when any image reaches it."""
+        sens, spec = sens_spec_at(y_ex, s_ex, cut) if math.isfinite(cut) else (math.nan, math.nan)
+        _put(out, f"sensitivity_exam@{name}", sens, why(True, False, exam=True) if math.isfinite(cut) else cut_reason)
+        _put(out, f"specificity_exam@{name}", spec, why(False, True, exam=True) if math.isfinite(cut) else cut_reason)
 
     intervals: dict[str, list[float | None]] = {}
     skipped: dict[str, int] = {}
@@ -707,6 +737,7 @@ def _split_metrics(
         put_ci(f"sensitivity@{key}", math.isfinite(sens), why(True, False), ("positive",))
         _put(out, f"specificity@{key}", spec, why(False, True))
         put_ci(f"specificity@{key}", math.isfinite(spec), why(False, True), ("negative",))
+        put_exam(key, fixed)
 
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
@@ -720,6 +751,7 @@ def _split_metrics(
         cut_reason = fit_reason if fitted else "the validation split gives no such threshold"
         _put(out, f"sensitivity@{name}", sens, why(True, False) if math.isfinite(cut) else cut_reason)
         _put(out, f"specificity@{name}", spec, why(False, True) if math.isfinite(cut) else cut_reason)
+        put_exam(name, cut, cut_reason)
         _put(out, f"threshold@{name}", cut, cut_reason)
 
     at("youden", cuts.get("youden"))
@@ -741,6 +773,8 @@ def _split_metrics(
     _put(out, "brier", brier(y, s) if n else math.nan, why(False, False))
     out["n_images"] = n
     out["n_positive"] = n_pos
+    out["n_exams"] = n_ex
+    out["n_positive_exams"] = n_pos_ex
     if bootstrap:
         out["bootstrap"] = {
             "method": "percentile",
@@ -787,7 +821,9 @@ def compute_split_metrics(
     Returns:
         ``auc, pr_auc, sensitivity@0.3, specificity@0.3, sensitivity@youden, specificity@youden,
         threshold@youden, sensitivity@spec0.90, sensitivity@spec0.987, auc_breast, pf1_breast, ece,
-        brier, n_images, n_positive``. Undefined values are None with a ``<name>_reason`` sentence.
+        brier, n_images, n_positive``, and per exam (recalled when any image reaches the threshold)
+        ``sensitivity_exam@<point>, specificity_exam@<point>, n_exams, n_positive_exams``. Undefined values are
+        None with a ``<name>_reason`` sentence.
     """
     return _split_metrics(
         frame, threshold=threshold, breast_agg=breast_agg, specificities=specificities, scope="this split"

@@ -20,14 +20,22 @@ SPLIT_KEYS = [
     "pr_auc",
     "sensitivity@0.3",
     "specificity@0.3",
+    "sensitivity_exam@0.3",
+    "specificity_exam@0.3",
     "sensitivity@youden",
     "specificity@youden",
+    "sensitivity_exam@youden",
+    "specificity_exam@youden",
     "threshold@youden",
     "sensitivity@spec0.90",
     "specificity@spec0.90",
+    "sensitivity_exam@spec0.90",
+    "specificity_exam@spec0.90",
     "threshold@spec0.90",
     "sensitivity@spec0.987",
     "specificity@spec0.987",
+    "sensitivity_exam@spec0.987",
+    "specificity_exam@spec0.987",
     "threshold@spec0.987",
     "operating_points",
     "auc_breast",
@@ -37,6 +45,8 @@ SPLIT_KEYS = [
     "brier",
     "n_images",
     "n_positive",
+    "n_exams",
+    "n_positive_exams",
 ]
 
 
@@ -293,9 +303,9 @@ def test_split_without_negatives_reason(frame: pd.DataFrame) -> None:
 
 def test_empty_frame(frame: pd.DataFrame) -> None:
     result = metrics.compute_metrics(frame.iloc[:0], bootstrap=10)
-    assert result["n_images"] == 0 and result["n_positive"] == 0
-    for key in SPLIT_KEYS[:-2]:
-        if key == "operating_points":
+    assert result["n_images"] == 0 and result["n_positive"] == 0 and result["n_exams"] == 0
+    for key in SPLIT_KEYS:
+        if key == "operating_points" or key.startswith("n_"):
             continue
         assert result[key] is None
         assert result[f"{key}_reason"].startswith("undefined: no ")
@@ -614,6 +624,41 @@ def test_no_bootstrap_interval_from_a_handful_of_patients() -> None:
         "bootstrap interval (at least 10 with a positive image and 10 with a negative image)"
     )
     assert metrics.compute_metrics(make_predictions(24, seed=2), bootstrap=100)["auc_ci95"] is not None
+
+
+def test_exam_level_sensitivity_and_specificity_call_an_exam_when_any_image_reaches_the_threshold() -> None:
+    """The per-image specificity at 0.3 (0.296 on the demo's validation) read as a recall rate; per exam it was 0.014."""
+    frame = pd.DataFrame(
+        {
+            "image_id": list("abcdefghijkl"),
+            "patient_id": ["1"] * 4 + ["2"] * 4 + ["3"] * 4,
+            "exam_id": ["x"] * 4 + ["y"] * 4 + ["z"] * 4,
+            "laterality": ["L", "L", "R", "R"] * 3,
+            "dataset": "A",
+            # Exam x: one positive image, missed, but a negative image of the other breast reaches 0.3: recalled.
+            # Exam y: negative, one image at 0.35: recalled. Exam z: negative, nothing reaches 0.3.
+            "label": [1, 0, 0, 0] + [0] * 8,
+            "prob": [0.1, 0.2, 0.5, 0.1] + [0.1, 0.35, 0.2, 0.1] + [0.2, 0.1, 0.29, 0.0],
+        }
+    )
+    result = metrics.compute_split_metrics(frame)
+    assert (result["sensitivity@0.3"], result["specificity@0.3"]) == (0.0, pytest.approx(9 / 11))  # per image
+    assert (result["sensitivity_exam@0.3"], result["specificity_exam@0.3"]) == (1.0, 0.5)  # x recalled; y of y, z
+    assert (result["n_exams"], result["n_positive_exams"]) == (3, 1)
+    exams = metrics.exam_level(frame)
+    assert list(exams["prob"]) == [0.5, 0.35, 0.29] and list(exams["label"]) == [1, 0, 0]
+    no_cancer = metrics.compute_split_metrics(frame.assign(label=0))
+    assert no_cancer["sensitivity_exam@0.3"] is None
+    assert no_cancer["sensitivity_exam@0.3_reason"] == "undefined: no positive exams in this split (n_exams=3)"
+
+
+def test_exam_figures_at_the_validation_operating_points(frame: pd.DataFrame) -> None:
+    cuts = metrics.operating_points(frame["label"], frame["prob"])
+    result = metrics.compute_metrics(frame, cuts=cuts)
+    exams = metrics.exam_level(frame)
+    sens, spec = metrics.sens_spec_at(exams["label"], exams["prob"], cuts["spec0.90"])
+    assert (result["sensitivity_exam@spec0.90"], result["specificity_exam@spec0.90"]) == pytest.approx((sens, spec))
+    assert result["specificity_exam@spec0.90"] < result["specificity@spec0.90"]  # more images, more chances to recall
 
 
 def test_the_other_breast_aggregation_is_reported_too(frame: pd.DataFrame) -> None:

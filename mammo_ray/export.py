@@ -331,6 +331,16 @@ def _write_bundle(
                 io.atomic_write_csv(staging / "test_failures.csv", failures)
             io.atomic_write_csv(staging / "test_predictions.csv", test[list(predict.PREDICTION_COLUMNS)])
             results["test"] = metrics.compute_metrics(test, cuts=cuts, **scoring)
+            # Validation needs no such count: a validation image that cannot be read stops the trial.
+            results["test"].update(failure_counts(frames["test"], failures))
+            if results["test"]["n_failed"]:
+                log.warning(
+                    "%d of %d test images (%d positive) could not be read and are left out of the test metrics; "
+                    "see test_failures.csv",
+                    results["test"]["n_failed"],
+                    len(frames["test"]),
+                    results["test"]["n_failed_positive"],
+                )
         results["selected"] = {
             "checkpoint": recorded,
             "epoch": report.get("epoch"),
@@ -361,6 +371,15 @@ def _write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def failure_counts(manifest_frame: pd.DataFrame, failures: pd.DataFrame) -> dict[str, int]:
+    """How many of a split's images could not be read, and how many of those were positive: they are missing from
+    its metrics, and decode failures can depend on the vendor or compression, and so on the label (STARD's flow of
+    excluded cases)."""
+    failed = manifest_frame[manifest_frame["image_id"].isin(failures["image_id"])]
+    labels = pd.to_numeric(failed["label"], errors="coerce") if "label" in failed else pd.Series(dtype=float)
+    return {"n_failed": len(failed), "n_failed_positive": int((labels == 1).sum())}
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -575,7 +594,7 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "operating points below: an exam is recalled when any of its images reaches the threshold, and is positive "
         "when any of its images is. ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: "
         "on test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
-        "sensitivity." + _selection_text(results),
+        "sensitivity." + _selection_text(results) + _failures_text(results),
         "",
         f"| split | images (pos.) | image ROC-AUC | image PR-AUC | breast AUC | image sens@{decision} | image "
         f"spec@{decision} | image sens / spec at the spec0.90 point | ECE | Brier |",
@@ -680,6 +699,22 @@ def _selection_text(results: dict) -> str:
     return (
         f" The checkpoint was chosen as the best of {candidates} trial-epochs by {metric} on the validation split, "
         f"so the validation figures are optimistic, and their intervals do not account for that choice{test}."
+    )
+
+
+def _failures_text(results: dict) -> str:
+    """What the card says of test images that could not be read: the Data table counts them, the metric rows do
+    not."""
+    test = results.get("test") or {}
+    if "n_failed" not in test:
+        return ""
+    failed = test["n_failed"]
+    total = failed + (test.get("n_images") or 0)
+    if not failed:
+        return f" All {total} test images were read."
+    return (
+        f" {failed} of {total} test images ({test.get('n_failed_positive', 0)} of them positive) could not be read "
+        "and are left out of the test figures (test_failures.csv); the Data table counts them."
     )
 
 

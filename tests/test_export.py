@@ -96,3 +96,16 @@ def test_the_bundles_own_threshold_is_evaluated_on_both_splits(bundle):
     assert "sens@0.35" in card and "spec@0.35" in card and "sens@0.3 " not in card
     thresholds = json.loads((bundle / "thresholds.json").read_text())
     assert thresholds["default"] == "0.35" and "train.threshold" in thresholds["provenance"]["note"]
+
+
+def test_images_that_cannot_be_read_are_counted_in_metrics_json_and_the_card(bundle, test_manifest):
+    """8 positive test images that failed to decode dropped out of the metrics without a word: AUC 0.432 became
+    0.339 while the card's Data table still counted them."""
+    results = json.loads((bundle / "metrics.json").read_text())
+    test = results["test"]
+    assert (test["n_failed"], test["n_failed_positive"]) == (2, 1)
+    assert test["n_images"] == len(test_manifest) - 2 and test["n_positive"] == int(test_manifest["label"].sum()) - 1
+    assert "n_failed" not in results["val"]  # a validation image that cannot be read stops the trial instead
+    assert sorted(pd.read_csv(bundle / "test_failures.csv")["image_id"]) == ["t0_L", "t1_L"]
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "2 of 24 test images (1 of them positive) could not be read and are left out of the test figures" in card

@@ -608,6 +608,7 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         by_dataset = values.get("by_dataset") or {}
         if len(by_dataset) > 1:  # one data set's row would repeat the split's
             lines += [_metric_row(f"{split} · {name}", sub, decision) for name, sub in by_dataset.items()]
+    lines += _chance_lines(results)
     scopes = [
         (f"{split} · {name}" if name else split, values)
         for split in ("val", "test")
@@ -700,6 +701,28 @@ def _selection_text(results: dict) -> str:
         f" The checkpoint was chosen as the best of {candidates} trial-epochs by {metric} on the validation split, "
         f"so the validation figures are optimistic, and their intervals do not account for that choice{test}."
     )
+
+
+def auc_versus_chance(ci: Any) -> str:
+    """What an AUC's interval says about chance, for the console and the card: one that includes 0.5 shows no
+    evidence of better than chance (not that the model is at chance); one wholly below 0.5, worse than chance."""
+    if not ci or ci[0] is None:
+        return ""
+    if ci[0] <= 0.5 <= ci[1]:
+        return "includes 0.5: no evidence of better than chance"
+    if ci[1] < 0.5:
+        return "lies below 0.5: worse than chance on this split"
+    return ""
+
+
+def _chance_lines(results: dict) -> list[str]:
+    lines = []
+    for split, name in (("val", "validation"), ("test", "test")):
+        ci = (results.get(split) or {}).get("auc_ci95")
+        versus_chance = auc_versus_chance(ci)
+        if versus_chance:
+            lines.append(f"The {name} ROC-AUC's 95% CI ({_fmt(ci[0])}–{_fmt(ci[1])}) {versus_chance}.")
+    return ["", " ".join(lines)] if lines else []
 
 
 def _failures_text(results: dict) -> str:

@@ -35,7 +35,7 @@ import yaml
 
 from mammo_ray import config as config_mod
 from mammo_ray import io, manifest, storage
-from mammo_ray.export import STORAGE_POINTER, TRAIN_RUNS
+from mammo_ray.export import STORAGE_POINTER, TRAIN_RUNS, auc_versus_chance
 
 if TYPE_CHECKING:
     import optuna
@@ -437,11 +437,9 @@ def auc_caveats(split: dict, candidates: int, has_test: bool) -> list[str]:
             f"picked as the best of {candidates} trial-epochs on this split, so it is optimistic; "
             + ("the test AUC below is not" if has_test else "pass --test for a figure that is not")
         )
-    if ci and ci[0] is not None:
-        if ci[0] <= 0.5 <= ci[1]:
-            lines.append("its 95% CI includes 0.5: no better than chance")
-        elif ci[1] < 0.5:
-            lines.append("its 95% CI lies below 0.5: worse than chance on this split")
+    versus_chance = auc_versus_chance(ci)
+    if versus_chance:
+        lines.append(f"its 95% CI {versus_chance}")
     return lines
 
 

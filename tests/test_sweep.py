@@ -215,6 +215,9 @@ def test_auc_caveats(split, candidates, has_test, expected):
     text = " | ".join(lines)
     for needle in expected:
         assert needle in text
+    # An interval holding 0.5 shows no evidence of beating chance; it does not show the model is no better than it.
+    assert "no better than chance" not in text
+    assert ("includes 0.5: no evidence of better than chance" in text) == ("includes 0.5" in expected)
     assert ("the test AUC below is not" in text) == (candidates > 1 and has_test and split["auc"] is not None)
 
 
@@ -1009,6 +1012,22 @@ def test_the_card_labels_image_level_figures_and_gives_exam_level_ones_at_each_p
         )
         assert row in card
     assert val["specificity_exam@0.35"] < val["specificity@0.35"]
+
+
+def test_the_card_says_when_an_auc_interval_includes_chance():
+    """The demo's card showed test AUC 0.432 (0.345–0.527) without a word on what the interval says of chance."""
+    from mammo_ray import export
+
+    def split(auc, ci):
+        return {"auc": auc, "auc_ci95": ci, "n_images": 10, "n_positive": 2}
+
+    results = {"val": split(0.601, [0.521, 0.678]), "test": split(0.432, [0.345, 0.527])}
+    card = export.model_card(config.load("demo"), results, None, {})
+    assert "The test ROC-AUC's 95% CI (0.345–0.527) includes 0.5: no evidence of better than chance." in card
+    assert "validation ROC-AUC's 95% CI" not in card
+    results["val"]["auc_ci95"] = [0.42, 0.48]
+    card = export.model_card(config.load("demo"), results, None, {})
+    assert "The validation ROC-AUC's 95% CI (0.420–0.480) lies below 0.5: worse than chance on this split." in card
 
 
 def test_the_card_says_what_the_test_split_was_checked_against():

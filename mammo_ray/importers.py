@@ -34,6 +34,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from mammo_ray import manifest
+
 SOURCES = ("embed", "csaw", "rsna", "vindr", "cbis", "seed", "generic")
 MANIFEST_COLUMNS = ("image_id", "path", "label", "patient_id", "exam_id", "laterality", "view", "dataset")
 OPTIONAL_COLUMNS = ("age", "density", "manufacturer", "birads")
@@ -133,10 +135,7 @@ def _pick(frame: pd.DataFrame, *names: str) -> str | None:
     return next((n for n in names if n in frame.columns), None)
 
 
-def _norm_id(values: pd.Series) -> pd.Series:
-    """Ids as clean strings: stripped, and ``123.0`` (a float that went through a spreadsheet) → ``123``."""
-    text = values.astype("string").str.strip()
-    return text.str.replace(r"^(\d+)\.0+$", r"\1", regex=True)
+_norm_id = manifest.norm_id  # ids as clean text, as read_manifest reads them
 
 
 def _check_binary(values: pd.Series, path: Path | str, column: str) -> pd.Series:

@@ -101,10 +101,28 @@ def read_manifest(path: str | Path, role: str | None = None, required: tuple[str
     for column in ("path", "cache_file"):
         if column in frame.columns:
             frame[column] = [_resolve(base, v) for v in frame[column]]
-    for column in ("image_id", "patient_id", "exam_id", "laterality", "view", "dataset"):
+    for column in ("image_id", "patient_id", "exam_id"):
+        # 102 in one file and 102.0 in another (a float column) are one patient: the leak check compares text.
+        frame[column] = norm_id(frame[column]).fillna("").astype(str) if column in frame.columns else ""
+    for column in ("laterality", "view", "dataset"):
         frame[column] = frame[column].fillna("").astype(str) if column in frame.columns else ""
+    if "label" in frame.columns:
+        labels = pd.to_numeric(frame["label"], errors="coerce")
+        # Text "0"/"1" or floats become int 0/1 for every consumer (sums, the samplers' label == 1). Anything else is
+        # left as written, for validate_manifest to name (predict reads a blank label as unknown).
+        if labels.isin([0, 1]).all():
+            frame["label"] = labels.astype("int64")
     frame.attrs["source"] = shown
     return frame
+
+
+def norm_id(values: pd.Series) -> pd.Series:
+    """Ids as clean text: stripped, and ``123.0`` (a float that went through a spreadsheet) → ``123``; NA stays NA.
+
+    The importers write ids this way; :func:`read_manifest` reads every manifest's ids this way too.
+    """
+    text = values.astype("string").str.strip()
+    return text.str.replace(r"^(\d+)\.0+$", r"\1", regex=True)
 
 
 def _buffer(source: bytes | Path) -> io.BytesIO | Path:

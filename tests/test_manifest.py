@@ -122,6 +122,33 @@ def test_read_manifest_ids_are_strings(tmp_path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("labels", [["0", "1", "0", "1"], [0.0, 1.0, 0.0, 1.0], ["0", " 1 ", "0.0", "1e0"]])
+def test_read_manifest_makes_valid_labels_int(tmp_path: Path, fmt: str, labels: list[Any]) -> None:
+    """Labels stored as text or floats pass validation, so every consumer must see them as int 0/1."""
+    frame = manifest.read_manifest(_write(tmp_path, _rows(4, label=labels), "m", fmt), "train")
+    manifest.validate_manifest(frame, "m")
+    assert frame["label"].dtype == "int64" and frame["label"].tolist() == [0, 1, 0, 1]
+    assert manifest.summary(frame)["n_positive"] == 2  # text labels summed to "0101"
+    assert int((frame["label"] == 1).sum()) == 2  # what the samplers select
+
+
+@pytest.mark.parametrize(
+    ("train_ids", "valid_ids"),
+    [([101, 102], [102.0, 103.0]), ([" 102", "101"], ["102 ", "103"]), (["102.0", "101"], ["102", "103"])],
+)
+def test_ids_written_as_int_float_or_padded_text_still_show_a_leak(
+    tmp_path: Path, train_ids: list[Any], valid_ids: list[Any]
+) -> None:
+    """Patient 102 as int64 in one split and float64 (102.0) in the other is one patient (ids cleaned as importers do)."""
+    train = _rows(2, "tr", patient_id=train_ids)
+    valid = _rows(2, "va", patient_id=valid_ids)
+    paths = {"train": _write(tmp_path / "a", train, "train"), "valid": _write(tmp_path / "b", valid, "valid")}
+    assert manifest.read_manifest(paths["valid"])["patient_id"].tolist() == ["102", "103"]
+    with pytest.raises(ManifestError, match=r"1 patient\(s\) appear in both train and valid .*: 102\."):
+        manifest.load_manifests(paths)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
     "dropped", [("label",), ("patient_id",), ("path", "exam_id"), ("laterality", "view", "dataset"), ("image_id",)]
 )

@@ -459,7 +459,11 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
     check_data_given(cfg, args, reference_csvs)
     paths = manifest_paths(cfg, args)
     if not (paths["train"] and paths["valid"]) and all(reference_csvs):
-        return _reference_frames(reference_csvs, test=paths["test"])
+        frames = _reference_frames(reference_csvs, test=paths["test"], use_cache=cfg.data.use_cache)
+        if "test" in frames and cfg.data.use_cache:
+            source = storage.public(paths["test"])
+            manifest.check_cache_size(frames["test"], cfg.data.image_size, source, cache_size_remedy(cfg))
+        return frames
     if needs_synthetic(cfg, args, reference_csvs):
         start_ray(address=getattr(args, "address", None))
         generated = synthetic_manifests(cfg)
@@ -490,7 +494,8 @@ def model_size_remedy(image_size, then: str) -> str:
     )
 
 
-def _reference_frames(csvs, test=None) -> dict[str, pd.DataFrame]:
+def _reference_frames(csvs, test=None, use_cache: bool = True) -> dict[str, pd.DataFrame]:
+    """The reference's train/valid CSVs (decoded on the fly) and an optional ``--test`` manifest, all validated."""
     from mammo_ray import importers
 
     frames = {}
@@ -501,7 +506,8 @@ def _reference_frames(csvs, test=None) -> dict[str, pd.DataFrame]:
         manifest.validate_manifest(frame, csv, use_cache=False)
         frames[role] = frame
     if test:
-        frames["test"] = manifest.read_manifest(test, "test")
+        # Checked as --test is beside --train/--valid: a bad label would otherwise fail the export after training.
+        frames["test"] = manifest.load_manifests({"test": test}, use_cache=use_cache)["test"]
     manifest.check_overlap(frames)
     return frames
 

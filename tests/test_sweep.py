@@ -880,6 +880,36 @@ def test_the_reference_freeze_depth_on_the_default_backbone_stops_train_before_r
     assert "model.freeze_units: 30 freeze units, but convnext_atto has 18" in capsys.readouterr().err
 
 
+def _reference_csvs(folder: Path, labels: dict[str, list[int]]) -> dict[str, Path]:
+    """The reference's CSVs (path_eq, cancer, datasettype, patient_id), one per split, over empty image files."""
+    paths = {}
+    for split, cancers in labels.items():
+        rows = []
+        for i, cancer in enumerate(cancers):
+            name = f"{split}_p{i}_LCC.png"
+            (folder / name).touch()
+            rows.append({"path_eq": name, "cancer": cancer, "datasettype": "T", "patient_id": f"{split}_p{i}"})
+        paths[split] = folder / f"{split}.csv"
+        pd.DataFrame(rows).to_csv(paths[split], index=False)
+    return paths
+
+
+def test_train_checks_the_test_manifest_beside_the_reference_csvs_before_ray(tmp_path, monkeypatch, capsys):
+    """With --train_csv_pth/--valid_csv_pth, --test was read but never validated: a bad label failed the export
+    after the whole run."""
+    from mammo_ray import train
+
+    csvs = _reference_csvs(tmp_path, {"train": [0, 1, 0], "valid": [1, 0]})
+    (tmp_path / "te.png").touch()
+    test = tmp_path / "te_bad.csv"
+    test.write_text("image_id,path,label,patient_id,exam_id,laterality,view,dataset\nte,te.png,yes,te_p,te_e,L,CC,T\n")
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(train, "run_single", lambda *a, **k: pytest.fail("training started"))
+    argv = ["--train_csv_pth", str(csvs["train"]), "--valid_csv_pth", str(csvs["valid"]), "--test", str(test)]
+    assert train.main([*argv, "--out_dir", str(tmp_path / "out")]) == 2
+    assert f"manifest {test}: 1 label(s) outside {{0, 1}}: row 0 (image_id te, label 'yes')" in capsys.readouterr().err
+
+
 def test_quiet_logging_hides_tensorboardx_renaming_every_metric_with_an_at_sign():
     """Without -v, each trial's first report printed four INFO lines from tensorboardX ("Summary name
     ray/tune/val_sensitivity@0.3 is illegal") into the sweep's terminal: 24 in the demo."""

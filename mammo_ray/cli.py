@@ -463,6 +463,7 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
         if "test" in frames and cfg.data.use_cache:
             source = storage.public(paths["test"])
             manifest.check_cache_size(frames["test"], cfg.data.image_size, source, cache_size_remedy(cfg))
+        check_classes(frames, cfg.search.metric)
         return frames
     if needs_synthetic(cfg, args, reference_csvs):
         start_ray(address=getattr(args, "address", None))
@@ -473,7 +474,49 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
         frame.attrs["path"] = paths[role]
         if cfg.data.use_cache:
             manifest.check_cache_size(frame, cfg.data.image_size, storage.public(paths[role]), cache_size_remedy(cfg))
+    check_classes(frames, cfg.search.metric)
     return frames
+
+
+# Selection metrics (search.metric) that stay defined on a validation split of one class.
+ONE_CLASS_METRICS = ("val_loss", "val_ece", "val_brier")
+
+
+def check_classes(frames: dict[str, pd.DataFrame], metric: str, roles=("train", "valid")) -> None:
+    """Refuse, before Ray starts, a training split of one class, and a validation split of one class unless ``metric``
+    stays defined on it (then warn).
+
+    A training split of one class has nothing to learn from, and the weighted and balanced samplers fail in every
+    Train worker after Ray's start-up. On a validation split of one class the AUCs are undefined, so a sweep selecting
+    by them has no epoch to compare or export.
+
+    Raises:
+        manifest.ManifestError: naming the manifest, its label and its number of images.
+    """
+    for role in roles:
+        frame = frames.get(role)
+        if frame is None or frame.empty:
+            continue
+        labels = sorted(set(pd.to_numeric(frame["label"], errors="coerce").dropna().astype(int)))
+        if len(labels) != 1:
+            continue
+        where = f"manifest {frame.attrs.get('source', role)} ({role}): all {len(frame)} image(s) have label {labels[0]}"
+        if role == "train":
+            raise manifest.ManifestError(
+                f"{where}; training needs both classes (there is nothing to learn from one, and the weighted and "
+                "balanced samplers cannot form their batches). Check the label column, or the split: prepare's "
+                "summary prints the positives per split."
+            )
+        if metric not in ONE_CLASS_METRICS:
+            raise manifest.ManifestError(
+                f"{where}; search.metric {metric} is undefined on one class, so no epoch could be compared or "
+                f"exported. Give a validation manifest with both classes, or select by {', '.join(ONE_CLASS_METRICS)} "
+                "(--set search.metric=val_loss --set search.mode=min)."
+            )
+        print(
+            f"warning: {where}; its AUCs are undefined (null in metrics.json), and epochs are selected by {metric}",
+            file=sys.stderr,
+        )
 
 
 def cache_size_remedy(cfg: config_mod.Config) -> str:
@@ -512,8 +555,11 @@ def _reference_frames(csvs, test=None, use_cache: bool = True) -> dict[str, pd.D
     return frames
 
 
-def subset_frames(frames: dict[str, pd.DataFrame], args, seed: int) -> dict[str, pd.DataFrame]:
-    """The reference's --data, --dataset_partition and --rows_experiment, patient-level and seeded."""
+def subset_frames(frames: dict[str, pd.DataFrame], args, seed: int, metric: str) -> dict[str, pd.DataFrame]:
+    """The reference's --data, --dataset_partition and --rows_experiment, patient-level and seeded.
+
+    A subset left with one class is refused as :func:`check_classes` refuses it (``metric``: ``search.metric``).
+    """
     from mammo_ray import importers
 
     wanted = [d.strip() for d in (getattr(args, "data", None) or "").split(",") if d.strip()]
@@ -529,6 +575,8 @@ def subset_frames(frames: dict[str, pd.DataFrame], args, seed: int) -> dict[str,
     rows = getattr(args, "rows_experiment", None)
     if fraction or rows:
         frames["train"] = importers.subset_patients(frames["train"], fraction=fraction, n_rows=rows, seed=seed)
+    if wanted or fraction or rows:
+        check_classes(frames, metric, roles=("train", "valid") if wanted else ("train",))
     return frames
 
 

@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out_dir or Path("results") / f"{cfg.name}-train")
         export.check_bundle_folder(out_dir)  # a folder of the user's, whose files the bundle would replace
         frames = cli.resolve_data(cfg, args, reference_csvs=(args.train_csv_pth, args.valid_csv_pth))
-        frames = cli.subset_frames(frames, args, seed=cfg.train.seed)
+        frames = cli.subset_frames(frames, args, seed=cfg.train.seed, metric=cfg.search.metric)
     except (config_mod.ConfigError, manifest.ManifestError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

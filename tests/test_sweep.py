@@ -910,6 +910,75 @@ def test_train_checks_the_test_manifest_beside_the_reference_csvs_before_ray(tmp
     assert f"manifest {test}: 1 label(s) outside {{0, 1}}: row 0 (image_id te, label 'yes')" in capsys.readouterr().err
 
 
+def _labelled_manifests(folder: Path, labels: dict[str, list[int]]) -> dict[str, Path]:
+    """One Parquet manifest per split, one patient per image, over empty image files."""
+    paths = {}
+    for split, values in labels.items():
+        rows = []
+        for i, label in enumerate(values):
+            image = folder / f"{split}_{i}.png"
+            image.touch()
+            ids = dict(image_id=f"{split}_{i}", patient_id=f"{split}_p{i}", exam_id=f"{split}_e{i}")
+            rows.append(dict(ids, path=str(image), label=label, laterality="L", view="CC", dataset="T"))
+        paths[split] = folder / f"{split}.parquet"
+        pd.DataFrame(rows).to_parquet(paths[split])
+    return paths
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize(("labels", "role"), [({"train": [0, 0, 0], "valid": [0, 1]}, "train"),
+                                              ({"train": [0, 1, 1], "valid": [1, 1]}, "valid")])  # fmt: skip
+def test_a_split_of_one_class_is_refused_before_ray(tmp_path, monkeypatch, capsys, command, labels, role):
+    """One class in training failed in every Train worker after Ray's start-up ("the weighted sampler needs both
+    classes"), naming no file; one class in validation left val_auc undefined, so no epoch could be exported."""
+    from mammo_ray import train
+
+    paths = _labelled_manifests(tmp_path, labels)
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(train, "run_single", lambda *a, **k: pytest.fail("training started"))
+    argv = ["--train", str(paths["train"]), "--valid", str(paths["valid"])]
+    if command == "train":
+        code = train.main([*argv, "--out_dir", str(tmp_path / "out")])
+    else:
+        code = tune.main([*argv, "--space", "demo", "--results", str(tmp_path / "results")])
+    assert code == 2
+    n, label = len(labels[role]), labels[role][0]
+    err = capsys.readouterr().err
+    assert f"manifest {paths[role]} ({role}): all {n} image(s) have label {label}" in err
+    assert ("training needs both classes" if role == "train" else "search.metric val_auc is undefined") in err
+
+
+def test_one_class_in_validation_is_a_warning_when_the_metric_stays_defined(tmp_path, monkeypatch, capsys):
+    from mammo_ray import train
+
+    paths = _labelled_manifests(tmp_path, {"train": [0, 1], "valid": [0, 0]})
+    monkeypatch.setattr(train, "run_single", lambda *a, **k: 0)
+    argv = ["--train", str(paths["train"]), "--valid", str(paths["valid"]), "--out_dir", str(tmp_path / "out")]
+    assert train.main([*argv, "--set", "search.metric=val_loss", "--set", "search.mode=min"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: manifest {paths['valid']} (valid): all 2 image(s) have label 0; its AUCs are undefined" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [([], "train.csv (train): all 3 image(s) have label 0"), (["--data", "B"], "(valid): all 1 image(s) have label 1")],
+)
+def test_reference_csvs_and_subsets_of_one_class_are_refused_before_ray(tmp_path, monkeypatch, capsys, extra, where):
+    from mammo_ray import train
+
+    csvs = _reference_csvs(tmp_path, {"train": [0, 0, 0] if not extra else [0, 1, 0], "valid": [0, 1]})
+    if extra:  # the first image of each split is data set A, the rest B: --data B leaves valid one positive
+        for path in csvs.values():
+            table = pd.read_csv(path)
+            table["datasettype"] = ["A"] + ["B"] * (len(table) - 1)
+            table.to_csv(path, index=False)
+    monkeypatch.setattr(cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(train, "run_single", lambda *a, **k: pytest.fail("training started"))
+    argv = ["--train_csv_pth", str(csvs["train"]), "--valid_csv_pth", str(csvs["valid"]), *extra]
+    assert train.main([*argv, "--out_dir", str(tmp_path / "out")]) == 2
+    assert where in capsys.readouterr().err
+
+
 def test_quiet_logging_hides_tensorboardx_renaming_every_metric_with_an_at_sign():
     """Without -v, each trial's first report printed four INFO lines from tensorboardX ("Summary name
     ray/tune/val_sensitivity@0.3 is illegal") into the sweep's terminal: 24 in the demo."""

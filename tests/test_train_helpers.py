@@ -395,7 +395,7 @@ def test_default_out_dir_is_not_the_sweep_folder_of_the_same_config(tmp_path, mo
     (sweep / "leaderboard.csv").write_text("trial_id\n")
     seen: dict[str, Any] = {}
     monkeypatch.setattr(cli, "resolve_data", lambda cfg, args, reference_csvs=None: {})
-    monkeypatch.setattr(cli, "subset_frames", lambda frames, args, seed: frames)
+    monkeypatch.setattr(cli, "subset_frames", lambda frames, args, seed, metric: frames)
     monkeypatch.setattr(
         train, "run_single", lambda cfg, frames, out_dir, address: seen.setdefault("out", out_dir) and 0
     )

@@ -196,6 +196,12 @@ def predict_frame(
         chunk = rows.iloc[start : start + batch_size]
         good, images = [], []
         for index, row in chunk.iterrows():
+            path = row.get("path")
+            if not use_cache and (not isinstance(path, str) or not path.strip()):
+                # A blank cell of a manifest: an error row like an unreadable file's, not a TypeError for the run.
+                error = f"empty path (manifest row {index})"
+                failures.append({"image_id": row["image_id"], "path": "", "error": error})
+                continue
             try:
                 batch = {k: np.array([row[k]]) for k in row.index}
                 images.append(data.decode_rows(batch, image_size, use_cache, **decode_options)[0])
@@ -446,7 +452,7 @@ def output_frame(
         predictions["breast_score"] = np.nan
     inputs = frame.reset_index(drop=True)
     inputs = inputs.assign(
-        path=inputs["path"].astype(str) if "path" in inputs.columns else "",
+        path=inputs["path"].fillna("").astype(str) if "path" in inputs.columns else "",
         label=pd.to_numeric(inputs["label"], errors="coerce").fillna(-1).astype(int),
     )
     ids = [column for column in _META if column in inputs.columns]

@@ -83,6 +83,21 @@ def test_a_manifest_needs_only_image_id_and_path_and_a_blank_label_is_unknown(bu
     assert table["prob"].notna().all()
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_blank_path_in_a_manifest_is_an_error_row_and_the_rest_are_scored(bundle, dicoms, tmp_path, fmt):
+    """One blank path crashed the run with a TypeError, and no CSV was written."""
+    frame = pd.DataFrame({"image_id": ["a", "b", "c"], "path": [str(dicoms[0]), None, str(dicoms[1])]})
+    source = tmp_path / f"m.{fmt}"
+    frame.to_csv(source, index=False) if fmt == "csv" else frame.to_parquet(source)
+    out = tmp_path / "scores.csv"
+    assert run(bundle, source, out) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["image_id"].tolist() == ["a", "b", "c"]
+    blank = table.iloc[1]
+    assert blank["error"] == "empty path (manifest row 1)" and blank["decision"] == -1 and blank["path"] == ""
+    assert blank["prob"] == "" and table.loc[[0, 2], "error"].eq("").all()
+
+
 def test_nothing_readable_is_an_error_after_the_csv_with_the_reasons(bundle, tmp_path, capsys):
     (tmp_path / "m.csv").write_text("image_id,path\na,data/missing1.dcm\nb,data/missing2.dcm\n")
     out = tmp_path / "scores.csv"  # not in data/, the images' folder

@@ -531,6 +531,34 @@ def validate(config: Config, source: str = "config") -> Config:
     return config
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (plain YAML keeps the last one without a word)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping, e.g. two ``train:`` sections: the first
+    section's settings would be dropped without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(
+                        f"key {key!r} appears twice in one mapping (lines {first} and {line}); YAML would keep the "
+                        "second and drop the first without a word. Merge them into one"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` with a YAML value (``train.lr=3e-4``, ``data.image_size=[256,192]``)."""
     if "=" not in text:
@@ -538,7 +566,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None  # a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from err
     return key, value
@@ -589,7 +617,9 @@ def load(space: str | Path, overrides: list[str] | dict[str, Any] | None = None)
     """Load a space file (resolved like ``--space``) and apply ``--set`` overrides."""
     path = resolve_space_path(space)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is not None and not isinstance(data, dict):

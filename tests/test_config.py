@@ -114,6 +114,38 @@ def test_load_rejects_non_mapping_or_bad_yaml(tmp_path: Path, text: str) -> None
         config.load(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        # Two train sections: the first one's lr, epochs and sampler were dropped without a word.
+        ("name: dup\ntrain:\n  lr: 0.001\n  epochs: 3\nmodel:\n  dropout: 0.1\ntrain:\n  batch_size: 8\n", "train", (2, 7)),
+        ("train:\n  lr: 0.001\n  lr: 0.1\n", "lr", (2, 3)),
+        ("space:\n  train.lr: {type: uniform, low: 0.1, high: 0.2}\n  train.lr: {type: choice, values: [1]}\n",
+         "train.lr", (2, 3)),
+        ("data: {image_size: [64, 48], image_size: [128, 96]}\n", "image_size", (1, 1)),
+    ],
+    ids=["two-train-sections", "lr-twice", "space-entry-twice", "flow-mapping"],
+)  # fmt: skip
+def test_a_key_given_twice_is_refused_naming_it_and_the_file(tmp_path: Path, text: str, key: str, lines) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: key {key!r} appears twice in one mapping (lines {lines[0]} and {lines[1]})")
+
+
+def test_a_yaml_merge_key_may_still_be_overridden() -> None:
+    """``<<: *anchor`` then a key of the anchor is YAML's way to override it, not a duplicate."""
+    text = "base: &base {lr: 0.001, epochs: 3}\ntrain:\n  <<: *base\n  lr: 0.1\n"
+    assert yaml.load(text, Loader=config.UniqueKeyLoader)["train"] == {"lr": 0.1, "epochs": 3}
+
+
+def test_an_override_value_with_a_key_given_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'low' appears twice"):
+        config.parse_override("space.train.lr={type: uniform, low: 0.1, low: 0.2, high: 0.3}")
+
+
 # --------------------------------------------------------------------------------------------------
 # --set overrides
 

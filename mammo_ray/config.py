@@ -624,6 +624,12 @@ def load(space: str | Path, overrides: list[str] | dict[str, Any] | None = None)
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if not data:
+        # Every default under the file's name, nothing searched: a truncated copy or the wrong file, not a choice.
+        raise ConfigError(
+            f"{path}: the file holds no settings (it is empty or only comments); start from a shipped space such as "
+            f"{SPACES_DIR / 'demo.yaml'}"
+        )
     if isinstance(overrides, list):
         overrides = dict(parse_override(item) for item in overrides)
     config = from_dict(data or {}, source=str(path), overrides=overrides)

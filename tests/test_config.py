@@ -97,13 +97,13 @@ def test_load_without_name_uses_the_file_stem(tmp_path: Path) -> None:
     assert config.load(_write(tmp_path, data, "my-sweep.yaml")).name == "my-sweep"
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n"])
-def test_load_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_load_empty_file_is_refused(tmp_path: Path, text: str) -> None:
+    """An empty file ran every default under its name, nothing searched, without a word."""
     path = tmp_path / "empty.yaml"
     path.write_text(text)
-    cfg = config.load(path)
-    assert cfg.name == "empty"
-    assert cfg.to_dict() | {"name": "sweep"} == config.Config().to_dict()
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: the file holds no settings"):
+        config.load(path)
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "train: [unclosed\n"])

@@ -599,7 +599,13 @@ def from_dict(data: dict[str, Any], source: str = "config", overrides: dict[str,
         if key.startswith("space."):
             # Space keys are dotted config keys themselves: space.train.lr is the entry "train.lr".
             space = dict(merged.get("space") or {})
-            space[key[len("space.") :]] = value
+            entry = key[len("space.") :]
+            if value is None:  # --set space.train.lr=null: train.lr is no longer searched
+                if entry not in space:
+                    raise ConfigError(f"--set {key}=null: the space does not search {entry}")
+                del space[entry]
+            else:
+                space[entry] = value
             merged["space"] = space
             continue
         if key in RETIRED_KEYS:
@@ -611,6 +617,24 @@ def from_dict(data: dict[str, Any], source: str = "config", overrides: dict[str,
         merged = _merge(merged, _nest(key, value))
     config = _build(Config, merged, "", source)
     return validate(config, source)
+
+
+def check_searched_overrides(config: Config, overrides: dict[str, Any], source: str) -> None:
+    """Refuse ``--set key=value`` on a key that the space searches: each trial's sampled value would replace it.
+
+    Only a sweep searches; ``train`` ignores the space, so there ``--set`` always applies.
+
+    Raises:
+        ConfigError: naming the key and the file, and how to fix the key at the value or search another range.
+    """
+    searched = [key for key in overrides if key in config.space]
+    if searched:
+        key = searched[0]
+        raise ConfigError(
+            f"--set {key}={overrides[key]} would have no effect: {source} searches {key} (space.{key}), and each "
+            f"trial replaces the value with its own. To fix it at this value, remove space.{key} from the file or add "
+            f"--set space.{key}=null; to search another range, edit space.{key} or pass --set 'space.{key}={{...}}'"
+        )
 
 
 def load(space: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:

@@ -512,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             cli.apply_smoke_test(cfg)
             if args.num_samples:
                 cfg.search.num_samples = args.num_samples
+        config_mod.check_searched_overrides(cfg, overrides, str(config_mod.resolve_space_path(args.space)))
         cli.resolve_weights(cfg)
         if not args.dry_run:
             cli.check_data_given(cfg, args)  # first: it needs no torch import, so it answers in a fraction of a second

@@ -219,6 +219,38 @@ def test_override_one_space_entry(tmp_path: Path) -> None:
     assert cfg.space["model.dropout"] == BASE["space"]["model.dropout"], "the other space entries must stay"
 
 
+def test_space_entry_null_stops_searching_it(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, BASE), ["space.train.lr=null", "train.lr=0.02"])
+    assert "train.lr" not in cfg.space and cfg.train.lr == 0.02
+    assert cfg.space["model.dropout"] == BASE["space"]["model.dropout"]
+    with pytest.raises(ConfigError, match="--set space.train.momentum=null: the space does not search train.momentum"):
+        config.load(_write(tmp_path, BASE), ["space.train.momentum=null"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        ({"train.lr": 0.02}, "train.lr"),
+        ({"train.epochs": 3, "model.freeze_units": 1}, "model.freeze_units"),
+        ({"train.epochs": 3}, None),  # not searched: it applies
+        ({"space.train.lr": None, "train.lr": 0.02}, None),  # no longer searched
+    ],
+)
+def test_a_set_on_a_searched_key_is_refused_naming_it_and_the_file(
+    tmp_path: Path, overrides: dict[str, Any], refused: str | None
+) -> None:
+    path = _write(tmp_path, BASE)
+    cfg = config.load(path, overrides)
+    if refused is None:
+        config.check_searched_overrides(cfg, overrides, str(path))
+        return
+    with pytest.raises(ConfigError) as err:
+        config.check_searched_overrides(cfg, overrides, str(path))
+    message = str(err.value)
+    assert message.startswith(f"--set {refused}={overrides[refused]} would have no effect: {path} searches {refused}")
+    assert f"remove space.{refused} from the file or add --set space.{refused}=null" in message
+
+
 def test_override_scientific_notation(tmp_path: Path) -> None:
     # The brief's and parse_override's own docstring example. PyYAML follows YAML 1.1, which reads "3e-4" (no dot)
     # as a string, so the float field refuses it.

@@ -120,11 +120,23 @@ def test_unknown_space_lists_available():
 
 
 def test_dry_run_prints_config_space_and_plan():
-    proc = run_module("mammo_ray.tune", "--space", "adamw", "--dry-run", "--set", "train.lr=3e-4")
+    proc = run_module("mammo_ray.tune", "--space", "adamw", "--dry-run", "--set", "train.grad_clip=3e-4")
     assert proc.returncode == 0, proc.stderr
     assert "# resolved config" in proc.stdout and "# search space" in proc.stdout
     assert "# resources per trial" in proc.stdout and "backend: nccl" in proc.stdout
-    assert "lr: 0.0003" in proc.stdout
+    assert "grad_clip: 0.0003" in proc.stdout
+
+
+def test_tune_refuses_a_set_on_a_searched_key_and_space_null_fixes_it(capsys):
+    """--set train.lr on a space that searches train.lr had no effect: every trial replaced it with its own value."""
+    assert tune.main(["--space", "demo", "--dry-run", "--set", "train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.lr=1e-3 would have no effect: " in err and "demo.yaml searches train.lr (space.train.lr)" in err
+    assert "--set space.train.lr=null" in err
+    assert tune.main(["--space", "demo", "--dry-run", "--set", "train.lr=1e-3", "--set", "space.train.lr=null"]) == 0
+    out = capsys.readouterr().out
+    searched = yaml.safe_load(out.split("# search space")[1].split("# resources per trial")[0])
+    assert "lr: 0.001" in out and "train.lr" not in searched and "model.dropout" in searched
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,24 @@ KubeRay manifests (kuberay-raycluster.yaml, kuberay-rayjob.yaml) are checked aga
 CRDs (ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml) require, and then fed to
 ``_derive_autoscaling_config_from_ray_cr``: the function the Ray autoscaler runs inside a KubeRay head pod
 to turn a RayCluster into its config, which ends in the same ``validate_config``.
+
+What ``ray job submit --working-dir .`` uploads is built by the job client's own upload code (Ray's default
+excludes, .gitignore, .rayignore) on a copy of the checkout with data folders in it; the zip is caught where the
+client would send it.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import re
 import shlex
+import shutil
 import socket
 import tomllib
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -28,6 +36,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+from ray.job_submission import JobSubmissionClient
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -364,6 +374,74 @@ def test_rayjob_runs_a_sweep_and_cleans_up() -> None:
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML", "")) or {}
     # `--space adamw` is looked up in search_spaces/ of the working directory, so ship the sources.
     assert str(runtime_env.get("working_dir", "")).startswith("https://")
+
+
+# --- What `ray job submit --working-dir .` uploads -------------------------------------------------------
+
+# Files a user's checkout gains by following the README: prepare's manifests and pixel cache, pretrained
+# weights, `train --out_dir runs/...`, sweep results, the venv, git's objects, and a data folder of another name.
+USER_FILES = [
+    "prepared/train.parquet",
+    "prepared/cache/0123abcd/shard-00000-x.bin",
+    "weights/convnext_small.fb_in22k.safetensors",
+    "runs/one/history.csv",
+    "results/adamw-run1/optuna.db",
+    ".venv/lib/python3.11/site-packages/torch/__init__.py",
+    ".git/objects/pack/pack-0123.pack",
+    "embed-prepared/valid.parquet",
+    "embed-prepared/cache/4567cdef/shard-00001-y.bin",
+]
+# What the driver and the workers need from the upload: the package and the space files.
+NEEDED_FILES = ["mammo_ray/tune.py", "mammo_ray/train.py", "search_spaces/adamw.yaml"]
+
+
+def _job_upload(working_dir: Path) -> list[str]:
+    """Names in the package that `ray job submit --working-dir <working_dir>` uploads, built by Ray itself.
+
+    Runs the job client's own upload path (default excludes, .gitignore, .rayignore, the runtime env's
+    ``excludes``) and catches the zip at the HTTP PUT, so nothing is sent anywhere.
+    """
+    client = object.__new__(JobSubmissionClient)  # no dashboard to connect to
+    uploads: list[bytes] = []
+
+    def put(method: str, endpoint: str, data: bytes | None = None, **kwargs: Any) -> SimpleNamespace:
+        uploads.append(data)
+        return SimpleNamespace(status_code=200)
+
+    client._package_exists = lambda package_uri: False
+    client._do_request = put
+    client._upload_working_dir_if_needed(parse_runtime_env_args(working_dir=str(working_dir)))
+    (package,) = uploads
+    return zipfile.ZipFile(io.BytesIO(package)).namelist()
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {},
+        {"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"},  # Ray then reads only .rayignore
+        {"RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ""},  # Ray then adds no .git/.venv of its own
+    ],
+    ids=["ray-defaults", "gitignore-off", "default-excludes-off"],
+)
+def test_job_upload_leaves_out_data_and_environments(
+    environment: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: None
+) -> None:
+    checkout = tmp_path / "mammo_ray"
+    for name in ("mammo_ray", "search_spaces"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".gitignore", ".rayignore", "pyproject.toml"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, checkout / name)
+    for name in USER_FILES:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_bytes(b"\0" * 64)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+
+    uploaded = _job_upload(checkout)
+    assert sorted(name for name in USER_FILES if name in uploaded) == []
+    assert sorted(name for name in NEEDED_FILES if name not in uploaded) == []
 
 
 # --- Consistency between the files and the README -------------------------------------------------------

@@ -265,6 +265,9 @@ def _kuberay_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: image {ray_container.get('image')!r} does not match rayVersion")
         if overwrite_command and "$KUBERAY_GEN_RAY_START_CMD" not in " ".join(ray_container.get("args", [])):
             problems.append(f"{where}: with ray.io/overwrite-container-cmd the args must run the start command")
+        # Every Ray pod reads or writes the bucket; its credentials come from the pod's service account.
+        if not group.get("template", {}).get("spec", {}).get("serviceAccountName"):
+            problems.append(f"{where}.template.spec.serviceAccountName is required (bucket credentials)")
         if where == "headGroupSpec":
             if _gpu_count(ray_container) or _gpu_count(ray_container, "requests"):
                 problems.append("the head must not request GPUs")
@@ -342,6 +345,10 @@ def _load_balancer(doc: dict[str, Any]) -> None:
     _cluster_spec(doc)["headGroupSpec"]["serviceType"] = "LoadBalancer"
 
 
+def _no_service_account(doc: dict[str, Any]) -> None:
+    del _cluster_spec(doc)["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"]
+
+
 @pytest.mark.parametrize("name", KUBERAY)
 @pytest.mark.parametrize(
     ("mutate", "expected"),
@@ -353,6 +360,7 @@ def _load_balancer(doc: dict[str, Any]) -> None:
         (_other_ray_version, "rayVersion must be"),
         (_start_command_lost, "must run the start command"),
         (_load_balancer, "ClusterIP"),
+        (_no_service_account, "workerGroupSpecs[0].template.spec.serviceAccountName is required"),
     ],
     ids=lambda value: value.__name__.lstrip("_") if callable(value) else None,
 )

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import re
 import shlex
 import shutil
 import socket
+import subprocess
 import tomllib
 import zipfile
 from pathlib import Path
@@ -369,6 +371,24 @@ def test_kuberay_checks_catch_broken_copies(name: str, mutate: Any, expected: st
     mutate(doc)
     problems = _kuberay_problems(doc)
     assert any(expected in problem for problem in problems), problems
+
+
+# KubeRay writes some start parameters with shell quotes in $KUBERAY_GEN_RAY_START_CMD, e.g. the resources JSON it
+# builds from a group's `resources` or a custom accelerator: `--resources='{"TPU":4}'` (pod.go). printf stands in
+# for `ray start` and prints the arguments it would get.
+GENERATED_START = """printf '%s\\n' --num-gpus=1 --resources='{"accelerator_type:A100":1}'"""
+START_ARGUMENTS = ["--num-gpus=1", '--resources={"accelerator_type:A100":1}']
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_start_command_keeps_quoted_arguments(name: str) -> None:
+    cluster = _cluster_spec(_ray_doc(name))
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        args = " ".join(_ray_container(group)["args"])
+        start = args.rsplit("&&", 1)[-1].strip()  # what runs once the install is done
+        environment = {"PATH": os.environ["PATH"], "KUBERAY_GEN_RAY_START_CMD": GENERATED_START}
+        ran = subprocess.run(["/bin/bash", "-c", start], env=environment, capture_output=True, text=True, check=True)
+        assert ran.stdout.splitlines() == START_ARGUMENTS, start
 
 
 def test_rayjob_runs_a_sweep_and_cleans_up() -> None:

@@ -177,6 +177,27 @@ def test_launcher_storage_is_a_bucket(stem: str, scheme: str) -> None:
     assert _load(f"{stem}.yaml")["metadata"]["storage_uri"].startswith(f"{scheme}://")
 
 
+def _readme_section(title: str) -> str:
+    """The text of the `## <title>` section of cluster/README.md."""
+    text = (CLUSTER / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_aws_pass_role_step_comes_before_the_first_sweep() -> None:
+    """The head launches GPU nodes with an instance profile, which needs iam:PassRole that `ray up` does not grant.
+
+    Without it every GPU node launch fails and the sweep waits, so the step belongs in the launch checklist and
+    next to the profile in aws.yaml, not only in the credentials notes.
+    """
+    config = _load("aws.yaml")
+    profiles = [t["node_config"].get("IamInstanceProfile") for t in config["available_node_types"].values()]
+    assert any(profiles), "aws.yaml no longer gives the workers an instance profile; drop this test"
+    assert "iam:PassRole" in (CLUSTER / "aws.yaml").read_text()
+    checklist = _readme_section("Before the first launch")
+    assert "iam:PassRole" in checklist
+    assert "aws iam put-role-policy" in checklist
+
+
 def _misspell_top_level_key(config: dict[str, Any]) -> None:
     config["head_start_ray_comands"] = config.pop("head_start_ray_commands")
 

@@ -241,7 +241,10 @@ def check_reachable(location: str | Path) -> None:
     """Fail fast, before Ray starts, on a location that cannot be used: a bad URI, no such bucket, no access.
 
     For an object store the bucket must exist (Ray's checkpoint upload would not create it); the prefix
-    under it need not.
+    under it need not. The probe looks up the bucket itself. On GCS that reads the bucket's metadata, which
+    needs ``storage.buckets.get``. Ray Train needs the same permission: its ``create_dir`` of the experiment
+    folder reads the bucket's metadata when no folder marker exists above it yet (Arrow's GCS file system). So
+    a listing, which needs only object permissions, would pass here and fail in Ray after start-up.
 
     Raises:
         StorageError: naming the location and the reason.
@@ -255,6 +258,12 @@ def check_reachable(location: str | Path) -> None:
     try:
         kind = fs.get_file_info(probe).type
     except OSError as err:
-        raise StorageError(f"{public(location)}: cannot reach it ({err})") from err
+        hint = ""
+        if scheme in ("gs", "gcs"):
+            hint = (
+                f"; on GCS the credentials need storage.buckets.get on bucket {bucket!r} besides object access"
+                " (roles/storage.objectAdmin lacks it; add e.g. roles/storage.legacyBucketReader on the bucket)"
+            )
+        raise StorageError(f"{public(location)}: cannot reach it ({err}){hint}") from err
     if scheme in _BUCKET_SCHEMES and kind == pafs.FileType.NotFound:
         raise StorageError(f"{public(location)}: bucket {bucket!r} does not exist (create it first)")

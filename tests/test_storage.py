@@ -381,6 +381,29 @@ def test_check_reachable(s3) -> None:
         storage.check_reachable(s3.uri("nobucket/x", credentials=True))
 
 
+class _RefusingFileSystem(pafs.LocalFileSystem):
+    """Answers every lookup the way pyarrow's object-store file systems report an HTTP 403."""
+
+    def get_file_info(self, paths):
+        raise OSError("google::cloud::Status(PERMISSION_DENIED: Permission denied)")
+
+
+@pytest.mark.parametrize(
+    ("location", "names_bucket_permission"),
+    [
+        ("gs://mammo/mammo-ray", True),  # the probe reads the bucket's metadata: storage.buckets.get
+        ("gcs://mammo/mammo-ray", True),
+        ("s3://mammo/mammo-ray", False),
+    ],
+)
+def test_check_reachable_on_refused_access_names_what_gcs_needs(monkeypatch, location, names_bucket_permission) -> None:
+    """roles/storage.objectAdmin, which `ray up` gives its GCP service account, lacks storage.buckets.get."""
+    monkeypatch.setattr(storage, "resolve", lambda loc: (_RefusingFileSystem(), "mammo/mammo-ray"))
+    with pytest.raises(storage.StorageError, match=rf"^{location}: cannot reach it \(.*PERMISSION_DENIED") as caught:
+        storage.check_reachable(location)
+    assert ("storage.buckets.get" in str(caught.value)) == names_bucket_permission
+
+
 # --------------------------------------------------------------------------------------------------
 # A multi-node cluster without --storage is refused (ray.nodes() stubbed: no Ray started here).
 

@@ -506,6 +506,32 @@ def test_every_file_installs_the_same_revision() -> None:
     assert len(set.union(*specs.values())) == 1, specs
 
 
+def _lower_bound(package: str) -> str:
+    """The ``>=`` bound of one of pyproject.toml's dependencies."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (bound,) = [
+        re.match(rf"{package}>=([0-9][0-9.]*)$", d).group(1) for d in dependencies if d.startswith(f"{package}>=")
+    ]
+    return bound
+
+
+@pytest.mark.parametrize("path", _cluster_files(), ids=lambda path: path.name)
+def test_torch_is_installed_for_the_cuda_of_the_image(path: Path) -> None:
+    """Every node installs torch from PyTorch's wheel index for the image's CUDA (cu128: driver >= 570).
+
+    From PyPI pip would take whatever CUDA build PyPI's newest torch has; a build for a newer CUDA than the
+    hosts' driver supports leaves torch.cuda.is_available() False on every GPU node. The bounds are pyproject's,
+    so the mammo_ray install that follows keeps these wheels (pip upgrades only what is unsatisfied).
+    """
+    text = path.read_text()
+    image_cudas = set(re.findall(r"rayproject/ray(?:-ml)?:[0-9.]+-py311-(cu\d+)", text))
+    assert len(image_cudas) == 1, image_cudas
+    wheel_indexes = set(re.findall(r"--index-url https://download\.pytorch\.org/whl/(cu\d+)", text))
+    assert wheel_indexes == image_cudas
+    for package in ("torch", "torchvision"):
+        assert f'"{package}>={_lower_bound(package)}"' in text, package
+
+
 def test_every_placeholder_is_documented() -> None:
     readme = (CLUSTER / "README.md").read_text()
     placeholders = {match for path in _cluster_files() for match in PLACEHOLDER.findall(path.read_text())}

@@ -279,10 +279,11 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
     problem = (
         f"{res.num_workers} Train worker(s) of {need} each (resources.num_workers, resources.cpus_per_worker, "
         f"resources.gpus_per_worker) do not fit: {where}, room for {hosted} such worker(s)"
-        + ("; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else "")
     )
     if fixed:
-        raise ValueError(problem)
+        # Only a cluster that cannot grow is told to train on CPUs: a joined one may still get GPU nodes.
+        cpu_hint = "; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else ""
+        raise ValueError(problem + cpu_hint)
     message = f"{problem}; the run waits until nodes with these resources join the cluster"
     print(f"warning: {message}", file=sys.stderr)
     return [message]

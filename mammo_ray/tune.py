@@ -705,7 +705,9 @@ def write_sweep_files(
     storage.write_text(storage.join(experiment, "manifests.json"), json.dumps(recorded, indent=2) + "\n")
 
 
-def fit_concurrency(cfg: config_mod.Config, total: float | None = None, *, single_run: bool = False) -> None:
+def fit_concurrency(
+    cfg: config_mod.Config, total: float | None = None, *, single_run: bool = False, fixed: bool | None = None
+) -> None:
     """Cap concurrent trials so that Ray Data keeps at least one whole CPU free on this cluster.
 
     Ray Data's tasks need a whole CPU; if the trials' reservations leave less than one, every trial's data
@@ -713,7 +715,15 @@ def fit_concurrency(cfg: config_mod.Config, total: float | None = None, *, singl
     ``total`` is the cluster's CPU count (default: asked from Ray). Also warns when ``resources.torch_threads``
     asks for more torch threads than the cluster has CPUs: threads are not reserved, so they would compete.
     ``single_run``: the ``train`` command's one run, which has no trial actor and no concurrency to cap.
+    ``fixed``: whether the cluster cannot grow (default: whether ``cli.start_ray`` started it). Only then is the
+    cap applied, or a run that cannot fit refused. On a cluster this process joined, ``total`` is a snapshot that
+    an autoscaler may grow: every shipped cluster config starts with no GPU node, and a cap taken from the head
+    alone held KubeRay's adamw sweep at 3 trials for its whole run. There it only warns.
     """
+    if fixed is None:
+        from mammo_ray import cli
+
+        fixed = cli._STARTED_HERE
     if total is None:
         import ray
 
@@ -723,18 +733,38 @@ def fit_concurrency(cfg: config_mod.Config, total: float | None = None, *, singl
     if per_trial <= 0 or total <= 0:
         return
     fitting = int((total - 1.0) // per_trial)
+    # What to say on a joined cluster: the rule that matters there is per GPU node (cluster/README.md).
+    may_grow = (
+        "as this process joined the cluster and an autoscaler may add nodes (the run waits for them). Keep workers "
+        "on a node × resources.cpus_per_worker ≤ the node's CPUs − 2 for Ray Data"
+    )
     if fitting < 1:
-        raise ValueError(
+        problem = (
             f"one {'run' if single_run else 'trial'} reserves {per_trial:g} CPUs of the cluster's {total:g}, leaving "
-            "Ray Data less than one CPU; lower resources.cpus_per_worker or resources.num_workers"
+            "Ray Data less than one CPU"
         )
-    if not single_run and res.max_concurrent_trials > fitting:
+        if fixed:
+            raise ValueError(f"{problem}; lower resources.cpus_per_worker or resources.num_workers")
         print(
-            f"warning: {res.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
-            f"Data less than one of the cluster's {total:g} CPUs; running {fitting} at a time",
+            f"warning: {problem} now; not refused, {may_grow}. If no node will join, lower "
+            "resources.cpus_per_worker or resources.num_workers",
             file=sys.stderr,
         )
-        res.max_concurrent_trials = fitting
+    elif not single_run and res.max_concurrent_trials > fitting:
+        if fixed:
+            print(
+                f"warning: {res.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray "
+                f"Data less than one of the cluster's {total:g} CPUs; running {fitting} at a time",
+                file=sys.stderr,
+            )
+            res.max_concurrent_trials = fitting
+        else:
+            print(
+                f"warning: {res.max_concurrent_trials} concurrent trials × {per_trial:g} CPUs would leave Ray Data "
+                f"less than one of the cluster's {total:g} CPUs now; resources.max_concurrent_trials is not "
+                f"lowered, {may_grow}. If no node will join, set resources.max_concurrent_trials={fitting}",
+                file=sys.stderr,
+            )
     concurrent = 1 if single_run else res.max_concurrent_trials
     threads = res.torch_threads * res.num_workers * concurrent
     if threads > total:

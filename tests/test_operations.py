@@ -421,9 +421,12 @@ def test_a_trial_whose_worker_fits_no_node_stops_the_sweep_with_an_error(prepare
 
 
 def test_a_trial_that_leaves_ray_data_no_cpu_stops_the_sweep_with_an_error(
-    ray_session, prepared_data, tmp_path, capsys
+    ray_session, prepared_data, tmp_path, capsys, monkeypatch
 ):
     """Before, a traceback: the refusal was raised outside the command's error handling."""
+    # The session's Ray is a local one that no node will join, as a Ray `tune` starts itself; on a cluster it
+    # joined, `tune` only warns (an autoscaler may add nodes).
+    monkeypatch.setattr(cli, "_STARTED_HERE", True)
     results = tmp_path / "results"
     argv = _sweep_command("demo", "cannot", results, prepared_data, "--set", "resources.cpus_per_worker=1.5")[3:]
     assert tune.main(argv) == 2

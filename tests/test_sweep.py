@@ -150,7 +150,7 @@ def test_tune_refuses_a_set_on_a_searched_key_and_space_null_fixes_it(capsys):
 )
 def test_fit_concurrency_caps_trials_and_warns_about_threads(capsys, total, concurrent, expected, warnings):
     cfg = config.load("demo", {"resources.max_concurrent_trials": concurrent})
-    tune.fit_concurrency(cfg, total=total)
+    tune.fit_concurrency(cfg, total=total, fixed=True)  # a Ray this process started: no node will join
     assert cfg.resources.max_concurrent_trials == expected
     err = capsys.readouterr().err
     assert err.count("warning:") == len(warnings), err
@@ -161,16 +161,50 @@ def test_fit_concurrency_caps_trials_and_warns_about_threads(capsys, total, conc
 def test_fit_concurrency_refuses_a_trial_that_leaves_ray_data_no_cpu():
     cfg = config.load("demo", {"resources.cpus_per_worker": 1.5})
     with pytest.raises(ValueError, match="less than one CPU"):
-        tune.fit_concurrency(cfg, total=2.0)
+        tune.fit_concurrency(cfg, total=2.0, fixed=True)
 
 
 def test_fit_concurrency_for_the_train_command_counts_no_trial_actor_and_caps_nothing(capsys):
     cfg = config.load("demo", {"resources.cpus_per_worker": 1.0, "resources.max_concurrent_trials": 4})
-    tune.fit_concurrency(cfg, total=2.0, single_run=True)  # 1 CPU held, 1 left to Ray Data: fits
+    tune.fit_concurrency(cfg, total=2.0, single_run=True, fixed=True)  # 1 CPU held, 1 left to Ray Data: fits
     assert cfg.resources.max_concurrent_trials == 4  # the config is recorded as written
     assert "warning" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="one run reserves 1.5 CPUs"):
-        tune.fit_concurrency(config.load("demo", {"resources.cpus_per_worker": 1.5}), total=2.0, single_run=True)
+        cfg = config.load("demo", {"resources.cpus_per_worker": 1.5})
+        tune.fit_concurrency(cfg, total=2.0, single_run=True, fixed=True)
+
+
+@pytest.mark.parametrize(
+    ("total", "single_run", "snapshot"),
+    [
+        # adamw (0.1 + 1 x 4 CPUs a trial, 4 at a time) on KubeRay's head-only RayCluster (CPU limit 16): the cap
+        # from this snapshot was 3 trials for the whole sweep, although the autoscaler adds up to 8 GPU pods.
+        (16.0, False, "4 concurrent trials × 4.1 CPUs"),
+        (32.0, False, None),  # the launchers' head: 4 fit anyway
+        (2.0, False, "one trial reserves 4.1 CPUs of the cluster's 2"),  # a small head: not refused either
+        (2.0, True, "one run reserves 4 CPUs of the cluster's 2"),
+    ],
+)
+def test_fit_concurrency_on_a_joined_cluster_warns_without_capping(capsys, monkeypatch, total, single_run, snapshot):
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)  # joined with --address or through RAY_ADDRESS
+    cfg = config.load("adamw")
+    tune.fit_concurrency(cfg, total=total, single_run=single_run)
+    assert cfg.resources.max_concurrent_trials == 4
+    err = capsys.readouterr().err
+    if snapshot is None:
+        assert "warning" not in err
+        return
+    assert err.count("warning:") == 1 and snapshot in err
+    assert "may add nodes" in err and "gpus_per_worker=0" not in err
+    # The same snapshot on a Ray this process started (nothing will join) caps or refuses, as before.
+    monkeypatch.setattr(cli, "_STARTED_HERE", True)
+    cfg = config.load("adamw")
+    if total == 16.0:
+        tune.fit_concurrency(cfg, total=total, single_run=single_run)
+        assert cfg.resources.max_concurrent_trials == 3
+    else:
+        with pytest.raises(ValueError, match="less than one CPU"):
+            tune.fit_concurrency(cfg, total=total, single_run=single_run)
 
 
 CPU_NODE = {"CPU": 2.0}
@@ -206,6 +240,7 @@ def test_check_placement_refuses_workers_no_node_can_host(overrides, nodes, prob
     # A cluster it joined may grow (an autoscaler adding GPU nodes): a warning, and the run waits.
     (warned,) = cli.check_placement(cfg, nodes=nodes, fixed=False)
     assert problem in warned and "waits until nodes with these resources join" in warned
+    assert "gpus_per_worker=0" not in warned  # GPU nodes may still come: no advice to train on CPUs
     assert capsys.readouterr().err.count("warning:") == 1
 
 

@@ -186,7 +186,11 @@ def test_fit_concurrency_for_the_train_command_counts_no_trial_actor_and_caps_no
     ],
 )
 def test_fit_concurrency_on_a_joined_cluster_warns_without_capping(capsys, monkeypatch, total, single_run, snapshot):
+    from ray._private import state
+
     monkeypatch.setattr(cli, "_STARTED_HERE", False)  # joined with --address or through RAY_ADDRESS
+    # Ray holds the autoscaler's config: up to 8 GPU nodes of 16 CPUs beside the head.
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: {"CPU": 144, "GPU": 8})
     cfg = config.load("adamw")
     tune.fit_concurrency(cfg, total=total, single_run=single_run)
     assert cfg.resources.max_concurrent_trials == 4
@@ -205,6 +209,26 @@ def test_fit_concurrency_on_a_joined_cluster_warns_without_capping(capsys, monke
     else:
         with pytest.raises(ValueError, match="less than one CPU"):
             tune.fit_concurrency(cfg, total=total, single_run=single_run)
+
+
+@pytest.mark.parametrize("config_record", [None, RuntimeError("not connected")])
+def test_fit_concurrency_on_a_joined_cluster_that_cannot_grow_caps_as_on_its_own(monkeypatch, capsys, config_record):
+    """A static cluster joined with --address (or one Ray cannot be asked about) has no autoscaler to add CPUs: a
+    sweep that leaves Ray Data less than a CPU there hangs, so the cap holds as on a Ray this process started."""
+    from ray._private import state
+
+    def record():
+        if isinstance(config_record, Exception):
+            raise config_record
+        return config_record
+
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", record)
+    assert tune.cluster_is_fixed()
+    cfg = config.load("adamw")
+    tune.fit_concurrency(cfg, total=16.0)
+    assert cfg.resources.max_concurrent_trials == 3
+    assert "running 3 at a time" in capsys.readouterr().err
 
 
 CPU_NODE = {"CPU": 2.0}

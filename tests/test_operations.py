@@ -320,35 +320,11 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(prepared_data, tmp_path
     assert Path(metrics["selected"]["checkpoint"]).parent.name == f"trial_{good['trial_id']}"
 
 
-@pytest.mark.slow
-def test_resume_of_a_sweep_with_an_errored_trial_keeps_the_optuna_study_whole(prepared_data, tmp_path, ray_env):
-    """--resume restarted errored trials under new ids, which OptunaSearch had never seen: the first report raised
-    KeyError in the searcher and ended the resumed sweep. Resumed, the trial keeps its id and fails again, cleanly."""
-    # Optuna, the default searcher; lr 1e6 makes the loss non-finite in the first steps.
-    space_file = _one_epoch_space(tmp_path / "errored.yaml", {"type": "choice", "values": [1.0e6]}, searcher="optuna")
-    results = tmp_path / "results"
-    command = _sweep_command(str(space_file), "errored", results, prepared_data)
-    outputs = []
-    for extra in ([], ["--resume"]):
-        proc = subprocess.run(
-            [*command, *extra], cwd=REPO, env=ray_env, capture_output=True, text=True, timeout=300, check=False
-        )
-        outputs.append(proc.stdout + proc.stderr)
-        assert proc.returncode == 1 and "nothing to export" in outputs[-1], _tail(outputs[-1])
-    assert "resuming the sweep" in outputs[1] and "KeyError" not in outputs[1], _tail(outputs[1])
-    board = pd.read_csv(results / "errored" / "leaderboard.csv", dtype={"trial_id": str})
-    assert len(board) == 1 and board["status"].tolist() == ["ERROR"]
-    assert len(_optuna_trials(results / "errored" / "optuna.db", "errored")) == 1
-
-
-@pytest.mark.slow
-def test_resume_runs_errored_trials_no_more_at_a_time_than_the_concurrency_limit(prepared_data, tmp_path, ray_env):
-    """Tune gives every resumed trial an actor at once: the concurrency limiter only holds back new suggestions. Two
-    errored demo trials resumed side by side reserve 1.2 of the 2 CPUs, Ray Data gets no whole CPU and the resumed
-    sweep hung. The trials now queue for the sweep's slots."""
-    space_file = _one_epoch_space(tmp_path / "errored2.yaml", {"type": "choice", "values": [1.0e6]}, searcher="optuna")
-    results = tmp_path / "results"
-    command = _sweep_command(str(space_file), "errored2", results, prepared_data, "--num-samples", "2")
+def _sweep_errored_then_resume(prepared_data, tmp_path, ray_env, name: str, trials: int) -> list[str]:
+    """A sweep of ``trials`` one-epoch trials that all fail (Optuna, the default searcher; lr 1e6 makes the loss
+    non-finite in the first steps), then the same command with --resume; both outputs."""
+    space_file = _one_epoch_space(tmp_path / f"{name}.yaml", {"type": "choice", "values": [1.0e6]}, searcher="optuna")
+    command = _sweep_command(str(space_file), name, tmp_path / "results", prepared_data, "--num-samples", str(trials))
     outputs = []
     for extra in ([], ["--resume"]):
         proc = subprocess.run(
@@ -357,10 +333,26 @@ def test_resume_runs_errored_trials_no_more_at_a_time_than_the_concurrency_limit
         outputs.append(proc.stdout + proc.stderr)
         assert proc.returncode == 1 and "nothing to export" in outputs[-1], _tail(outputs[-1])
     assert "resuming the sweep" in outputs[1], _tail(outputs[1])
-    experiment = results / "errored2"
-    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial_id": str})
-    assert len(board) == 2 and board["status"].tolist() == ["ERROR", "ERROR"]
-    assert len(_optuna_trials(experiment / "optuna.db", "errored2")) == 2
+    board = pd.read_csv(tmp_path / "results" / name / "leaderboard.csv", dtype={"trial_id": str})
+    assert board["status"].tolist() == ["ERROR"] * trials
+    assert len(_optuna_trials(tmp_path / "results" / name / "optuna.db", name)) == trials
+    return outputs
+
+
+@pytest.mark.slow
+def test_resume_of_a_sweep_with_an_errored_trial_keeps_the_optuna_study_whole(prepared_data, tmp_path, ray_env):
+    """--resume restarted errored trials under new ids, which OptunaSearch had never seen: the first report raised
+    KeyError in the searcher and ended the resumed sweep. Resumed, the trial keeps its id and fails again, cleanly."""
+    outputs = _sweep_errored_then_resume(prepared_data, tmp_path, ray_env, "errored", trials=1)
+    assert "KeyError" not in outputs[1], _tail(outputs[1])
+
+
+@pytest.mark.slow
+def test_resume_runs_errored_trials_no_more_at_a_time_than_the_concurrency_limit(prepared_data, tmp_path, ray_env):
+    """Tune gives every resumed trial an actor at once: the concurrency limiter only holds back new suggestions. Two
+    errored demo trials resumed side by side reserve 1.2 of the 2 CPUs, Ray Data gets no whole CPU and the resumed
+    sweep hung. The trials now queue for the sweep's slots."""
+    _sweep_errored_then_resume(prepared_data, tmp_path, ray_env, "errored2", trials=2)
 
 
 # Trials that run side by side, as the shipped spaces' max_concurrent_trials: 4 asks on a GPU node. The driver's

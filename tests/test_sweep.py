@@ -1120,24 +1120,35 @@ def test_the_card_describes_the_cohort_the_selection_and_the_operating_points():
     assert "Training batches held" not in single
 
 
+def _women_with_left_cancers(women: int, has_cancer, prob) -> pd.DataFrame:
+    """Predictions for ``women`` one-exam women of four images (two left, two right); the left breast of those for
+    whom ``has_cancer(patient index)`` holds has cancer, and ``prob(labels)`` gives the scores."""
+    n = women * 4
+    patient = np.repeat(np.arange(women), 4)
+    left = np.arange(n) % 4 < 2
+    label = (has_cancer(patient) & left).astype(int)
+    return pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(n)],
+            "patient_id": patient.astype(str),
+            "exam_id": patient.astype(str),
+            "laterality": np.where(left, "L", "R"),
+            "dataset": "A",
+            "label": label,
+            "prob": prob(label),
+        }
+    )
+
+
 def test_the_card_shows_no_zero_width_interval_and_marks_the_exact_one():
     """The card printed sensitivity 1.000 (1.000–1.000) from 4 women with cancer among 200."""
     from mammo_ray import export, metrics
 
     rng = np.random.default_rng(0)
-    n = 200 * 4
-    patient = np.repeat(np.arange(200), 4)
-    label = ((patient < 4) & (np.arange(n) % 4 < 2)).astype(int)  # the left breast of the first 4 women
-    frame = pd.DataFrame(
-        {
-            "image_id": [f"i{k}" for k in range(n)],
-            "patient_id": patient.astype(str),
-            "exam_id": patient.astype(str),
-            "laterality": np.where(np.arange(n) % 4 < 2, "L", "R"),
-            "dataset": "A",
-            "label": label,
-            "prob": np.where(label == 1, rng.uniform(0.35, 0.9, n), rng.uniform(0.0, 0.6, n)),
-        }
+    frame = _women_with_left_cancers(  # the first 4 of 200 women
+        200,
+        lambda patient: patient < 4,
+        lambda label: np.where(label == 1, rng.uniform(0.35, 0.9, label.size), rng.uniform(0.0, 0.6, label.size)),
     )
     card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frame, bootstrap=100)}, None, {})
     assert "1.000 (0.398–1.000)†" in card and "(1.000–1.000)" not in card
@@ -1151,19 +1162,8 @@ def test_the_card_labels_image_level_figures_and_gives_exam_level_ones_at_each_p
     from mammo_ray import export, metrics
 
     rng = np.random.default_rng(0)
-    n = 40 * 4
-    patient = np.repeat(np.arange(40), 4)
-    label = ((patient % 4 == 0) & (np.arange(n) % 4 < 2)).astype(int)
-    frame = pd.DataFrame(
-        {
-            "image_id": [f"i{k}" for k in range(n)],
-            "patient_id": patient.astype(str),
-            "exam_id": patient.astype(str),
-            "laterality": np.where(np.arange(n) % 4 < 2, "L", "R"),
-            "dataset": "A",
-            "label": label,
-            "prob": np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1),
-        }
+    frame = _women_with_left_cancers(
+        40, lambda patient: patient % 4 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
     )
     results = {"val": metrics.compute_metrics(frame, threshold=0.35)}
     card = export.model_card(config.load("demo", {"train.threshold": 0.35}), results, None, {})

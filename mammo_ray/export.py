@@ -758,8 +758,8 @@ def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
             if cut is None or f"sensitivity@{key}" not in values:
                 continue
             rows.append(
-                f"| {split} | {label} | {_fmt(cut)} | {_fmt(values.get(f'sensitivity@{key}'))} | "
-                f"{_fmt(values.get(f'specificity@{key}'))} | {_fmt(values.get(f'sensitivity_exam@{key}'))} | "
+                f"| {split} | {label} | {_fmt(cut)} | {_ci(values, f'sensitivity@{key}')} | "
+                f"{_ci(values, f'specificity@{key}')} | {_fmt(values.get(f'sensitivity_exam@{key}'))} | "
                 f"{_fmt(values.get(f'specificity_exam@{key}'))} |"
             )
     if not rows:

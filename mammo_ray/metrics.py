@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -571,11 +571,21 @@ def fixed_thresholds(threshold: float = DEFAULT_THRESHOLD) -> tuple[float, ...]:
     return (DEFAULT_THRESHOLD, float(threshold))
 
 
-def _bootstrap_names(thresholds: Sequence[float]) -> tuple[str, ...]:
-    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at each fixed
-    threshold (their names carry it, ``sensitivity@0.3``)."""
-    keys = [threshold_key(t) for t in thresholds]
-    return (*BOOTSTRAP_METRICS, *(f"{what}@{key}" for key in keys for what in ("sensitivity", "specificity")))
+def _bootstrap_names(points: Mapping[str, float]) -> tuple[str, ...]:
+    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at each of
+    ``points`` (name → threshold; the names are those of the metrics, ``sensitivity@0.3``, ``sensitivity@youden``)."""
+    return (*BOOTSTRAP_METRICS, *(f"{what}@{key}" for key in points for what in ("sensitivity", "specificity")))
+
+
+def _bootstrap_points(threshold: float, cuts: Mapping[str, float | None] | None) -> dict[str, float]:
+    """The thresholds whose sensitivity and specificity get intervals: the fixed ones, and the operating points a
+    split is given (the validation's, on test). Points fitted on the split itself get none: their interval would
+    have to re-fit the threshold in every resample."""
+    points = {threshold_key(t): float(t) for t in fixed_thresholds(threshold)}
+    for name, cut in (cuts or {}).items():
+        if cut is not None and math.isfinite(float(cut)):
+            points[name] = float(cut)
+    return points
 
 
 def _bootstrap_split(
@@ -584,21 +594,22 @@ def _bootstrap_split(
     n: int,
     seed: int,
     level: float,
-    thresholds: Sequence[float] = (DEFAULT_THRESHOLD,),
+    points: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at each of ``thresholds``, from one
-    shared set of patient draws.
+    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at each of ``points`` (name →
+    threshold; default the reference's 0.3), from one shared set of patient draws.
 
     Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
     breast rows are resampled with their patient, which equals aggregating the resampled images.
     """
     y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
-    called = {threshold_key(t): s_img >= t for t in thresholds}
+    points = {threshold_key(DEFAULT_THRESHOLD): DEFAULT_THRESHOLD} if points is None else points
+    called = {name: s_img >= t for name, t in points.items()}
     image_clusters = _PatientClusters(patient_key(frame))
     breast_clusters = _PatientClusters(patient_key(breasts))
     assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
-    values: dict[str, list[float]] = {name: [] for name in _bootstrap_names(thresholds)}
+    values: dict[str, list[float]] = {name: [] for name in _bootstrap_names(points)}
     for drawn in _patient_draws(image_clusters.patients.size, n, seed):
         rows, _ = image_clusters.expand(drawn)
         breast_rows, _ = breast_clusters.expand(drawn)
@@ -635,6 +646,7 @@ def _split_metrics(
     seed: int = 0,
     level: float = 0.95,
     cuts: dict[str, float] | None = None,
+    cuts_from_another_split: bool = True,
 ) -> dict[str, Any]:
     _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
     y, s = labels_and_scores(frame["label"], frame["prob"])
@@ -665,10 +677,13 @@ def _split_metrics(
 
     intervals: dict[str, list[float | None]] = {}
     skipped: dict[str, int] = {}
+    # Given operating points get intervals only when another split chose them (the validation's, on test): a point
+    # fitted on these labels (a data set of the validation split, at the whole split's points) would need re-fitting.
+    points = _bootstrap_points(threshold, cuts if cuts_from_another_split else None)
     if bootstrap:
         _check_bootstrap_args(bootstrap, level)
         if n:
-            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, fixed_thresholds(threshold))
+            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, points)
 
     out: dict[str, Any] = {}
 
@@ -751,6 +766,9 @@ def _split_metrics(
         cut_reason = fit_reason if fitted else "the validation split gives no such threshold"
         _put(out, f"sensitivity@{name}", sens, why(True, False) if math.isfinite(cut) else cut_reason)
         _put(out, f"specificity@{name}", spec, why(False, True) if math.isfinite(cut) else cut_reason)
+        if name in points:  # a given threshold (the validation's, on test): an interval as at a fixed one
+            put_ci(f"sensitivity@{name}", math.isfinite(sens), why(True, False), ("positive",))
+            put_ci(f"specificity@{name}", math.isfinite(spec), why(False, True), ("negative",))
         put_exam(name, cut, cut_reason)
         _put(out, f"threshold@{name}", cut, cut_reason)
 
@@ -782,9 +800,7 @@ def _split_metrics(
             "n_resamples": int(bootstrap),
             "seed": int(seed),
             "level": float(level),
-            "skipped": {
-                name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(fixed_thresholds(threshold))
-            },
+            "skipped": {name: int(skipped.get(name, bootstrap)) for name in _bootstrap_names(points)},
             "patients": {f"with a {c} image": count for c, count in class_patients.items()},
             "min_patients_per_class": BOOTSTRAP_MIN_PATIENTS,
             "fallback": f"{CLOPPER_PEARSON} for a sensitivity or specificity at 0 or 1, or from fewer patients of "
@@ -877,6 +893,7 @@ def compute_metrics(
         "level": level,
     }
     _require_columns(frame, ("label", "prob"))
+    given = cuts is not None
     if cuts is None:
         cuts = operating_points(frame["label"], frame["prob"], specificities)
         result = _split_metrics(frame, scope="this split", **options)
@@ -886,7 +903,9 @@ def compute_metrics(
     if "dataset" in frame.columns:
         for name, subset in frame.groupby("dataset", sort=True, dropna=False):
             label = "unknown" if pd.isna(name) else str(name)
-            by_dataset[label] = _split_metrics(subset, scope=f"dataset {label}", cuts=cuts, **options)
+            by_dataset[label] = _split_metrics(
+                subset, scope=f"dataset {label}", cuts=cuts, cuts_from_another_split=given, **options
+            )
             by_dataset[label]["operating_points"] = f"the whole split's ({result['operating_points']})"
     result["by_dataset"] = by_dataset
     return result

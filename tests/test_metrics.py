@@ -566,6 +566,27 @@ def test_test_metrics_apply_the_validation_operating_points() -> None:
     assert refit["specificity@spec0.90"] >= 0.9  # fitted: the target is reached on the split itself
 
 
+def test_test_figures_at_the_validation_points_get_the_intervals_of_a_fixed_threshold() -> None:
+    """On test the validation's thresholds are fixed numbers, so their sensitivity and specificity get patient-bootstrap
+    intervals like 0.3's (there were none); points fitted on the split itself get none (no re-fitting per resample)."""
+    val = make_predictions(60, seed=1)
+    test = make_predictions(60, seed=2)
+    cuts = metrics.operating_points(val["label"], val["prob"])
+    result = metrics.compute_metrics(test, cuts=cuts, bootstrap=200)
+    for name in ("youden", "spec0.90"):
+        # The same draws scored at that threshold as the decision threshold: the same interval.
+        fixed = metrics.compute_metrics(test, threshold=cuts[name], bootstrap=200)
+        key = metrics.threshold_key(cuts[name])
+        for what in ("sensitivity", "specificity"):
+            assert result[f"{what}@{name}_ci95"] == fixed[f"{what}@{key}_ci95"], (name, what)
+            assert result[f"{what}@{name}_ci95"][0] <= result[f"{what}@{name}"] <= result[f"{what}@{name}_ci95"][1]
+        assert f"sensitivity@{name}" in result["bootstrap"]["skipped"]
+        assert all(f"sensitivity@{name}_ci95" in part for part in result["by_dataset"].values())
+    fitted = metrics.compute_metrics(val, bootstrap=200)
+    assert "sensitivity@youden_ci95" not in fitted and "sensitivity@youden" not in fitted["bootstrap"]["skipped"]
+    assert all("sensitivity@youden_ci95" not in part for part in fitted["by_dataset"].values())
+
+
 def test_breasts_are_keyed_within_their_data_set_and_unknown_sides_stand_alone() -> None:
     frame = pd.DataFrame(
         {

@@ -1184,6 +1184,28 @@ def test_the_card_labels_image_level_figures_and_gives_exam_level_ones_at_each_p
     assert val["specificity_exam@0.35"] < val["specificity@0.35"]
 
 
+def test_the_cards_operating_points_table_gives_the_test_intervals_at_the_validation_points():
+    from mammo_ray import export, metrics
+
+    rng = np.random.default_rng(1)
+    frames = [
+        _women_with_left_cancers(
+            40, lambda patient: patient % 4 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
+        )
+        for _ in range(2)
+    ]
+    val = metrics.compute_metrics(frames[0], bootstrap=200)
+    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
+    test = metrics.compute_metrics(frames[1], bootstrap=200, cuts=cuts)
+    card = export.model_card(config.load("demo"), {"val": val, "test": test}, None, {})
+    low, high = test["sensitivity@youden_ci95"]
+    row = (
+        f"| test | youden | {test['threshold@youden']:.3f} | {test['sensitivity@youden']:.3f} ({low:.3f}–{high:.3f}) |"
+    )
+    assert row in card
+    assert f"| val | youden | {val['threshold@youden']:.3f} | {val['sensitivity@youden']:.3f} |" in card  # fitted
+
+
 def test_the_card_says_when_an_auc_interval_includes_chance():
     """The demo's card showed test AUC 0.432 (0.345–0.527) without a word on what the interval says of chance."""
     from mammo_ray import export

@@ -234,18 +234,56 @@ def check_weights(files: list[tuple[str, str]], builds: list[tuple[str, str, str
                 )
 
 
+# The node label that says "an autoscaler may add nodes to this cluster". Every `cluster/` config sets it on its
+# head (`ray start --labels`); a user's own autoscaling cluster can set it the same way.
+GROWS_LABEL = "mammo-ray/autoscaling"
+
+
+def cluster_is_fixed(nodes: list[dict] | None = None) -> bool:
+    """Whether no node will join: a Ray that this process started, or a joined cluster that neither labels a node
+    with :data:`GROWS_LABEL` ``=true`` nor has an autoscaling config recorded in Ray.
+
+    Ray Train reads that record (``get_max_resources_from_cluster_config``) to tell whether a worker group can ever
+    fit, but in Ray 2.60 no autoscaler writes it (only a later autoscaler v2 reports it), so on the `cluster/`
+    clusters the label is what says they grow. Where neither says so, or Ray cannot be asked, the cluster counts as
+    fixed: capping a sweep that could have grown costs concurrency, while not capping one that cannot grow leaves
+    Ray Data no CPU and hangs it.
+
+    Args:
+        nodes: the alive nodes as ``ray.nodes()`` lists them (default: asked from Ray).
+    """
+    if _STARTED_HERE:
+        return True
+    import ray
+
+    try:
+        from ray._private import state
+
+        if state.state.get_max_resources_from_cluster_config():
+            return False
+    except Exception:  # a private API: if it moves, ask the labels
+        pass
+    try:
+        if nodes is None:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # cannot be asked: be safe
+        return True
+    return not any((n.get("Labels") or {}).get(GROWS_LABEL) == "true" for n in nodes)
+
+
 def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fixed: bool | None = None) -> list[str]:
     """Refuse a run whose Train workers no node can host, before a trial waits for them forever.
 
     Ray queues a worker that asks for more than any node has, without an error: a GPU space on a machine without
     a GPU, or more CPUs per worker than a node has, left ``tune`` and ``train`` waiting silently. On a cluster
-    that this process started (``fixed``) nothing will join, so that is an error. On a cluster it joined, an
-    autoscaler may still add such nodes, so it is a warning, printed and returned. (Ray Data's share of the CPUs is
+    that cannot grow (``fixed``, see :func:`cluster_is_fixed`) nothing will join, so that is an error; Ray Train
+    itself checks only clusters whose autoscaling config Ray records and, on the others, waits. On a cluster an
+    autoscaler may still add such nodes to, it is a warning, printed and returned. (Ray Data's share of the CPUs is
     ``tune.fit_concurrency``'s.)
 
     Args:
         nodes: the alive nodes' resources (default: asked from Ray).
-        fixed: whether the cluster cannot grow (default: whether :func:`start_ray` started it).
+        fixed: whether the cluster cannot grow (default: :func:`cluster_is_fixed`).
 
     Raises:
         ValueError: the run cannot start here; the message names the keys to change.
@@ -253,9 +291,12 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
     if nodes is None:
         import ray
 
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        nodes = [n.get("Resources", {}) for n in alive]
+        if fixed is None:
+            fixed = cluster_is_fixed(alive)
     if fixed is None:
-        fixed = _STARTED_HERE
+        fixed = cluster_is_fixed()
     res = cfg.resources
     cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
 
@@ -283,7 +324,13 @@ def check_placement(cfg: config_mod.Config, nodes: list[dict] | None = None, fix
     if fixed:
         # Only a cluster that cannot grow is told to train on CPUs: a joined one may still get GPU nodes.
         cpu_hint = "; to train on CPUs set resources.gpus_per_worker=0" if gpus > 0 and total_gpus == 0 else ""
-        raise ValueError(problem + cpu_hint)
+        static = (
+            ""
+            if _STARTED_HERE
+            else f"; no node of this cluster is labelled {GROWS_LABEL}=true and Ray holds no autoscaling config for "
+            "it, so no node will join"
+        )
+        raise ValueError(problem + static + cpu_hint)
     message = f"{problem}; the run waits until nodes with these resources join the cluster"
     print(f"warning: {message}", file=sys.stderr)
     return [message]

@@ -705,27 +705,6 @@ def write_sweep_files(
     storage.write_text(storage.join(experiment, "manifests.json"), json.dumps(recorded, indent=2) + "\n")
 
 
-def cluster_is_fixed() -> bool:
-    """Whether no node will join: a Ray that this process started, or a joined cluster for which Ray holds no
-    autoscaling config (a static cluster, a laptop's `ray start`).
-
-    Ray Train reads the same record (``get_max_resources_from_cluster_config``) to tell whether a worker group can
-    ever fit. Where Ray holds none, or cannot be asked, the cluster counts as fixed: capping a sweep that could
-    have grown costs concurrency, while not capping one that cannot grow leaves Ray Data no CPU and hangs it.
-    """
-    from mammo_ray import cli
-
-    if cli._STARTED_HERE:
-        return True
-    try:
-        from ray._private import state
-
-        growable = state.state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: if it moves, be safe
-        return True
-    return not growable
-
-
 def fit_concurrency(
     cfg: config_mod.Config, total: float | None = None, *, single_run: bool = False, fixed: bool | None = None
 ) -> None:
@@ -736,13 +715,15 @@ def fit_concurrency(
     ``total`` is the cluster's CPU count (default: asked from Ray). Also warns when ``resources.torch_threads``
     asks for more torch threads than the cluster has CPUs: threads are not reserved, so they would compete.
     ``single_run``: the ``train`` command's one run, which has no trial actor and no concurrency to cap.
-    ``fixed``: whether the cluster cannot grow (default: :func:`cluster_is_fixed`). Only then is the cap applied,
+    ``fixed``: whether the cluster cannot grow (default: :func:`cli.cluster_is_fixed`). Only then is the cap applied,
     or a run that cannot fit refused. On a cluster that an autoscaler may grow, ``total`` is a snapshot: every
     shipped cluster config starts with no GPU node, and a cap taken from the head alone held KubeRay's adamw sweep
     at 3 trials for its whole run. There it only warns.
     """
     if fixed is None:
-        fixed = cluster_is_fixed()
+        from mammo_ray import cli
+
+        fixed = cli.cluster_is_fixed()
     if total is None:
         import ray
 

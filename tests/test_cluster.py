@@ -41,6 +41,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.job_submission import JobSubmissionClient
 
+from mammo_ray import cli
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHERS = {"aws": "s3", "gcp": "gs"}  # launcher file stem -> storage URI scheme
@@ -170,6 +172,28 @@ def test_launcher_commands(stem: str) -> None:
     assert f"ray[data,train,tune,default]=={RAY_VERSION}" in _shell_text(config, "setup_commands")
     assert IMAGE.match(config["docker"]["image"]), config["docker"]["image"]
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("name", [f"{stem}.yaml" for stem in sorted(LAUNCHERS)] + KUBERAY)
+def test_every_cluster_labels_its_head_as_one_an_autoscaler_grows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60 records no autoscaling config, so without this label `tune` would cap a sweep to what the head
+    alone can hold and refuse a GPU space before the first GPU node starts (cli.cluster_is_fixed)."""
+    from ray._private.label_utils import parse_node_labels_string, validate_node_label_syntax
+
+    if name in KUBERAY:
+        head = _cluster_spec(_ray_doc(name))["headGroupSpec"]
+        assert "labels" not in head["rayStartParams"], "KubeRay >= 1.5 refuses rayStartParams.labels"
+        labels = head.get("labels", {})
+    else:
+        start = _shell_text(prepare_config(_load(name)), "head_start_ray_commands")
+        given = re.findall(r"--labels=(\S+)", start)
+        assert len(given) == 1, start
+        labels = parse_node_labels_string(given[0])
+    validate_node_label_syntax(labels)
+    head_node = {"Alive": True, "Labels": labels}
+    assert labels.get(cli.GROWS_LABEL) == "true"
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)  # joined, as `ray job submit` and `--address auto` are
+    assert not cli.cluster_is_fixed([head_node])
 
 
 @pytest.mark.parametrize(("stem", "scheme"), sorted(LAUNCHERS.items()))

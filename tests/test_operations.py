@@ -511,7 +511,7 @@ def test_start_ray_binds_the_dashboard_to_loopback_and_prints_its_url(monkeypatc
     calls.clear()
     cli.start_ray(address="auto")
     assert "dashboard_host" not in calls[0] and "_system_config" not in calls[0]
-    assert not cli._STARTED_HERE  # a joined cluster may grow: check_placement only warns
+    assert not cli._STARTED_HERE  # a joined cluster: check_placement asks Ray whether it may grow
 
 
 def _closed_port() -> int:

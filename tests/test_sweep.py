@@ -224,7 +224,7 @@ def test_fit_concurrency_on_a_joined_cluster_that_cannot_grow_caps_as_on_its_own
 
     monkeypatch.setattr(cli, "_STARTED_HERE", False)
     monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", record)
-    assert tune.cluster_is_fixed()
+    assert cli.cluster_is_fixed()
     cfg = config.load("adamw")
     tune.fit_concurrency(cfg, total=16.0)
     assert cfg.resources.max_concurrent_trials == 3
@@ -266,6 +266,52 @@ def test_check_placement_refuses_workers_no_node_can_host(overrides, nodes, prob
     assert problem in warned and "waits until nodes with these resources join" in warned
     assert "gpus_per_worker=0" not in warned  # GPU nodes may still come: no advice to train on CPUs
     assert capsys.readouterr().err.count("warning:") == 1
+
+
+def _joined_cluster(monkeypatch, labels: dict, config_record):
+    """A joined cluster of one CPU node with these labels, for which Ray records ``config_record``."""
+    import ray
+    from ray._private import state
+
+    def record():
+        if isinstance(config_record, Exception):
+            raise config_record
+        return config_record
+
+    node = {"Alive": True, "Resources": dict(CPU_NODE), "Labels": {"ray.io/node-id": "ab12", **labels}}
+    monkeypatch.setattr(cli, "_STARTED_HERE", False)
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {"Alive": False, "Labels": {cli.GROWS_LABEL: "true"}}])
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", record)
+
+
+@pytest.mark.parametrize(
+    ("labels", "config_record", "grows"),
+    [
+        ({}, None, False),  # a static cluster joined with --address: Ray Train would wait for a GPU node forever
+        ({}, RuntimeError("not connected"), False),
+        ({cli.GROWS_LABEL: "false"}, None, False),
+        ({cli.GROWS_LABEL: "true"}, None, True),  # the cluster/ configs' head (Ray 2.60 records no config)
+        ({}, {"CPU": 64, "GPU": 8}, True),  # an autoscaler that reports its config (autoscaler v2, later Rays)
+    ],
+)
+def test_check_placement_on_a_joined_cluster_refuses_only_where_no_node_can_join(
+    monkeypatch, capsys, labels, config_record, grows
+):
+    _joined_cluster(monkeypatch, labels, config_record)
+    assert cli.cluster_is_fixed() is not grows
+    cfg = config.load("demo", {"resources.gpus_per_worker": 1})
+    if grows:
+        (warned,) = cli.check_placement(cfg)
+        assert "waits until nodes with these resources join" in warned
+        assert capsys.readouterr().err.count("warning:") == 1
+    else:
+        with pytest.raises(ValueError, match=f"no node of this cluster is labelled {cli.GROWS_LABEL}=true") as raised:
+            cli.check_placement(cfg)
+        assert "set resources.gpus_per_worker=0" in str(raised.value)
+    # fit_concurrency asks the same question: 16 CPUs hold 3 adamw trials, which it caps only where none can join.
+    cfg = config.load("adamw")
+    tune.fit_concurrency(cfg, total=16.0)
+    assert (cfg.resources.max_concurrent_trials == 3) is not grows
 
 
 @pytest.mark.parametrize(

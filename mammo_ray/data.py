@@ -147,7 +147,12 @@ def load_batch(
                 for image_id, draw in zip(batch["image_id"], draws, strict=True)
             ]
         )
-        images = augment.augment_images(pixels.astype(np.float32) / PIXEL_SCALE, labels, seeds, positive_strength)
+        # The view decides whether a vertical flip is anatomically possible (augment.flips_vertically); a batch
+        # without the column (a direct call) has no known view, so it is not flipped.
+        views = batch["view"] if "view" in batch else [None] * len(labels)
+        images = augment.augment_images(
+            pixels.astype(np.float32) / PIXEL_SCALE, labels, seeds, positive_strength, views=views
+        )
         out["image"] = quantise(images)
     else:
         out["image"] = pixels[:, None]  # the cached values themselves: no float round trip

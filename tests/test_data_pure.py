@@ -372,10 +372,13 @@ def test_block_bounds_keep_every_cpu_of_a_big_node_busy(n_rows: int, cpus: int, 
 # load_batch and normalise
 
 
-def _cached_batch(tmp_path: Path, n: int = 4, shape: tuple[int, int] = (40, 30)) -> tuple[dict, list[np.ndarray]]:
-    """A batch of manifest rows whose pixels live in a two-shard cache under ``tmp_path``."""
+def _cached_batch(
+    tmp_path: Path, n: int = 4, shape: tuple[int, int] = (40, 30), images: list[np.ndarray] | None = None
+) -> tuple[dict, list[np.ndarray]]:
+    """A batch of manifest rows (all CC views) whose pixels (random, or ``images``) live in a two-shard cache."""
     rng = np.random.default_rng(0)
-    images = [rng.integers(1000, 60000, size=shape, dtype=np.uint16) for _ in range(n)]
+    if images is None:
+        images = [rng.integers(1000, 60000, size=shape, dtype=np.uint16) for _ in range(n)]
     columns: dict[str, list] = {k: [] for k in ("cache_file", "cache_offset", "cache_nbytes")}
     offsets = {0: 0, 1: 0}
     shards = {k: tmp_path / f"shard-{k:05d}.bin" for k in offsets}
@@ -469,6 +472,29 @@ def test_load_batch_draws_follow_the_row_position_not_the_batch(tmp_path: Path) 
     later = dict(batch, **{data.DRAW_COLUMN: np.arange(106, 112)})
     redrawn = data.load_batch(later, **kwargs)["image"]
     assert sum(not np.array_equal(a, b) for a, b in zip(redrawn, whole, strict=True)) >= 4
+
+
+@pytest.mark.parametrize(("views", "may_flip"), [("CC", True), ("MLO", False), ("U", False), (None, False)])
+def test_load_batch_flips_only_views_where_a_flip_is_possible(
+    tmp_path: Path, views: str | None, may_flip: bool
+) -> None:
+    """load_batch hands each row's view to the augmentation: an MLO flipped upside down puts the pectoral muscle
+    at the bottom, which no real mammogram shows. A batch without a view column is not flipped."""
+    n, shape = 40, (40, 30)
+    image = np.full(shape, 8000, dtype=np.uint16)
+    image[:, :15] = 30000  # the breast, chest wall on the left
+    image[:10, :10] = 60000  # a bright wedge at the top of the chest wall, like the pectoral muscle
+    batch, _ = _cached_batch(tmp_path, n, shape, images=[image] * n)
+    if views is None:
+        del batch["view"]
+    else:
+        batch["view"] = np.array([views] * n, dtype=object)
+    out = data.load_batch(batch, image_size=shape, use_cache=True, augment_images=True, seed=4)["image"][:, 0]
+    upside_down = out[:, 20:].mean(axis=(1, 2)) > out[:, :20].mean(axis=(1, 2))
+    if may_flip:
+        assert 0.25 * n <= upside_down.sum() <= 0.75 * n, f"{upside_down.sum()}/{n} CC images flipped"
+    else:
+        assert not upside_down.any(), f"{upside_down.sum()}/{n} images of view {views!r} flipped vertically"
 
 
 def test_load_batch_row_order(tmp_path: Path) -> None:

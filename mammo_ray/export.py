@@ -523,6 +523,13 @@ def _ci(values: dict, key: str) -> str:
     return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])}){exact}"
 
 
+# augment.VERTICAL_FLIP_VIEWS, written out: export does not import albumentations.
+_AUGMENTATION_TEXT = (
+    "on (same transforms for both classes; vertical flip only for CC, XCCL, XCCM and FB views, never for MLO, "
+    "lateral or unknown views, where it would put the pectoral muscle at the bottom)"
+)
+
+
 def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, report: dict) -> str:
     """MODEL_CARD.md: data, preprocessing, metrics with CIs, per-dataset tables, calibration, use and limits."""
     from mammo_ray import metrics
@@ -577,7 +584,7 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         f"DICOM modality LUT, then VOI LUT or window (percentile fallback), MONOCHROME1 inverted, cropped to the "
         f"breast, flipped so the chest wall is on the left, resized keeping the aspect ratio and padded to "
         f"{cfg.data.image_size[0]}×{cfg.data.image_size[1]}; 16-bit until normalisation. "
-        f"Training augmentation: {'on (same transforms for both classes)' if cfg.train.augment else 'off'}; "
+        f"Training augmentation: {_AUGMENTATION_TEXT if cfg.train.augment else 'off'}; "
         "validation and test images are never augmented.",
         "",
         "## Metrics",

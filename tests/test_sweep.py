@@ -1166,6 +1166,36 @@ def test_the_card_describes_the_cohort_the_selection_and_the_operating_points():
     assert "Training batches held" not in single
 
 
+@pytest.mark.parametrize("augment_on", [True, False])
+def test_the_card_says_which_views_are_flipped(augment_on: bool):
+    """A reader of the card should know that MLO images were never trained upside down (pectoral at the bottom)."""
+    from mammo_ray import augment, export, metrics
+
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(4)],
+            "patient_id": [f"p{k}" for k in range(4)],
+            "exam_id": [f"e{k}" for k in range(4)],
+            "laterality": ["L", "R"] * 2,
+            "dataset": ["A"] * 4,
+            "label": [1, 0, 1, 0],
+            "prob": [0.9, 0.2, 0.7, 0.4],
+        }
+    )
+    cfg = config.load("demo", {"train.augment": augment_on})
+    card = export.model_card(cfg, {"val": metrics.compute_metrics(frame)}, None, {})
+    line = next(text for text in card.splitlines() if "Training augmentation:" in text)
+    if not augment_on:
+        assert "Training augmentation: off;" in line
+        return
+    flip = line[line.index("vertical flip only for") :]
+    assert "never for MLO" in flip
+    listed = {word for word in flip.split("never")[0].replace(",", " ").split() if word.isupper()}
+    assert listed == set(augment.VERTICAL_FLIP_VIEWS), (
+        f"the card lists {listed}, augment flips {augment.VERTICAL_FLIP_VIEWS}"
+    )
+
+
 def _women_with_left_cancers(women: int, has_cancer, prob) -> pd.DataFrame:
     """Predictions for ``women`` one-exam women of four images (two left, two right); the left breast of those for
     whom ``has_cancer(patient index)`` holds has cancer, and ``prob(labels)`` gives the scores."""

@@ -25,7 +25,13 @@ References:
       ``R = sum(p | y=1) / #positives``, ``pF_beta = (1 + b^2) P R / (b^2 P + R)``.
     * ECE is the expected calibration error of Naeini, Cooper & Hauskrecht (2015, "Obtaining well
       calibrated probabilities using Bayesian binning", AAAI) with equal-width bins on the
-      positive-class probability: ``sum_b |B_b|/n * |mean(y in B_b) - mean(p in B_b)|``.
+      positive-class probability: ``sum_b |B_b|/n * |mean(y in B_b) - mean(p in B_b)|``. Binned ECE is biased
+      upwards in finite samples (it is never below 0, and a calibrated model's is above 0), so its patient resamples
+      sit mostly above the estimate: its interval shows the spread of the statistic, not a test of calibration, and
+      one that would exclude its own estimate is withheld.
+    * A reliability bin's observed share gets a Wilson interval on an effective sample size: the bin's images
+      divided by the design effect of their patients (Kish, 1965, "Survey Sampling"; the ratio estimator's
+      cluster variance over the binomial one, at least 1), as in Korn & Graubard (1998) below.
     * Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani, 1993) that
       resample patients, not images, because the images of one patient are correlated. Where that
       bootstrap cannot give an interval for a sensitivity or specificity (an observed 0 or 1, at which
@@ -66,7 +72,8 @@ BREAST_KEYS = ("patient_id", "laterality", "exam_id")
 DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
 DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
 DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
-BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast")
+BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast", "ece", "brier")
+CALIBRATION_BINS = 10  # equal-width bins of ECE and the reliability diagram
 BOTH_CLASSES = ("positive", "negative")
 # A percentile interval is reported only when at most this share of the patient resamples had one class: dropping
 # more conditions the interval on resamples that happened to hold a positive, and with one or two positive patients
@@ -359,18 +366,35 @@ def pf1(labels: Any, probs: Any, beta: float = 1.0) -> float:
     return float((1.0 + beta_sq) * precision * recall / (beta_sq * precision + recall))
 
 
-def calibration_bins(labels: Any, probs: Any, n_bins: int = 10) -> pd.DataFrame:
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin k holds ``k/n_bins <= p < (k+1)/n_bins``; the last bin also holds p = 1."""
+    return np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)
+
+
+def calibration_bins(labels: Any, probs: Any, n_bins: int = CALIBRATION_BINS, patients: Any = None) -> pd.DataFrame:
     """Equal-width reliability bins on [0, 1], as used by ``ece`` and the reliability plot.
 
     Bin k holds ``k/n_bins <= p < (k+1)/n_bins``; the last bin also holds p = 1.
 
+    Args:
+        labels: 0/1 ground truth.
+        probs: Probabilities in [0, 1].
+        n_bins: Number of bins.
+        patients: The patient of each image (:func:`patient_key`); with it, each bin also gets ``patients`` and
+            ``effective_count``: its images divided by their design effect, the variance of the bin's share with
+            each patient's images as a cluster over the binomial variance (at least 1, so never more than the
+            images). Images that share their patient's label count about once per patient, independent ones once
+            each. A bin whose images are all positive or all negative has no variance to estimate it from, and
+            counts each patient once (conservative, as if her images were fully correlated).
+
     Returns:
-        One row per bin: ``bin_lower, bin_upper, count, mean_prob, fraction_positive`` (NaN when empty).
+        One row per bin: ``bin_lower, bin_upper, count, mean_prob, fraction_positive`` (NaN when empty), and with
+        ``patients`` the columns ``patients, effective_count``.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be positive, got {n_bins}")
     y, p = _probabilities(labels, probs)
-    index = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)
+    index = _bin_index(p, n_bins)
     count = np.bincount(index, minlength=n_bins)
     prob_sum = np.bincount(index, weights=p, minlength=n_bins)
     pos_sum = np.bincount(index, weights=y.astype(float), minlength=n_bins)
@@ -378,7 +402,7 @@ def calibration_bins(labels: Any, probs: Any, n_bins: int = 10) -> pd.DataFrame:
         mean_prob = np.where(count > 0, prob_sum / count, np.nan)
         fraction_positive = np.where(count > 0, pos_sum / count, np.nan)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return pd.DataFrame(
+    bins = pd.DataFrame(
         {
             "bin_lower": edges[:-1],
             "bin_upper": edges[1:],
@@ -387,9 +411,37 @@ def calibration_bins(labels: Any, probs: Any, n_bins: int = 10) -> pd.DataFrame:
             "fraction_positive": fraction_positive,
         }
     )
+    if patients is not None:
+        bins["patients"], bins["effective_count"] = _effective_bin_counts(index, y, patients, count, pos_sum, n_bins)
+    return bins
 
 
-def ece(labels: Any, probs: Any, n_bins: int = 10) -> float:
+def _effective_bin_counts(
+    index: np.ndarray, y: np.ndarray, patients: Any, count: np.ndarray, pos_sum: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patients per bin, and the bin's images over their design effect (see :func:`calibration_bins`)."""
+    codes, _ = pd.factorize(pd.Series(np.asarray(list(patients), dtype=object)).astype(str), sort=True)
+    if codes.size != index.size:
+        raise ValueError(f"patients has {codes.size} values for {index.size} images")
+    if codes.size == 0:
+        return np.zeros(n_bins, dtype=int), np.zeros(n_bins)
+    # One row per (bin, patient) pair: her images in the bin (m) and her positives among them (k).
+    pairs, pair_of_image = np.unique(index.astype(np.int64) * (codes.max() + 1) + codes, return_inverse=True)
+    pair_bin = pairs // (codes.max() + 1)
+    m = np.bincount(pair_of_image, minlength=pairs.size)
+    k = np.bincount(pair_of_image, weights=y.astype(float), minlength=pairs.size)
+    patients_per_bin = np.bincount(pair_bin, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(count > 0, pos_sum / count, 0.0)
+        # Ratio estimator's cluster variance n^2 Var = sum_i (k_i - r m_i)^2, over the binomial n^2 Var = n r (1-r).
+        cluster = np.bincount(pair_bin, weights=(k - share[pair_bin] * m) ** 2, minlength=n_bins)
+        binomial = count * share * (1.0 - share)
+        design_effect = np.maximum(np.where(binomial > 0, cluster / binomial, 1.0), 1.0)
+        effective = np.where(binomial > 0, count / design_effect, patients_per_bin)
+    return patients_per_bin, effective.astype(float)
+
+
+def ece(labels: Any, probs: Any, n_bins: int = CALIBRATION_BINS) -> float:
     """Expected calibration error with equal-width bins (Naeini et al., 2015).
 
     Returns:
@@ -596,13 +648,16 @@ def _bootstrap_split(
     level: float,
     points: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Intervals for AUC, PR-AUC, breast AUC, and sensitivity and specificity at each of ``points`` (name →
-    threshold; default the reference's 0.3), from one shared set of patient draws.
+    """Intervals for AUC, PR-AUC, breast AUC, ECE, Brier, and sensitivity and specificity at each of ``points``
+    (name → threshold; default the reference's 0.3), from one shared set of patient draws.
 
     Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
     breast rows are resampled with their patient, which equals aggregating the resampled images.
     """
-    y_img, s_img = labels_and_scores(frame["label"], frame["prob"])
+    y_img, s_img = _probabilities(frame["label"], frame["prob"])
+    # ECE from per-bin sums: sum_b |B_b|/n |positives_b/|B_b| - probs_b/|B_b|| = sum_b |positives_b - probs_b| / n.
+    bin_of_image = _bin_index(s_img, CALIBRATION_BINS)
+    squared_error = (s_img - y_img) ** 2
     y_br, s_br = labels_and_scores(breasts["label"], breasts["prob"])
     points = {threshold_key(DEFAULT_THRESHOLD): DEFAULT_THRESHOLD} if points is None else points
     called = {name: s_img >= t for name, t in points.items()}
@@ -619,7 +674,12 @@ def _bootstrap_split(
             "auc": _auc_unchecked(y, s_img[rows]),
             "pr_auc": _average_precision_unchecked(y, s_img[rows]),
             "auc_breast": _auc_unchecked(y_br[breast_rows], s_br[breast_rows]),
+            "brier": float(squared_error[rows].mean()),
         }
+        bins = bin_of_image[rows]
+        positives = np.bincount(bins, weights=y.astype(float), minlength=CALIBRATION_BINS)
+        probabilities = np.bincount(bins, weights=s_img[rows], minlength=CALIBRATION_BINS)
+        sample["ece"] = float(np.abs(positives - probabilities).sum() / rows.size)
         for key, calls in called.items():
             hit = calls[rows]
             sample[f"sensitivity@{key}"] = float(hit[y].sum() / n_pos) if n_pos else math.nan
@@ -735,6 +795,16 @@ def _split_metrics(
                 f"not reported: the patient resamples' percentiles coincide at {interval[0]:.3f}, an interval of "
                 "zero width that would read as certainty (the estimate lies at the boundary)"
             )
+        elif name == "ece" and not interval[0] <= out[name] <= interval[1]:
+            # Binned ECE is biased upwards; when nearly every resample lies above the estimate, the bias outweighs
+            # the spread and the percentile interval would exclude the estimate it is meant to qualify.
+            out[key] = None
+            side = "above" if interval[0] > out[name] else "below"
+            out[f"{key}_reason"] = (
+                f"not reported: the patient resamples' ECE lies {side} the estimate {out[name]:.4f} in more than "
+                f"{(1 + level) / 2:.1%} of them ({interval[0]:.4f}–{interval[1]:.4f}): binned ECE's upward bias "
+                "outweighs its spread here, so a percentile interval would exclude its own estimate"
+            )
         else:
             out[key] = interval
 
@@ -787,8 +857,14 @@ def _split_metrics(
     other_breasts = breast_level(frame, other)
     y_other, s_other = labels_and_scores(other_breasts["label"], other_breasts["prob"])
     _put(out, f"auc_breast_{other}", _auc_unchecked(y_other, s_other), why(True, True, breast=True))
-    _put(out, "ece", ece(y, s) if n else math.nan, why(False, False))
-    _put(out, "brier", brier(y, s) if n else math.nan, why(False, False))
+    # Both mix the classes' errors, and the positives', far the larger per image, rest on the women with cancer: their
+    # intervals need patients of both classes, as the AUC's do.
+    ece_value = ece(y, s) if n else math.nan
+    _put(out, "ece", ece_value, why(False, False))
+    put_ci("ece", math.isfinite(ece_value), why(False, False), BOTH_CLASSES)
+    brier_value = brier(y, s) if n else math.nan
+    _put(out, "brier", brier_value, why(False, False))
+    put_ci("brier", math.isfinite(brier_value), why(False, False), BOTH_CLASSES)
     out["n_images"] = n
     out["n_positive"] = n_pos
     out["n_exams"] = n_ex
@@ -863,12 +939,13 @@ def compute_metrics(
     test split: the validation's, from :func:`operating_points` or ``result["cuts"]``); each data set is scored at
     the overall operating points, not at points re-fitted on its own labels.
 
-    With ``bootstrap=n`` each level (overall and every dataset) gains ``auc_ci95``, ``pr_auc_ci95``
-    and ``auc_breast_ci95`` as ``[low, high]``: percentile intervals over ``n`` resamples of
-    patients drawn with replacement (seeded by ``seed``), and a ``bootstrap`` entry recording the
+    With ``bootstrap=n`` each level (overall and every dataset) gains ``auc_ci95``, ``pr_auc_ci95``,
+    ``auc_breast_ci95``, ``ece_ci95`` and ``brier_ci95`` as ``[low, high]``: percentile intervals over ``n`` resamples
+    of patients drawn with replacement (seeded by ``seed``), and a ``bootstrap`` entry recording the
     method and how many resamples were skipped because the metric was undefined on them (one class).
-    Patients are counted per class: an AUC interval is None (with a reason) below ``BOOTSTRAP_MIN_PATIENTS``
-    patients with a positive or with a negative image, or when its percentiles coincide; sensitivity and
+    Patients are counted per class: an AUC, ECE or Brier interval is None (with a reason) below
+    ``BOOTSTRAP_MIN_PATIENTS`` patients with a positive or with a negative image, or when its percentiles coincide
+    (an ECE interval also when it excludes the estimate); sensitivity and
     specificity then get :func:`clopper_pearson` on the patients of their class (``<name>_ci95_method``).
 
     Args:

@@ -757,3 +757,115 @@ def test_a_zero_width_auc_interval_is_withheld() -> None:
 )
 def test_clopper_pearson(successes, trials, expected) -> None:
     assert metrics.clopper_pearson(successes, trials) == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ calibration intervals
+
+
+def _ci_width(values: dict, name: str) -> float:
+    low, high = values[f"{name}_ci95"]
+    return high - low
+
+
+def _patients_repeated(frame: pd.DataFrame, *, as_new_patients: bool) -> pd.DataFrame:
+    """Every image twice: the copy in the same patient (as a second reading of her images would be), or in a new
+    patient of its own (as independent images would be)."""
+    copy = frame.assign(image_id=frame["image_id"] + "_copy")
+    if as_new_patients:
+        copy["patient_id"] = copy["patient_id"] + "_copy"
+    return pd.concat([frame, copy], ignore_index=True)
+
+
+@pytest.mark.parametrize("name", ["ece", "brier"])
+def test_ece_and_brier_get_patient_bootstrap_intervals_from_the_same_draws(frame: pd.DataFrame, name: str) -> None:
+    """ECE and Brier were point estimates only; their intervals come from the very patient draws of the AUC's."""
+    result = metrics.compute_metrics(frame, bootstrap=200, seed=3)
+    again = metrics.compute_metrics(frame.sample(frac=1.0, random_state=2), bootstrap=200, seed=3)
+    expected = metrics.bootstrap_ci(frame, lambda f: getattr(metrics, name)(f["label"], f["prob"]), n=200, seed=3)
+    assert result[f"{name}_ci95"] == pytest.approx(expected, abs=1e-12)
+    assert again[f"{name}_ci95"] == pytest.approx(result[f"{name}_ci95"], abs=1e-12)
+    low, high = result[f"{name}_ci95"]
+    assert low < result[name] < high
+    assert result["bootstrap"]["skipped"][name] == 0  # defined on every resample
+    assert f"{name}_ci95_method" not in result
+    for subset in result["by_dataset"].values():
+        assert subset[f"{name}_ci95"][0] <= subset[name] <= subset[f"{name}_ci95"][1]
+    other = metrics.compute_metrics(frame, bootstrap=200, seed=4)
+    assert other[f"{name}_ci95"] != result[f"{name}_ci95"]
+    assert f"{name}_ci95" not in metrics.compute_metrics(frame)  # only with bootstrap
+    json.dumps(result, allow_nan=False)
+
+
+@pytest.mark.parametrize("name", ["ece", "brier"])
+def test_ece_and_brier_intervals_narrow_with_more_patients(name: str) -> None:
+    few = metrics.compute_metrics(make_predictions(60, seed=5, datasets=("CSAW",)), bootstrap=300, seed=0)
+    many = metrics.compute_metrics(make_predictions(600, seed=5, datasets=("CSAW",)), bootstrap=300, seed=0)
+    assert _ci_width(many, name) < 0.6 * _ci_width(few, name)  # about 1/sqrt(10) = 0.32 expected
+
+
+@pytest.mark.parametrize("name", ["ece", "brier"])
+def test_ece_and_brier_intervals_count_patients_not_images(frame: pd.DataFrame, name: str) -> None:
+    """Each woman's images twice over say no more about calibration than once; as many new women would."""
+    once = metrics.compute_metrics(frame, bootstrap=300, seed=1)
+    twice = metrics.compute_metrics(_patients_repeated(frame, as_new_patients=False), bootstrap=300, seed=1)
+    independent = metrics.compute_metrics(_patients_repeated(frame, as_new_patients=True), bootstrap=300, seed=1)
+    assert twice[name] == pytest.approx(once[name], abs=1e-12)
+    assert twice[f"{name}_ci95"] == pytest.approx(once[f"{name}_ci95"], abs=1e-9)
+    assert _ci_width(independent, name) < 0.85 * _ci_width(once, name)  # about 1/sqrt(2) = 0.71 expected
+
+
+@pytest.mark.parametrize("name", ["ece", "brier"])
+def test_ece_and_brier_intervals_need_patients_of_both_classes(name: str) -> None:
+    frame = _screening_split(200, 4)
+    result = metrics.compute_metrics(frame, bootstrap=100, seed=0)
+    assert result[name] is not None and result[f"{name}_ci95"] is None
+    assert result[f"{name}_ci95_reason"] == (
+        "not reported: patients in this split: 4 with a positive image, too few for a bootstrap interval "
+        "(at least 10 with a positive image and 10 with a negative image)"
+    )
+    no_cancer = metrics.compute_metrics(_screening_split(60, 0), bootstrap=100, seed=0)
+    assert no_cancer[name] is not None and no_cancer[f"{name}_ci95"] is None
+    assert "0 with a positive image" in no_cancer[f"{name}_ci95_reason"]
+    assert metrics.compute_metrics(_screening_split(60, 15), bootstrap=100, seed=0)[f"{name}_ci95"] is not None
+    empty = metrics.compute_metrics(frame.iloc[:0], bootstrap=10)
+    assert empty[name] is None and empty[f"{name}_ci95"] is None and empty[f"{name}_ci95_reason"]
+
+
+def test_an_ece_interval_that_excludes_its_estimate_is_withheld() -> None:
+    """Binned ECE is biased upwards: with the probabilities equal to each bin's observed share, the estimate is 0
+    and nearly every resample's ECE lies above it, a percentile interval that would exclude its own estimate."""
+    rows = []
+    for i in range(400):
+        prob = (0.25, 0.75)[i % 2]
+        label = int(i % 4 == 1 or (i % 4 == 3 and i % 8 != 7) or i % 8 == 0)  # 1/4 and 3/4 of the patients per bin
+        for j in range(2):
+            rows.append(
+                {"image_id": f"{i}_{j}", "patient_id": str(i), "exam_id": f"e{i}", "laterality": "LR"[j],
+                 "view": "CC", "dataset": "CSAW", "label": label, "prob": prob}
+            )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    result = metrics.compute_metrics(frame, bootstrap=200, seed=0)
+    assert result["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert result["ece_ci95"] is None
+    assert "above the estimate" in result["ece_ci95_reason"]
+    assert result["brier_ci95"][0] < result["brier"] < result["brier_ci95"][1]  # a mean: no such bias
+
+
+def test_calibration_bins_effective_count_by_patient() -> None:
+    """A bin's effective count divides its images by the design effect of their patients (Kish): images of one
+    woman that share her label count once, independent images count each."""
+    probs = [0.05] * 8 + [0.55] * 8
+    labels = [1, 1, 1, 1, 0, 0, 0, 0] + [1, 0, 1, 0, 1, 0, 1, 0]
+    patients = ["a", "a", "a", "a", "b", "b", "b", "b"] + ["c", "c", "d", "d", "e", "e", "f", "f"]
+    bins = metrics.calibration_bins(labels, probs, n_bins=10, patients=patients)
+    low_bin, high_bin = bins.iloc[0], bins.iloc[5]
+    assert (low_bin["count"], low_bin["patients"]) == (8, 2)
+    assert low_bin["effective_count"] == pytest.approx(2.0)  # two women, all images alike: 2
+    assert (high_bin["count"], high_bin["patients"]) == (8, 4)
+    assert high_bin["effective_count"] == pytest.approx(8.0)  # one positive in each woman's pair: no clustering
+    independent = metrics.calibration_bins(labels, probs, n_bins=10, patients=range(16))
+    assert independent["effective_count"].to_numpy() == pytest.approx(independent["count"].to_numpy())
+    # All alike (no variance to estimate a design effect from): each woman counts once, conservatively.
+    same = metrics.calibration_bins([0] * 6, [0.1] * 6, n_bins=10, patients=["a"] * 3 + ["b"] * 3)
+    assert same.iloc[1]["effective_count"] == pytest.approx(2.0)
+    assert "effective_count" not in metrics.calibration_bins(labels, probs)

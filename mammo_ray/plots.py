@@ -414,7 +414,10 @@ def plot_uncertainty_hist(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def _wilson(positives: np.ndarray, counts: np.ndarray, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
-    """95% Wilson score interval of a binomial proportion (stays inside [0, 1] and is not zero-width at 0 or n)."""
+    """95% Wilson score interval of a binomial proportion (stays inside [0, 1] and is not zero-width at 0 or n).
+
+    ``counts`` may be effective sample sizes (fractional), with ``positives`` the share times them.
+    """
     n = np.maximum(counts.astype(float), 1.0)
     share = positives / n
     centre = (share + z * z / (2 * n)) / (1 + z * z / n)
@@ -425,9 +428,11 @@ def _wilson(positives: np.ndarray, counts: np.ndarray, z: float = 1.959963984540
 def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10, split: str = "validation") -> Path:
     """Reliability diagram (observed positive fraction against mean probability per bin), ECE in the legend.
 
-    The overall curve carries 95% Wilson intervals and each bin's image count, and a line marks the split's
-    prevalence; the lower panel shows how many images fall in each bin: in screening most sit near 0, so the
-    upper bins rest on few cases.
+    The overall curve carries 95% Wilson intervals and each bin's image and patient counts, and a line marks the
+    split's prevalence; the lower panel shows how many images fall in each bin: in screening most sit near 0, so the
+    upper bins rest on few cases. Several images come from one woman and tend to share her label, so a bin's
+    interval takes its images divided by their patients' design effect as its sample size
+    (``metrics.calibration_bins(patients=...)``); a frame without ``patient_id`` gets per-image intervals, and says so.
 
     Returns:
         ``path``.
@@ -457,10 +462,14 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10,
             label=f"{name}: ECE {error:.3f}, Brier {metrics.brier(ys, ps):.3f}",
         )
         if name == "overall" and len(filled):
+            clustered = "patient_id" in subset.columns
+            if clustered:
+                bins = metrics.calibration_bins(ys, ps, n_bins, patients=metrics.patient_key(subset))
+                filled = bins[bins["count"] > 0]
             counts = filled["count"].to_numpy()
-            positives = np.round(filled["fraction_positive"].to_numpy() * counts)
-            low, high = _wilson(positives, counts)
+            effective = filled["effective_count"].to_numpy() if clustered else counts.astype(float)
             middle = filled["fraction_positive"].to_numpy()
+            low, high = _wilson(middle * effective, effective)
             ax.errorbar(
                 filled["mean_prob"],
                 middle,
@@ -469,7 +478,8 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10,
                 ecolor=color,
                 elinewidth=1,
                 capsize=3,
-                label="95% Wilson interval",
+                label="95% Wilson interval, "
+                + ("patients as clusters (design effect)" if clustered else "per image (no patient_id)"),
             )
             for x, value, count in zip(filled["mean_prob"], high, counts, strict=True):
                 ax.annotate(
@@ -485,12 +495,18 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    overall = metrics.calibration_bins(y, p, n_bins)
+    clustered = "patient_id" in frame.columns
+    overall = metrics.calibration_bins(y, p, n_bins, patients=metrics.patient_key(frame) if clustered else None)
     centres = (overall["bin_lower"] + overall["bin_upper"]) / 2
-    ax_count.bar(centres, overall["count"], width=0.9 / n_bins, color="grey")
-    if overall["count"].max() >= 100:
+    bars = ax_count.bar(centres, overall["count"], width=0.9 / n_bins, color="grey")
+    top = overall["count"].max()
+    if top >= 100:
         ax_count.set_yscale("log")
-    ax_count.set(xlabel="predicted probability", ylabel="images")
+    if clustered:  # the women behind each bin, on whom its interval rests
+        labels = [f"{k} pt" if c else "" for k, c in zip(overall["patients"], overall["count"], strict=True)]
+        ax_count.bar_label(bars, labels=labels, padding=1, fontsize=7)
+        ax_count.set_ylim(top=top * (4.0 if top >= 100 else 1.3))
+    ax_count.set(xlabel="predicted probability", ylabel="images (label: patients)" if clustered else "images")
     return _save(fig, path)
 
 

@@ -436,3 +436,48 @@ def test_referral_says_when_uncertainty_only_reranks_the_score(tmp_path, monkeyp
     assert (
         f"{int(last['n_positive_retained'])} of {int(y.sum())} positives kept at {last['fraction']:.0%}" in entropy[0]
     )
+
+
+def _reliability_intervals(frame: pd.DataFrame, path: Path, monkeypatch) -> tuple[np.ndarray, list[str]]:
+    """The overall curve's per-bin intervals as drawn ([[low, high], ...]), and the legend's texts."""
+    from matplotlib.container import ErrorbarContainer
+
+    drawn: list[np.ndarray] = []
+    texts = _legend_texts(monkeypatch)
+    inner = plots._save
+
+    def save(fig, target):
+        for ax in fig.axes:
+            for container in ax.containers:
+                if isinstance(container, ErrorbarContainer):
+                    segments = container.lines[2][0].get_segments()
+                    drawn.append(np.array([[seg[0][1], seg[1][1]] for seg in segments]))
+        return inner(fig, target)
+
+    monkeypatch.setattr(plots, "_save", save)
+    plots.plot_reliability(frame, path)
+    monkeypatch.setattr(plots, "_save", inner)
+    assert len(drawn) == 1
+    return drawn[0], texts
+
+
+def test_reliability_intervals_count_a_womans_images_as_correlated(tmp_path, monkeypatch) -> None:
+    """Each bin's Wilson interval treated a woman's four images as four independent cases: her images twice over
+    narrowed it as much as twice the women would."""
+    frame = predictions(seed=2)  # a breast's two views share its label
+    twice = pd.concat([frame, frame.assign(image_id=frame["image_id"] + "_copy")], ignore_index=True)
+    new_women = twice.assign(
+        patient_id=np.where(twice["image_id"].str.endswith("_copy"), "copy", "") + twice["patient_id"]
+    )
+    once, texts = _reliability_intervals(frame, tmp_path / "once.png", monkeypatch)
+    repeated, _ = _reliability_intervals(twice, tmp_path / "twice.png", monkeypatch)
+    independent, _ = _reliability_intervals(new_women, tmp_path / "independent.png", monkeypatch)
+    assert repeated == pytest.approx(once, abs=1e-9)  # the same women say no more about calibration
+    widths = once[:, 1] - once[:, 0]
+    assert ((independent[:, 1] - independent[:, 0]) < 0.85 * widths).all()  # twice the women do
+    assert "95% Wilson interval, patients as clusters (design effect)" in texts
+    # Per image, the plain Wilson interval, narrower than the clustered one where a woman's images share her label.
+    per_image, texts = _reliability_intervals(frame.drop(columns="patient_id"), tmp_path / "image.png", monkeypatch)
+    assert "95% Wilson interval, per image (no patient_id)" in texts
+    assert (per_image[:, 1] - per_image[:, 0] <= widths + 1e-12).all()
+    assert (per_image[:, 1] - per_image[:, 0] < widths - 1e-3).any()

@@ -599,7 +599,10 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "image, each image a case. The breast AUC scores each breast (one side in one exam) by the mean of its images' "
         "probabilities, and a breast is positive if any of its images is. Per exam, as a recall is decided, see the "
         "operating points below: an exam is recalled when any of its images reaches the threshold, and is positive "
-        "when any of its images is. ECE uses 10 equal-width bins. The spec0.90 point is the validation's threshold: "
+        "when any of its images is. ECE uses 10 equal-width bins. ECE and Brier get the same patient-bootstrap CIs, "
+        "left out, as an AUC's, where fewer than 10 patients have a positive or a negative image; binned ECE is "
+        "biased upwards (never below 0, and above 0 for a calibrated model), so its CI shows how much it varies, not "
+        "whether the model is calibrated, and one that would exclude its own estimate is left out. The spec0.90 point is the validation's threshold: "
         "on test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
         "sensitivity." + _selection_text(results) + _failures_text(results),
         "",
@@ -636,7 +639,9 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
     lines += [
         "",
         "## Calibration and operating points",
-        f"ECE {_fmt(val.get('ece'))}, Brier {_fmt(val.get('brier'))} on validation (see plots/reliability.png). "
+        f"ECE {_ci(val, 'ece')}, Brier {_ci(val, 'brier')} on validation (see plots/reliability.png, whose "
+        "per-bin 95% Wilson intervals count a woman's images in a bin as correlated: the bin's images divided by the "
+        "design effect of their patients). "
         "thresholds.json lists the thresholds at 0.3 (the reference's), "
         + (
             ""
@@ -808,7 +813,7 @@ def _metric_row(name: str, values: dict, threshold: str = "0.3") -> str:
         f"{_ci(values, 'pr_auc')} | {_ci(values, 'auc_breast')} | {_ci(values, f'sensitivity@{threshold}')} | "
         f"{_ci(values, f'specificity@{threshold}')} | {_fmt(values.get('sensitivity@spec0.90'))} / "
         f"{_fmt(values.get('specificity@spec0.90'))} | "
-        f"{_fmt(values.get('ece'))} | {_fmt(values.get('brier'))} |"
+        f"{_ci(values, 'ece')} | {_ci(values, 'brier')} |"
     )
 
 

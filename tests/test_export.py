@@ -109,3 +109,21 @@ def test_images_that_cannot_be_read_are_counted_in_metrics_json_and_the_card(bun
     assert sorted(pd.read_csv(bundle / "test_failures.csv")["image_id"]) == ["t0_L", "t1_L"]
     card = (bundle / "MODEL_CARD.md").read_text()
     assert "2 of 24 test images (1 of them positive) could not be read and are left out of the test figures" in card
+
+
+def test_ece_and_brier_carry_their_patient_intervals_into_metrics_json_and_the_card(bundle):
+    """The card showed ECE and Brier as bare point estimates beside AUCs with intervals."""
+    results = json.loads((bundle / "metrics.json").read_text())
+    val, test = results["val"], results["test"]
+    card = (bundle / "MODEL_CARD.md").read_text()
+    for name in ("ece", "brier"):
+        low, high = val[f"{name}_ci95"]  # 10 women with cancer among 40 on validation
+        assert low <= val[name] <= high
+        assert name in val["bootstrap"]["skipped"]
+        shown = f"{val[name]:.3f} ({low:.3f}–{high:.3f})"
+        assert f"| {shown} |" in card.split("| val |")[1].splitlines()[0]  # the validation row of the metrics table
+        assert f"{'ECE' if name == 'ece' else 'Brier'} {shown}" in card  # the calibration section
+        # 12 women on test, 4 with cancer: too few for an interval, and the card lists why.
+        assert test[name] is not None and test[f"{name}_ci95"] is None
+        assert f"- test: `{name}_ci95`: not reported: patients in this split: 3 with a positive image" in card
+    assert "reliability.png" in card and "design effect" in card

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mammo_ray import storage
@@ -27,6 +28,13 @@ CACHE_COLUMNS = ("cache_file", "cache_offset", "cache_nbytes")
 STREAM_COLUMNS = ("image_id", "path", "label", "patient_id", "exam_id", "laterality", "view", "dataset")
 SPLITS = ("train", "valid", "test")
 _REMOTE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "http://", "https://")
+# One numbering for every error that names a row of a user's table (manifests, importer inputs, predict's input):
+# data rows counted from 1, the header not counted. A CSV's row N is then line N + 1 of the file (a quoted value that
+# spans lines shifts later lines), and a Parquet file's row N is its N-th row, as a data frame viewer shows it.
+ROW_COUNTING = "rows numbered from 1, header not counted"
+# read_manifest: each row's 0-based position in its file, kept through the split filter for validate_manifest's
+# messages; load_manifests drops it after validation.
+FILE_POSITION = "_file_position"
 
 
 class ManifestError(ValueError):
@@ -38,6 +46,19 @@ def _examples(values, limit: int = 5) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     more = f" and {len(values) - limit} more" if len(values) > limit else ""
     return f"{shown}{more}"
+
+
+def row_number(position: int) -> int:
+    """The number :data:`ROW_COUNTING` gives a table's 0-based data position."""
+    return int(position) + 1
+
+
+def row_label(position: int) -> str:
+    """``"row N"`` for a table's 0-based data position (:func:`row_number`).
+
+    Every error that names a row of a user's table goes through here, and says :data:`ROW_COUNTING` once.
+    """
+    return f"row {row_number(position)}"
 
 
 def is_remote(path: str) -> bool:
@@ -61,6 +82,10 @@ def read_manifest(path: str | Path, role: str | None = None, required: tuple[str
             that split's rows when the file holds several.
         required: the columns the file must have (``predict`` needs only ``image_id`` and ``path``; the other
             id columns it lacks are filled with empty text).
+
+    Returns:
+        The rows, with a fresh index, plus :data:`FILE_POSITION` (each row's position in the file, which the split
+        filter changes) for :func:`validate_manifest` to name rows by.
 
     Raises:
         ManifestError: unreadable file or missing columns, naming them.
@@ -89,6 +114,7 @@ def read_manifest(path: str | Path, role: str | None = None, required: tuple[str
         raise ManifestError(
             f"manifest {shown}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
         )
+    frame[FILE_POSITION] = np.arange(len(frame), dtype="int64")
     if role is not None:
         if "split" not in frame.columns:
             frame["split"] = role
@@ -129,26 +155,46 @@ def _buffer(source: bytes | Path) -> io.BytesIO | Path:
     return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, so that a message shows ``2``, not ``np.int64(2)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _file_rows(frame: pd.DataFrame, index: pd.Index) -> list[str]:
+    """``"row N"`` of the file for rows of ``frame`` (by index label): its :data:`FILE_POSITION` where
+    :func:`read_manifest` recorded one, else its position in ``frame`` (a table built in memory)."""
+    recorded = FILE_POSITION in frame.columns
+    positions = frame.loc[index, FILE_POSITION] if recorded else frame.index.get_indexer(index)
+    return [row_label(p) for p in positions]
+
+
 def validate_manifest(frame: pd.DataFrame, source: str, *, check_files: bool = True, use_cache: bool = True) -> None:
     """Check labels, ids and files of one manifest.
 
     Raises:
-        ManifestError: naming the bad rows (first examples and a count).
+        ManifestError: naming the bad rows (first examples and a count), numbered as :data:`ROW_COUNTING` says.
     """
     if frame.empty:
         raise ManifestError(f"manifest {source}: no rows")
     labels = pd.to_numeric(frame["label"], errors="coerce")
     bad = frame.index[~labels.isin([0, 1])]
     if len(bad):
-        rows = [f"row {i} (image_id {frame.at[i, 'image_id']}, label {frame.at[i, 'label']!r})" for i in bad[:5]]
-        raise ManifestError(f"manifest {source}: {len(bad)} label(s) outside {{0, 1}}: {'; '.join(rows)}")
+        rows = [
+            f"{row} (image_id {frame.at[i, 'image_id']}, label {_plain(frame.at[i, 'label'])!r})"
+            for row, i in zip(_file_rows(frame, bad[:5]), bad[:5], strict=True)
+        ]
+        raise ManifestError(
+            f"manifest {source}: {len(bad)} label(s) outside {{0, 1}}: {'; '.join(rows)} ({ROW_COUNTING})"
+        )
     dup = frame["image_id"][frame["image_id"].duplicated()].unique()
     if len(dup):
         raise ManifestError(f"manifest {source}: {len(dup)} duplicate image_id(s): {_examples(dup)}")
     for column in ("patient_id", "path"):
         empty = frame.index[frame[column].isna() | (frame[column].astype(str).str.len() == 0)]
         if len(empty):
-            raise ManifestError(f"manifest {source}: {len(empty)} row(s) with empty {column}: rows {_examples(empty)}")
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            shown = ", ".join(_file_rows(frame, empty[:5])) + more
+            raise ManifestError(f"manifest {source}: {len(empty)} row(s) with empty {column}: {shown} ({ROW_COUNTING})")
     if not check_files:
         return
     cached = use_cache and all(c in frame.columns for c in CACHE_COLUMNS) and frame["cache_file"].notna().all()
@@ -222,7 +268,7 @@ def load_manifests(
             continue
         frame = read_manifest(path, role)
         validate_manifest(frame, storage.public(path), check_files=check_files, use_cache=use_cache)
-        frames[role] = frame
+        frames[role] = frame.drop(columns=FILE_POSITION)
     check_overlap(frames)
     return frames
 

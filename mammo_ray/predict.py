@@ -198,8 +198,10 @@ def predict_frame(
         for index, row in chunk.iterrows():
             path = row.get("path")
             if not use_cache and (not isinstance(path, str) or not path.strip()):
-                # A blank cell of a manifest: an error row like an unreadable file's, not a TypeError for the run.
-                error = f"empty path (manifest row {index})"
+                # A blank cell of a manifest: an error row like an unreadable file's, not a TypeError for the run. The
+                # row of the file, as every manifest error numbers it (a frame built in memory: its own position).
+                position = row[manifest.FILE_POSITION] if manifest.FILE_POSITION in row.index else index
+                error = f"empty path (manifest {manifest.row_label(position)}, {manifest.ROW_COUNTING})"
                 failures.append({"image_id": row["image_id"], "path": "", "error": error})
                 continue
             try:

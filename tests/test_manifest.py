@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +206,13 @@ def test_labels_outside_0_1_name_the_rows(tmp_path: Path, labels: list[Any], bad
     message = str(err.value)
     assert f"{len(bad_rows)} label(s)" in message
     for i in bad_rows:
-        assert f"row {i} (image_id tr-img{i}" in message
-    assert "m.parquet" in message
+        assert f"row {i + 1} (image_id tr-img{i}" in message  # counted from 1
+    assert "m.parquet" in message and manifest.ROW_COUNTING in message
 
 
 def test_string_labels_are_refused(tmp_path: Path) -> None:
     frame = _read(tmp_path, _rows(3, label=["0", "cancer", "1"]))
-    with pytest.raises(ManifestError, match="row 1 .*cancer"):
+    with pytest.raises(ManifestError, match="row 2 .*cancer"):
         manifest.validate_manifest(frame, "m")
 
 
@@ -284,6 +285,74 @@ def test_empty_ids_or_paths_are_refused(tmp_path: Path, column: str, fmt: str) -
     frame = _read(tmp_path, rows, fmt)
     with pytest.raises(ManifestError, match=f"empty {column}"):
         manifest.validate_manifest(frame, "m", check_files=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row numbers: every message that names a row names the row a user finds in the file
+
+
+def _row_of_file(path: Path, fmt: str, number: int) -> str:
+    """The image_id of "row ``number``" as a user reads the file: line ``number`` + 1 of the CSV (the header is line
+    1), the ``number``-th row of the Parquet file."""
+    if fmt == "csv":
+        header, *lines = path.read_text().splitlines()
+        return dict(zip(header.split(","), lines[number - 1].split(","), strict=True))["image_id"]
+    return str(pd.read_parquet(path)["image_id"].iloc[number - 1])
+
+
+MIXED_SPLITS = ["train", "valid", "train", "test", "valid", "valid"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    ("column", "value", "position", "splits", "role"),
+    [
+        ("label", 7, 0, None, "train"),  # the first data row: "row 0" before
+        ("label", 2, 3, None, "valid"),
+        ("patient_id", None, 5, None, "train"),  # "rows 5" before, the sixth row
+        ("path", None, 2, None, "test"),
+        # A file holding several splits: the valid rows are file rows 2, 5, 6, and the message named their positions
+        # among themselves (row 2 for the file's row 6).
+        ("label", 3, 5, MIXED_SPLITS, "valid"),
+        ("patient_id", None, 4, MIXED_SPLITS, "valid"),
+        ("path", None, 3, MIXED_SPLITS, "test"),
+    ],
+)
+def test_the_named_row_is_the_bad_row_of_the_file(
+    tmp_path: Path, fmt: str, column: str, value: Any, position: int, splits: list[str] | None, role: str
+) -> None:
+    rows = _rows(6, **({"split": splits} if splits else {}))
+    rows[column][position] = value
+    path = _write(tmp_path, rows, "m", fmt)
+    with pytest.raises(ManifestError) as err:
+        manifest.load_manifests({role: path}, check_files=False)
+    message = str(err.value)
+    named = [int(n) for n in re.findall(r"\brow (\d+)", message)]
+    assert len(named) == 1, message
+    assert _row_of_file(path, fmt, named[0]) == f"tr-img{position}", message
+    assert str(path) in message and f"({manifest.ROW_COUNTING})" in message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_numbers_of_several_bad_rows_and_of_a_table_built_in_memory(tmp_path: Path, fmt: str) -> None:
+    rows = _rows(9, split=["valid", "train"] * 4 + ["train"])
+    for position in (1, 3, 5, 7, 8):
+        rows["label"][position] = 5
+    frame = manifest.read_manifest(_write(tmp_path, rows, "m", fmt), "train")
+    with pytest.raises(ManifestError, match=r"row 2 .*; row 4 .*; row 6 .*; row 8 .*; row 9 \(image_id tr-img8"):
+        manifest.validate_manifest(frame, "m")
+    # A frame that did not come from a file (an importer's, a test's) is numbered by its own rows, the same way.
+    built = pd.DataFrame(_rows(3, patient_id=["a", "", "c"]))
+    with pytest.raises(ManifestError, match=r"1 row\(s\) with empty patient_id: row 2 \(rows numbered from 1"):
+        manifest.validate_manifest(built, "built", check_files=False)
+
+
+def test_load_manifests_drops_the_file_position(tmp_path: Path) -> None:
+    """The position is for messages only: the frames training reads have the file's columns."""
+    path = _write(tmp_path, _rows(4, split=["train", "valid", "train", "valid"]), "m")
+    assert manifest.FILE_POSITION in manifest.read_manifest(path, "valid").columns
+    frame = manifest.load_manifests({"valid": path}, check_files=False)["valid"]
+    assert manifest.FILE_POSITION not in frame.columns and frame.attrs["source"] == str(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def test_a_blank_path_in_a_manifest_is_an_error_row_and_the_rest_are_scored(bund
     table = pd.read_csv(out, keep_default_na=False)
     assert table["image_id"].tolist() == ["a", "b", "c"]
     blank = table.iloc[1]
-    assert blank["error"] == "empty path (manifest row 1)" and blank["decision"] == -1 and blank["path"] == ""
+    # the second data row of the file, as every manifest error counts rows (it said "row 1")
+    assert blank["error"] == "empty path (manifest row 2, rows numbered from 1, header not counted)"
+    assert blank["decision"] == -1 and blank["path"] == ""
     assert blank["prob"] == "" and table.loc[[0, 2], "error"].eq("").all()
 
 

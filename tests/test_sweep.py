@@ -1024,7 +1024,7 @@ def test_train_checks_the_test_manifest_beside_the_reference_csvs_before_ray(tmp
     monkeypatch.setattr(train, "run_single", lambda *a, **k: pytest.fail("training started"))
     argv = ["--train_csv_pth", str(csvs["train"]), "--valid_csv_pth", str(csvs["valid"]), "--test", str(test)]
     assert train.main([*argv, "--out_dir", str(tmp_path / "out")]) == 2
-    assert f"manifest {test}: 1 label(s) outside {{0, 1}}: row 0 (image_id te, label 'yes')" in capsys.readouterr().err
+    assert f"manifest {test}: 1 label(s) outside {{0, 1}}: row 1 (image_id te, label 'yes')" in capsys.readouterr().err
 
 
 def _labelled_manifests(folder: Path, labels: dict[str, list[int]]) -> dict[str, Path]:

@@ -60,7 +60,7 @@ class ImportErrorWithContext(ValueError):
     Attributes:
         file: the offending file (or files), when known.
         missing: the missing column names, when that is the problem.
-        rows: the first offending rows (1-based data rows, header excluded), when that is the problem.
+        rows: the first offending rows (numbered as :data:`manifest.ROW_COUNTING` says), when that is the problem.
     """
 
     def __init__(self, message: str, *, file: object = None, missing: Iterable[str] = (), rows: Iterable = ()):
@@ -136,6 +136,11 @@ def _pick(frame: pd.DataFrame, *names: str) -> str | None:
 
 
 _norm_id = manifest.norm_id  # ids as clean text, as read_manifest reads them
+# Rows are named as every manifest error names them (data rows from 1, header not counted). The tables here are read
+# whole with a fresh index, so a row's index label is its position in its file.
+_row_label = manifest.row_label
+_row_number = manifest.row_number
+ROW_COUNTING = manifest.ROW_COUNTING
 
 
 def _check_binary(values: pd.Series, path: Path | str, column: str) -> pd.Series:
@@ -143,13 +148,11 @@ def _check_binary(values: pd.Series, path: Path | str, column: str) -> pd.Series
     numeric = pd.to_numeric(values, errors="coerce")
     bad = values.index[~numeric.isin([0, 1])]
     if len(bad):
-        rows = [int(i) + 1 for i in bad]
-        shown = [f"row {r} ({values.iloc[r - 1]!r})" for r in rows[:5]]
+        shown = [f"{_row_label(i)} ({values[i]!r})" for i in bad]
         raise ImportErrorWithContext(
-            f"{path}: {len(bad)} label(s) in column {column!r} outside {{0, 1}}: {_examples(shown)} "
-            f"(rows are 1-based data rows, header excluded)",
+            f"{path}: {len(bad)} label(s) in column {column!r} outside {{0, 1}}: {_examples(shown)} ({ROW_COUNTING})",
             file=path,
-            rows=rows[:5],
+            rows=[_row_number(i) for i in bad[:5]],
         )
     return numeric.astype("int64")
 
@@ -163,7 +166,7 @@ def _blank(values: pd.Series) -> pd.Series:
 
 
 def _refuse_rows(values: pd.Series, bad: pd.Series, path: Path | str, column: str, expected: str | None) -> None:
-    """Raise naming the file, the column, the first rows where ``bad`` holds (1-based data rows) and their values.
+    """Raise naming the file, the column, the first rows where ``bad`` holds and their values.
 
     A coded column read without this check turned every value outside its code set into "no cancer" (or dropped
     the row), silently. ``expected`` says what the column may hold; None means it may not be blank.
@@ -172,18 +175,16 @@ def _refuse_rows(values: pd.Series, bad: pd.Series, path: Path | str, column: st
     if not bad.any():
         return
     index = values.index[bad.to_numpy()]
-    rows = [int(i) + 1 for i in index]
     if expected is None:
-        shown, what = [f"row {r}" for r in rows], "is blank"
+        shown, what = [_row_label(i) for i in index], "is blank"
     else:
         blank = _blank(values)
-        shown = [f"row {r} ({'blank' if blank[i] else repr(values[i])})" for r, i in zip(rows, index, strict=True)]
+        shown = [f"{_row_label(i)} ({'blank' if blank[i] else repr(values[i])})" for i in index]
         what = f"is not {expected}"
     raise ImportErrorWithContext(
-        f"{path}: {len(rows)} row(s) whose {column!r} {what}: {_examples(shown)} "
-        "(rows are 1-based data rows, header excluded)",
+        f"{path}: {len(index)} row(s) whose {column!r} {what}: {_examples(shown)} ({ROW_COUNTING})",
         file=path,
-        rows=rows[:5],
+        rows=[_row_number(i) for i in index[:5]],
     )
 
 
@@ -212,7 +213,8 @@ def _laterality_or_name(values: pd.Series, parsed: pd.Series, where: pd.Series) 
     if odd.any():
         shown = [f"{where[i]} ({values[i]!r})" for i in odd[odd].index[:3]]
         warnings.warn(
-            f"{int(odd.sum())} laterality value(s) other than L, R, LEFT or RIGHT, e.g. {', '.join(shown)}: those "
+            f"{int(odd.sum())} laterality value(s) other than L, R, LEFT or RIGHT, e.g. {', '.join(shown)} "
+            f"({ROW_COUNTING}): those "
             "rows take the side their file name gives (…_L_CC, RMLO), else U; an image of unknown side counts as a "
             "breast of its own in the breast-level metrics",
             UserWarning,
@@ -222,8 +224,14 @@ def _laterality_or_name(values: pd.Series, parsed: pd.Series, where: pd.Series) 
 
 
 def _row_names(path: Path | str, index: pd.Index) -> pd.Series:
-    """ "file.csv row N" for each data row (1-based, header excluded), kept through a concat of several files."""
-    return pd.Series([f"{path} row {int(i) + 1}" for i in index], index=index, dtype=object)
+    """ "file.csv row N" for each data row of one file's table, kept through a concat of several files (and through
+    the filtering and grouping after it), so that :func:`_finalize` names the file and its own row."""
+    return pd.Series([f"{path} {_row_label(i)}" for i in index], index=index, dtype=object)
+
+
+def _row_name_number(name: str) -> int:
+    """N of a :func:`_row_names` name."""
+    return int(str(name).rsplit(" ", 1)[1])
 
 
 def _view(values: pd.Series) -> pd.Series:
@@ -293,14 +301,15 @@ def _finalize(frame: pd.DataFrame, files: Sequence[Path], extra: Sequence[str] =
         text = out[column].astype("string").str.strip()
         empty = out.index[text.isna() | (text == "")]
         if len(empty):
-            if ROW_NAME in frame.columns:  # several files: the file and its own row, not the row of the concat
-                shown = f"e.g. {_examples([frame.at[i, ROW_NAME] for i in empty])}"
-            else:
-                shown = f"e.g. rows {_examples([int(i) + 1 for i in empty])}"
+            if ROW_NAME in frame.columns:  # the file and its own row, not the row of the concat or the filtered table
+                names = [frame.at[i, ROW_NAME] for i in empty]
+                rows = [_row_name_number(name) for name in names[:5]]
+            else:  # a table given to _finalize without its rows' names: its own rows
+                names, rows = [_row_label(i) for i in empty], [_row_number(i) for i in empty[:5]]
             raise ImportErrorWithContext(
-                f"{where}: {len(empty)} row(s) with an empty {column}, {shown}",
+                f"{where}: {len(empty)} row(s) with an empty {column}, e.g. {_examples(names)} ({ROW_COUNTING})",
                 file=where,
-                rows=[int(i) + 1 for i in empty[:5]],
+                rows=rows,
             )
         out[column] = text.astype(str)
     for column in ("laterality", "view", "dataset"):
@@ -312,8 +321,14 @@ def _finalize(frame: pd.DataFrame, files: Sequence[Path], extra: Sequence[str] =
         out[column] = values.where(values.notna(), None)
     duplicated = out["image_id"][out["image_id"].duplicated()].unique()
     if len(duplicated):
+        shown = list(duplicated)
+        if ROW_NAME in frame.columns:
+            rows = frame[ROW_NAME].groupby(out["image_id"]).agg(lambda names: _examples(names, 3))
+            shown = [f"{image_id} ({rows[image_id]})" for image_id in duplicated]
         raise ImportErrorWithContext(
-            f"{where}: {len(duplicated)} duplicate image_id(s): {_examples(duplicated)}", file=where
+            f"{where}: {len(duplicated)} duplicate image_id(s): {_examples(shown)}"
+            + (f" ({ROW_COUNTING})" if ROW_NAME in frame.columns else ""),
+            file=where,
         )
     return out.reset_index(drop=True)
 
@@ -490,6 +505,7 @@ def import_embed(
             _require(frame, path, _EMBED_META_REQUIRED, "EMBED metadata")
             kept = frame[_embed_image_type_kept(frame["FinalImageType"], include_cview)]
             _refuse_unknown(kept["ImageLateralityFinal"], _SIDES, path, "ImageLateralityFinal", "L or R")
+            frame[ROW_NAME] = _row_names(path, frame.index)
             metadata.append(frame)
         elif "path_severity" in header or "asses" in header or "side" in header:
             frame = _read_csv(path, _EMBED_CLIN_REQUIRED + _EMBED_CLIN_OPTIONAL)
@@ -622,6 +638,7 @@ def import_embed(
         },
         index=meta.index,
     )
+    rows[ROW_NAME] = meta[ROW_NAME]
     return _finalize(rows, paths)
 
 
@@ -713,6 +730,7 @@ def import_csaw(
                     "view": _view(frame["viewposition"]),
                     "dataset": "CSAW",
                     "age": age,
+                    ROW_NAME: _row_names(path, frame.index),
                 }
             )
         )
@@ -763,6 +781,7 @@ def import_rsna(csv_paths: CsvPaths, images_root: str | Path, *, extension: str 
                     if "machine_id" in frame.columns
                     else None,
                     "birads": _text_or_none(birads),
+                    ROW_NAME: _row_names(path, frame.index),
                 }
             )
         )
@@ -810,12 +829,11 @@ def import_vindr(csv_paths: CsvPaths, images_root: str | Path, *, extension: str
         category = pd.to_numeric(text.str.extract(r"(\d)", expand=False), errors="coerce")
         bad = frame.index[category.isna()]
         if len(bad):
-            rows = [int(i) + 1 for i in bad]
-            shown = [f"row {r} ({value!r})" for r, value in zip(rows, frame.loc[bad, "breast_birads"], strict=True)]
+            shown = [f"{_row_label(i)} ({frame.at[i, 'breast_birads']!r})" for i in bad]
             raise ImportErrorWithContext(
-                f"{path}: {len(bad)} unreadable breast_birads value(s), e.g. {_examples(shown)}",
+                f"{path}: {len(bad)} unreadable breast_birads value(s), e.g. {_examples(shown)} ({ROW_COUNTING})",
                 file=path,
-                rows=rows[:5],
+                rows=[_row_number(i) for i in bad[:5]],
             )
         study = _norm_id(frame["study_id"])
         image = _norm_id(frame["image_id"])
@@ -834,6 +852,7 @@ def import_vindr(csv_paths: CsvPaths, images_root: str | Path, *, extension: str
                     "density": _density(frame["breast_density"]) if "breast_density" in frame.columns else None,
                     "manufacturer": None,
                     "birads": category.astype("int64").astype(str),
+                    ROW_NAME: _row_names(path, frame.index),
                 }
             )
         )
@@ -900,13 +919,12 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
         pathology = frame["pathology"].astype("string").str.strip().str.upper()
         unknown = frame.index[~pathology.isin(["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"])]
         if len(unknown):
-            rows = [int(i) + 1 for i in unknown]
-            shown = [f"row {r} ({value!r})" for r, value in zip(rows, frame.loc[unknown, "pathology"], strict=True)]
+            shown = [f"{_row_label(i)} ({frame.at[i, 'pathology']!r})" for i in unknown]
             raise ImportErrorWithContext(
                 f"{path}: {len(unknown)} pathology value(s) not MALIGNANT/BENIGN/BENIGN_WITHOUT_CALLBACK, "
-                f"e.g. {_examples(shown)}",
+                f"e.g. {_examples(shown)} ({ROW_COUNTING})",
                 file=path,
-                rows=rows[:5],
+                rows=[_row_number(i) for i in unknown[:5]],
             )
         # The image is found by patient, side and view, and read from its path: none may be blank (a blank key
         # dropped its rows from the grouping, and so a MALIGNANT finding from its image's label).
@@ -928,6 +946,7 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
                     if "assessment" in frame.columns
                     else np.nan,
                     "image_path": image_path,
+                    ROW_NAME: _row_names(path, frame.index),
                 }
             )
         )
@@ -940,6 +959,7 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
             density=("density", "max"),
             assessment=("assessment", "max"),
             image_path=("image_path", "first"),
+            row_name=(ROW_NAME, "first"),
         )
         .reset_index()
     )
@@ -962,6 +982,7 @@ def import_cbis(csv_paths: CsvPaths, images_root: str | Path) -> pd.DataFrame:
             "dataset": "CBIS",
             "density": density.astype(object),
             "birads": images["assessment"].map(lambda v: str(int(v)) if pd.notna(v) else None).astype(object),
+            ROW_NAME: images["row_name"],
         }
     )
     return _finalize(rows, paths)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -631,6 +633,79 @@ def test_a_laterality_that_is_not_a_side_falls_back_to_the_file_name_with_a_warn
         manifest = import_generic([table], tmp_path)
     # the table's L wins over the file name; blank, X and B take the name's side, else U
     assert manifest["laterality"].tolist() == ["R", "L", "U", "L"]
+
+
+RSNA_B = """
+site_id,patient_id,image_id,laterality,view,age,cancer,biopsy,invasive,BIRADS,implant,density,machine_id,difficult_negative_case
+2,30001,900000001,L,CC,50.0,0,0,0,,0,,29,False
+2,30001,,L,MLO,50.0,0,0,0,,0,,29,False
+2,30001,900000003,R,CC,50.0,0,0,0,,0,,29,False
+"""
+CSAW_B = """
+anon_patientid,exam_year,x_age,x_case,x_cancer_laterality,x_type,x_lymphnode_met,rad_timing,imagelaterality,viewposition,anon_filename
+2001,2016,2,0,,,,,Left,CC,2001_L_CC.dcm
+2001,2016,2,0,,,,,Right,CC,
+"""
+VINDR_B = """
+study_id,series_id,image_id,laterality,view_position,breast_birads,breast_density
+d1d1,s1,i1,L,CC,BI-RADS 1,DENSITY A
+d1d1,s1,i2,L,MLO,BI-RADS 1,DENSITY A
+d1d1,s1,,R,CC,BI-RADS 1,DENSITY A
+"""
+# EMBED metadata passed as two tables, the second (patient 10000004's two images) with a blank path in its row 2.
+_EMBED_HEADER, *_EMBED_LINES = EMBED_META.strip().splitlines()
+EMBED_META_A = "\n".join([_EMBED_HEADER, *(line for line in _EMBED_LINES if not line.startswith("10000004,"))])
+EMBED_META_B = "\n".join([_EMBED_HEADER, *(line for line in _EMBED_LINES if line.startswith("10000004,"))]).replace(
+    "/mnt/NAS2/mammo/anon_dicom/cohort_1/10000004/1.2.6/1.3.6/e2.dcm", ""
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "tables", "bad", "marker"),
+    [
+        # Rows were numbered in the concatenation of the files (row 9: the second file's row 2), or from 0.
+        ("rsna", {"a.csv": RSNA, "b.csv": RSNA_B}, "b.csv", "30001,,L,MLO"),
+        ("csaw", {"a.csv": CSAW, "b.csv": CSAW_B}, "b.csv", "Right,CC,"),
+        ("vindr", {"a.csv": VINDR, "b.csv": VINDR_B}, "b.csv", "d1d1,s1,,R"),
+        (
+            "embed",
+            {"meta_a.csv": EMBED_META_A, "clinical.csv": EMBED_CLINICAL, "meta_b.csv": EMBED_META_B},
+            "meta_b.csv",
+            "R CC,2D,R,CC,0,,",
+        ),
+        (
+            "generic",
+            {
+                "a.csv": "path,label,patient_id\n1_L_CC.png,0,1\n",
+                "b.csv": "path,label,patient_id\n2_L_CC.png,0,2\n2_R_CC.png,1,2\n2_R_MLO.png,yes,2\n",
+            },
+            "b.csv",
+            "2_R_MLO.png,yes",
+        ),
+    ],
+)
+def test_the_named_row_is_the_bad_row_of_its_file(tmp_path, source, tables, bad, marker):
+    paths = [write(tmp_path / name, text) for name, text in tables.items()]
+    with pytest.raises(ImportErrorWithContext) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EMBED's exam without a clinical row
+        import_source(source, paths, tmp_path / "images")
+    message = str(info.value)
+    # each "row N" with the file named last before it: "b.csv: ... row 3" or "a.csv, b.csv: ..., e.g. b.csv row 2"
+    found = [
+        (re.findall(r"([\w.]+\.csv)", message[: match.start()])[-1], int(match.group(1)))
+        for match in re.finditer(r"\brow (\d+)", message)
+    ]
+    assert found and all(name == bad for name, _ in found), message
+    number = found[0][1]
+    assert marker in (tmp_path / bad).read_text().splitlines()[number], message  # "row N" is line N + 1
+    assert info.value.rows[0] == number and f"({importers.ROW_COUNTING})" in message
+
+
+def test_duplicate_image_ids_name_their_rows(tmp_path):
+    second = RSNA_B.replace(",,L,MLO", ",900000002,L,MLO").replace("900000003", "462822612")
+    paths = [write(tmp_path / "a.csv", RSNA), write(tmp_path / "b.csv", second)]
+    with pytest.raises(ImportErrorWithContext, match=r"462822612 \(.*a\.csv row 1, .*b\.csv row 3\)"):
+        import_rsna(paths, tmp_path)
 
 
 def test_errors_across_several_files_name_the_file_and_its_own_row(tmp_path):

@@ -46,10 +46,19 @@ CsvPaths = str | Path | Sequence[str | Path]
 # EMBED codes (EMBED_Open_Data README, "Clinical Data"): path_severity 0 = invasive cancer, 1 = non-invasive
 # cancer (DCIS); 2 high-risk, 3 borderline, 4 benign, 5 normal tissue, 6 non-breast cancer.
 EMBED_MALIGNANT_SEVERITY = (0, 1)
-# asses letter → BI-RADS category. Ranked so that the "worst" assessment of a breast wins: a screening
-# recall (A = BI-RADS 0) outranks 1-3 but not the diagnostic 4/5/6.
+# asses letter → BI-RADS category (EMBED README section VI, and the release's
+# references/AWS_Open_Data_Clinical_Legend.csv, which adds X = "No Assessment"). Ranked so that the "worst" assessment
+# of a breast wins: a screening recall (A = BI-RADS 0) outranks 1-3 but not the diagnostic 4/5/6. X and a blank give
+# no category.
 _EMBED_ASSES = {"N": "1", "B": "2", "P": "3", "A": "0", "S": "4", "M": "5", "K": "6"}
 _EMBED_ASSES_RANK = {letter: rank for rank, letter in enumerate("NBPASMK")}
+_EMBED_ASSES_CODES = (*_EMBED_ASSES, "X")
+# tissueden (README section VI and the legend): 1-4 = BI-RADS density A-D, 5 = normal male (no density); blank: none.
+_EMBED_TISSUEDEN_CODES = ("1", "2", "3", "4", "5")
+# FinalImageType (README section VII), compared upper-case without punctuation ("C-view", "cview"): 2D full-field
+# images are imported; C-view (synthetic 2D from tomosynthesis) only with include_cview; 3D (tomosynthesis, not in the
+# open release) and ROI_SSC/ROI_SS (radiologists' screen saves with a burned-in circle, not in the open release) never.
+_EMBED_IMAGE_TYPES = {"2D": "2D", "CVIEW": "C-view", "3D": "3D", "ROISSC": "ROI_SSC", "ROISS": "ROI_SS"}
 _DENSITY_CODES = {"1": "A", "2": "B", "3": "C", "4": "D"}
 _VIEW_CODES = ("CC", "MLO", "ML", "LM", "XCCL", "XCCM", "AT", "LMO", "SIO", "FB", "CV", "RL", "RM", "TAN")
 
@@ -435,21 +444,44 @@ def _embed_side(values: pd.Series) -> pd.Series:
     return text.map(_EMBED_SIDES)
 
 
+def _embed_image_type(values: pd.Series) -> pd.Series:
+    return values.astype("string").str.upper().str.replace(r"[^A-Z0-9]", "", regex=True)
+
+
 def _embed_image_type_kept(values: pd.Series, include_cview: bool) -> pd.Series:
-    image_type = values.astype("string").str.upper().str.replace(r"[^A-Z0-9]", "", regex=True)
-    return image_type.isin(["2D", "CVIEW"] if include_cview else ["2D"]).astype(bool)
+    return _embed_image_type(values).isin(["2D", "CVIEW"] if include_cview else ["2D"]).fillna(False).astype(bool)
+
+
+def _check_embed_metadata(frame: pd.DataFrame, path: Path, include_cview: bool) -> None:
+    """Refuse a ``FinalImageType`` outside the README's types, and a blank one: it decides whether the row is a
+    full-field image, and a value read as "not 2D" dropped the image without a word (a blank or a misspelt "2-D"
+    screening image, or one the importer cannot tell from a C-view or a screen save). Then a kept image's
+    ``ImageLateralityFinal`` must be L, R or blank."""
+    image_type = frame["FinalImageType"]
+    known = _embed_image_type(image_type).isin(list(_EMBED_IMAGE_TYPES)).fillna(False).astype(bool)
+    _refuse_rows(image_type, ~known, path, "FinalImageType", f"one of {', '.join(_EMBED_IMAGE_TYPES.values())}")
+    kept = frame[_embed_image_type_kept(image_type, include_cview)]
+    _refuse_unknown(kept["ImageLateralityFinal"], _SIDES, path, "ImageLateralityFinal", "L or R")
 
 
 def _check_embed_clinical(frame: pd.DataFrame, path: Path) -> None:
-    """Refuse codes outside the EMBED README's sets (section VI): ``path_severity`` 0-6 or blank (no pathology),
-    ``side``/``bside`` L, R, B or blank. Before, ``path_severity`` "malignant" was read as no cancer and an unknown
-    side as both breasts."""
+    """Refuse codes outside the EMBED README's sets (section VI) and its clinical legend: ``path_severity`` 0-6 or
+    blank (no pathology), ``side``/``bside`` L, R, B or blank, ``asses`` A, N, B, P, S, M, K, X (no assessment) or
+    blank, ``tissueden`` 1-5 or blank. Before, ``path_severity`` "malignant" was read as no cancer, an unknown side as
+    both breasts, and an unknown assessment or density as none (BI-RADS "4" or density "C" left the columns empty)."""
     severity = pd.to_numeric(frame["path_severity"], errors="coerce")
     outside = ~_blank(frame["path_severity"]) & ~severity.isin(range(7))
     _refuse_rows(frame["path_severity"], outside, path, "path_severity", "a code 0-6 or blank")
     for column in ("side", "bside"):
         if column in frame.columns:
             _refuse_unknown(frame[column], _EMBED_SIDES, path, column, "L, R, B or blank")
+    if "asses" in frame.columns:
+        expected = "a BI-RADS letter A, N, B, P, S, M, K, X (no assessment) or blank"
+        _refuse_unknown(frame["asses"], _EMBED_ASSES_CODES, path, "asses", expected)
+    if "tissueden" in frame.columns:
+        # 2.0 (a float column after a spreadsheet) is 2, as ids are read.
+        density = _norm_id(frame["tissueden"])
+        _refuse_unknown(density, _EMBED_TISSUEDEN_CODES, path, "tissueden", "a code 1-4, 5 (normal male) or blank")
 
 
 def import_embed(
@@ -475,18 +507,25 @@ def import_embed(
     (``resources/notebooks/screening_label_assignment.ipynb``: recall work-up within 180 days, interval
     cancers within 365 days). ``window_days=None`` or 0 uses the exam's own findings only. Images whose
     exam has no clinical row have no known outcome and are dropped with a warning. A ``path_severity`` outside
-    0-6, a ``side``/``bside`` outside L/R/B and a kept image's ``ImageLateralityFinal`` outside L/R are refused,
-    naming the file and row (blanks stay: no pathology, both breasts, unknown side).
+    0-6, a ``side``/``bside`` outside L/R/B, an ``asses`` outside A/N/B/P/S/M/K/X, a ``tissueden`` outside 1-5, a
+    ``FinalImageType`` outside the README's types (or blank) and a kept image's ``ImageLateralityFinal`` outside L/R
+    are refused, naming the file, row, column and value (blanks stay: no pathology, both breasts, no assessment, no
+    density, unknown side). The codes are those of the EMBED README (sections VI and VII) and the release's clinical
+    legend (``references/AWS_Open_Data_Clinical_Legend.csv``).
 
-    Kept images: ``FinalImageType`` "2D" (plus "C-view" with ``include_cview``); spot-compression and
-    magnification views (``spot_mag`` = 1) are dropped unless ``include_spot_mag``, because they exist
-    mostly for suspicious findings and would hand the model a shortcut. ``screening_only`` keeps exams
-    whose description mentions "screen".
+    Kept images: ``FinalImageType`` "2D", the full-field digital mammogram. "C-view" (a synthetic 2D image
+    reconstructed from tomosynthesis, about a quarter of the open release's images) is left out unless
+    ``include_cview``: its pixels differ from a full-field image's, and an exam holding both would show each view
+    twice. "3D" and the screen saves "ROI_SSC"/"ROI_SS" (not in the open release) are always left out.
+    Leaving them out is expected of the release's own tables, so it is not an error; any other value, or a blank
+    one, is (the importer cannot tell whether it is a full-field image). Spot-compression and magnification views
+    (``spot_mag`` = 1) are dropped unless ``include_spot_mag``, because they exist mostly for suspicious findings and
+    would hand the model a shortcut. ``screening_only`` keeps exams whose description mentions "screen".
 
     Mapping: ``empi_anon`` → patient_id, ``acc_anon`` → exam_id, ``ImageLateralityFinal`` → laterality,
     ``ViewPosition`` → view, ``Manufacturer`` → manufacturer, ``age_at_study`` → age, ``tissueden``
-    1-4 → density A-D (5, "normal male", → None), worst ``asses`` of that breast → birads ("0".."6"),
-    ``anon_dicom_path`` re-rooted at its ``cohort_N`` folder → path and image_id.
+    1-4 → density A-D (5, "normal male", → None), worst ``asses`` of that breast → birads ("0".."6"; X, "no
+    assessment", → None), ``anon_dicom_path`` re-rooted at its ``cohort_N`` folder → path and image_id.
 
     Args:
         csv_paths: at least one metadata and one clinical table (several of each are concatenated).
@@ -503,8 +542,7 @@ def import_embed(
         if "anon_dicom_path" in header:
             frame = _read_csv(path, _EMBED_META_REQUIRED + _EMBED_META_OPTIONAL)
             _require(frame, path, _EMBED_META_REQUIRED, "EMBED metadata")
-            kept = frame[_embed_image_type_kept(frame["FinalImageType"], include_cview)]
-            _refuse_unknown(kept["ImageLateralityFinal"], _SIDES, path, "ImageLateralityFinal", "L or R")
+            _check_embed_metadata(frame, path, include_cview)
             frame[ROW_NAME] = _row_names(path, frame.index)
             metadata.append(frame)
         elif "path_severity" in header or "asses" in header or "side" in header:

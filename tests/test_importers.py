@@ -355,6 +355,13 @@ CODED_TABLES = {
         ("embed", "clinical.csv", "Bilateral,1,B,A,3", "Bilateral,1,both,A,3", "side", "row 4 ('both')"),
         ("embed", "clinical.csv", ",S,2,L,0,61.3", ",S,2,X,0,61.3", "bside", "row 3 ('X')"),
         ("embed", "metadata.csv", "L CC,2D,L,CC", "L CC,2D,Lt,CC", "ImageLateralityFinal", "row 1 ('Lt')"),
+        # FinalImageType decides what is a full-field image: an undocumented or blank type dropped the image unsaid.
+        ("embed", "metadata.csv", "R CC,2D,R,CC", "R CC,FFDM,R,CC", "FinalImageType", "row 3 ('FFDM')"),
+        ("embed", "metadata.csv", "R MLO,2D,R,MLO", "R MLO,,R,MLO", "FinalImageType", "row 4 (blank)"),
+        # asses and tissueden outside the release's legend left birads and density empty without a word.
+        ("embed", "clinical.csv", ",1,L,A,2,L,0,", ",1,L,4,2,L,0,", "asses", "row 1 ('4')"),
+        ("embed", "clinical.csv", ",1,B,A,3,,,55.0", ",1,B,A,C,,,55.0", "tissueden", "row 4 ('C')"),
+        ("embed", "clinical.csv", ",1,,N,4,,,47.5", ",1,,N,7,,,47.5", "tissueden", "row 6 ('7')"),
         (
             "cbis",
             "mass_case_description_train_set.csv",
@@ -394,6 +401,37 @@ def test_codes_outside_the_documented_set_are_refused(tmp_path, source, name, ol
     message = str(info.value)
     assert name in message and repr(column) in message and shown in message, message
     assert info.value.rows[0] == int(shown.split()[1])
+
+
+def test_embed_documented_codes_are_read_as_documented(tmp_path):
+    """The EMBED legend's codes pass: asses X (no assessment) and a blank give no BI-RADS, tissueden 5 (normal male)
+    and a blank no density, 3.0 is 3; FinalImageType 3D and the screen saves ROI_SSC/ROI_SS are left out unsaid, and
+    C-view, however spelt, only with include_cview."""
+    meta = EMBED_META + (
+        "10000003,20000005,2020-06-01,MG Screening Bilateral,L MLO,3D,L,MLO,0,images/cohort_1/10000003/1.2.5/3/t.dcm,"
+        '"HOLOGIC, Inc.",0,()\n'
+        "10000003,20000005,2020-06-01,MG Screening Bilateral,L MLO,ROI_SSC,L,MLO,0,images/cohort_1/10000003/1.2.5/3/s.dcm,"
+        '"HOLOGIC, Inc.",0,()\n'
+        "10000003,20000005,2020-06-01,MG Screening Bilateral,L MLO,ROI_SS,,MLO,0,images/cohort_1/10000003/1.2.5/3/u.dcm,"
+        '"HOLOGIC, Inc.",0,()\n'
+        "10000003,20000005,2020-06-01,MG Screening Bilateral,R MLO,cview,R,MLO,0,images/cohort_1/10000003/1.2.5/3/c.dcm,"
+        '"HOLOGIC, Inc.",0,()\n'
+    )
+    clinical = EMBED_CLINICAL.replace(",1,,N,4,,,47.5", ",1,,X,3.0,,,47.5").replace(",2,R,N,2,,,61.2", ",2,R,,,,,61.2")
+    tables = [write(tmp_path / "metadata.csv", meta), write(tmp_path / "clinical.csv", clinical)]
+    with pytest.warns(UserWarning, match="no clinical row"):
+        rows = by_id(import_embed(tables, tmp_path))
+    d1 = rows.loc["cohort_1/10000003/1.2.5/1.3.5/d1.dcm"]
+    assert d1["birads"] is None and d1["density"] == "C"  # X: no assessment; 3.0 is density 3
+    # a blank asses on the right breast's row: the left's finding (A) does not reach it, so no BI-RADS
+    a3 = rows.loc["cohort_1/10000001/1.2.1/1.3.1/a3.dcm"]
+    assert a3["birads"] is None and a3["density"] == "B"  # the exam's first density, from the other row
+    assert not rows.index.str.startswith("cohort_1/10000003/1.2.5/3/").any()
+    with pytest.warns(UserWarning):
+        wide = by_id(import_embed(tables, tmp_path, include_cview=True))
+    assert set(wide.index[wide.index.str.startswith("cohort_1/10000003/1.2.5/3/")]) == {
+        "cohort_1/10000003/1.2.5/3/c.dcm"
+    }
 
 
 def test_documented_blanks_are_not_refused(tmp_path):

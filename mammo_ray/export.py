@@ -659,6 +659,7 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "each point's sensitivity and specificity per image and per exam (an exam is recalled when any of its images "
         "reaches the threshold)." + _calibration_caveat(cfg),
         *_operating_points_table(results, cfg.train.threshold),
+        *_screening_table(results, cfg.train.threshold),
         "",
         "## Uncertainty",
         "`aleatoric` is σ² of the attenuation head (logit units) when the model has one; `epistemic` is the "
@@ -780,6 +781,49 @@ def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
         "",
         "| split | point | threshold | image sensitivity | image specificity | exam sensitivity | exam specificity |",
         "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
+    """Each operating point's per-exam sensitivity and specificity projected to a screening population
+    (``metrics.screening_projection``): on test where the bundle has one, else on validation."""
+    from mammo_ray import metrics
+
+    split = "test" if results.get("test") else "val"
+    values = results.get(split) or {}
+    split_name = "test" if split == "test" else "validation"
+    prevalence = values.get("screening_prevalence")
+    if prevalence is None:
+        return []
+    own = metrics.threshold_key(decision)
+    keys = [own] + ([] if own == "0.3" else ["0.3"]) + ["youden", "spec0.90", "spec0.987"]
+    rows = [
+        f"| {key} | {_fmt(values.get(f'recall_rate_screening@{key}'))} | "
+        f"{_fmt(values.get(f'cancer_detection_per_1000_screening@{key}'), 2)} | "
+        f"{_fmt(values.get(f'ppv1_screening@{key}'))} |"
+        for key in keys
+        if f"recall_rate_screening@{key}" in values
+    ]
+    if not rows:
+        return []
+    n_exams, n_positive = values.get("n_exams") or 0, values.get("n_positive_exams") or 0
+    own_share = f"{n_positive / n_exams:.1%} of its {n_exams} exams" if n_exams else "no exams"
+    return [
+        "",
+        f"**In a screening population.** The {split_name} split is enriched ({own_share} hold a cancer), so its own "
+        f"recall share and positive predictive value would mislead. Below, each point's {split_name} sensitivity and "
+        "specificity "
+        f"per exam are projected to {prevalence * 1000:g} cancers per 1,000 screening exams with Bayes' rule: recall "
+        "rate = se·π + (1 − sp)(1 − π), cancer detection = se·π, PPV1 = detection / recall rate (metrics.json "
+        "`recall_rate_screening@…`, `cancer_detection_per_1000_screening@…`, `ppv1_screening@…`; point estimates, "
+        "no intervals). They assume the split's cancers and negatives resemble a screening population's in all but "
+        "prevalence; an enriched set often holds more conspicuous cancers. For comparison: the ACR's acceptable "
+        "recall rates for radiologists are 5–12%; the European guidelines' acceptable levels are under 7% at first "
+        "and under 5% at later screens.",
+        "",
+        "| point | recall rate | cancers detected per 1,000 | PPV1 |",
+        "|---|---|---|---|",
         *rows,
     ]
 

@@ -71,6 +71,11 @@ PREDICTION_COLUMNS = (
 BREAST_KEYS = ("patient_id", "laterality", "exam_id")
 DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
 DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
+# Cancers per screening exam at which the per-exam operating points are projected (``screening_projection``): about 5
+# per 1,000, the order of the cancer detection rates that screening audits report (BCSC, US: about 5 per 1,000
+# screens; European programmes 4-7). A test split is enriched (the demo's exams are several times that), so its own
+# share of positive exams would overstate the positive predictive value.
+SCREENING_PREVALENCE = 0.005
 DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
 BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast", "ece", "brier")
 CALIBRATION_BINS = 10  # equal-width bins of ECE and the reliability diagram
@@ -546,6 +551,34 @@ def _percentile_interval(values: Sequence[float], level: float) -> list[float | 
     return [float(low), float(high)]
 
 
+def screening_projection(sensitivity: float, specificity: float, prevalence: float) -> dict[str, float]:
+    """What an operating point would do in a screening population of ``prevalence`` cancers per exam (Bayes' rule).
+
+    Sensitivity (on exams with cancer) and specificity (on exams without) do not depend on how a split was enriched;
+    the share of exams recalled and the positive predictive value of a recall do, so they are projected rather
+    than read off the split:
+
+    * recall rate ``= se·π + (1 − sp)(1 − π)``, the abnormal interpretation rate of a screening audit;
+    * cancer detection rate ``= se·π`` (reported per 1,000 exams);
+    * PPV1 ``= se·π / recall rate``, the positive predictive value of a recall (ACR BI-RADS Atlas, follow-up and
+      outcome monitoring: PPV1 of an abnormal screening interpretation).
+
+    This assumes the split's exams resemble the screening population's in everything but prevalence (the same mix of
+    cancer types and of hard negatives); an enriched set often holds more conspicuous cancers than screening finds.
+
+    Returns:
+        ``recall_rate``, ``cancer_detection_per_1000`` and ``ppv1``; NaN where an input is NaN, and PPV1 NaN when
+        nothing would be recalled.
+    """
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence must lie strictly between 0 and 1, got {prevalence}")
+    detected = sensitivity * prevalence
+    recalled = detected + (1.0 - specificity) * (1.0 - prevalence)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ppv = detected / recalled if recalled > 0 else math.nan
+    return {"recall_rate": recalled, "cancer_detection_per_1000": 1000.0 * detected, "ppv1": float(ppv)}
+
+
 def clopper_pearson(successes: float, trials: int, level: float = 0.95) -> list[float | None]:
     """Clopper-Pearson exact interval for a proportion; ``successes`` may be fractional (an effective count).
 
@@ -707,6 +740,7 @@ def _split_metrics(
     level: float = 0.95,
     cuts: dict[str, float] | None = None,
     cuts_from_another_split: bool = True,
+    screening_prevalence: float = SCREENING_PREVALENCE,
 ) -> dict[str, Any]:
     _require_columns(frame, (*BREAST_KEYS, "label", "prob"))
     y, s = labels_and_scores(frame["label"], frame["prob"])
@@ -730,10 +764,18 @@ def _split_metrics(
         return _reason(n, n_pos, need_pos=need_pos, need_neg=need_neg, unit="images", what="cases", scope=scope)
 
     def put_exam(name: str, cut: float, cut_reason: str | None = None) -> None:
-        """Sensitivity and specificity per exam at ``cut``: recalled when any image reaches it."""
+        """Sensitivity and specificity per exam at ``cut`` (recalled when any image reaches it), and what they would
+        do at the screening prevalence (:func:`screening_projection`)."""
         sens, spec = sens_spec_at(y_ex, s_ex, cut) if math.isfinite(cut) else (math.nan, math.nan)
         _put(out, f"sensitivity_exam@{name}", sens, why(True, False, exam=True) if math.isfinite(cut) else cut_reason)
         _put(out, f"specificity_exam@{name}", spec, why(False, True, exam=True) if math.isfinite(cut) else cut_reason)
+        projected = screening_projection(sens, spec, screening_prevalence)
+        reason = why(True, True, exam=True) if math.isfinite(cut) else cut_reason
+        for key, value in projected.items():
+            if key == "ppv1" and math.isfinite(sens) and math.isfinite(spec) and not math.isfinite(value):
+                _put(out, f"{key}_screening@{name}", value, "no exam would be recalled at this threshold")
+            else:
+                _put(out, f"{key}_screening@{name}", value, reason)
 
     intervals: dict[str, list[float | None]] = {}
     skipped: dict[str, int] = {}
@@ -869,6 +911,7 @@ def _split_metrics(
     out["n_positive"] = n_pos
     out["n_exams"] = n_ex
     out["n_positive_exams"] = n_pos_ex
+    out["screening_prevalence"] = float(screening_prevalence)
     if bootstrap:
         out["bootstrap"] = {
             "method": "percentile",
@@ -932,6 +975,7 @@ def compute_metrics(
     specificities: Sequence[float] = DEFAULT_SPECIFICITIES,
     level: float = 0.95,
     cuts: dict[str, float] | None = None,
+    screening_prevalence: float = SCREENING_PREVALENCE,
 ) -> dict[str, Any]:
     """Split metrics overall and per dataset, with optional patient-bootstrap confidence intervals.
 
@@ -957,10 +1001,14 @@ def compute_metrics(
         specificities: Targets for ``sensitivity@spec<target>``.
         level: Coverage of the intervals.
         cuts: operating points to apply instead of fitting them here.
+        screening_prevalence: cancers per exam at which each point's per-exam sensitivity and specificity are
+            projected to ``recall_rate_screening@<point>``, ``cancer_detection_per_1000_screening@<point>`` and
+            ``ppv1_screening@<point>`` (:func:`screening_projection`; point estimates, no intervals).
 
     Returns:
         The overall metrics plus ``by_dataset: {dataset: {same keys}}``.
     """
+    screening_projection(0.5, 0.5, screening_prevalence)  # refuses a prevalence outside (0, 1) before any work
     options = {
         "threshold": threshold,
         "breast_agg": breast_agg,
@@ -968,6 +1016,7 @@ def compute_metrics(
         "bootstrap": bootstrap,
         "seed": seed,
         "level": level,
+        "screening_prevalence": screening_prevalence,
     }
     _require_columns(frame, ("label", "prob"))
     given = cuts is not None

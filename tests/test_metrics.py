@@ -682,6 +682,54 @@ def test_exam_figures_at_the_validation_operating_points(frame: pd.DataFrame) ->
     assert result["specificity_exam@spec0.90"] < result["specificity@spec0.90"]  # more images, more chances to recall
 
 
+@pytest.mark.parametrize(
+    ("sensitivity", "specificity", "prevalence", "recall_rate", "per_1000", "ppv1"),
+    [
+        # 5 per 1,000 screens: a reader at se 0.85, sp 0.90 recalls 10.4% and PPV1 is 4.1%, as audits describe.
+        (0.85, 0.90, 0.005, 0.85 * 0.005 + 0.10 * 0.995, 4.25, 0.85 * 0.005 / (0.85 * 0.005 + 0.10 * 0.995)),
+        (1.0, 1.0, 0.005, 0.005, 5.0, 1.0),  # a perfect reader recalls exactly the cancers
+        (0.0, 1.0, 0.01, 0.0, 0.0, math.nan),  # nothing recalled: no PPV
+        (0.5, 0.5, 0.5, 0.5, 250.0, 0.5),  # chance, balanced: PPV equals the prevalence
+        (math.nan, 0.9, 0.005, math.nan, math.nan, math.nan),
+    ],
+)
+def test_screening_projection_applies_bayes_rule(sensitivity, specificity, prevalence, recall_rate, per_1000, ppv1):
+    projected = metrics.screening_projection(sensitivity, specificity, prevalence)
+    expected = {"recall_rate": recall_rate, "cancer_detection_per_1000": per_1000, "ppv1": ppv1}
+    assert projected == pytest.approx(expected, nan_ok=True)
+
+
+@pytest.mark.parametrize("prevalence", [0.0, 1.0, -0.1, 5.0])
+def test_screening_projection_refuses_a_prevalence_outside_zero_one(prevalence):
+    with pytest.raises(ValueError, match="prevalence must lie strictly between 0 and 1"):
+        metrics.screening_projection(0.8, 0.9, prevalence)
+    with pytest.raises(ValueError, match="prevalence"):
+        metrics.compute_metrics(_screening_split(20, 4), screening_prevalence=prevalence)
+
+
+def test_every_point_is_projected_from_its_exam_figures_not_from_the_enriched_split():
+    """The split's own share of recalled exams and PPV depend on its enrichment (here 1 exam in 4 holds a cancer);
+    the projection uses only the per-exam sensitivity and specificity."""
+    frame = _screening_split(80, 20)  # 25% of exams with cancer, against 0.5% in screening
+    cuts = metrics.operating_points(frame["label"], frame["prob"])
+    for prevalence in (metrics.SCREENING_PREVALENCE, 0.02):
+        result = metrics.compute_metrics(frame, cuts=cuts, screening_prevalence=prevalence)
+        assert result["screening_prevalence"] == prevalence
+        for point in ("0.3", "youden", "spec0.90", "spec0.987"):
+            se, sp = result[f"sensitivity_exam@{point}"], result[f"specificity_exam@{point}"]
+            expected = metrics.screening_projection(se, sp, prevalence)
+            for key, value in expected.items():
+                assert result[f"{key}_screening@{point}"] == pytest.approx(value), (point, key)
+            for dataset in result["by_dataset"].values():
+                assert f"ppv1_screening@{point}" in dataset and dataset["screening_prevalence"] == prevalence
+        enriched_ppv = (frame.groupby("exam_id")["label"].max() == 1).mean()  # PPV a recall-all reader shows here
+        assert result["ppv1_screening@0.3"] < enriched_ppv
+    # With no cancers at all the projection has no sensitivity to start from, and says why.
+    no_cancer = metrics.compute_split_metrics(frame.assign(label=0))
+    assert no_cancer["ppv1_screening@0.3"] is None
+    assert "no positive exams" in no_cancer["ppv1_screening@0.3_reason"]
+
+
 def test_the_other_breast_aggregation_is_reported_too(frame: pd.DataFrame) -> None:
     # DESIGN asks for breast-level aggregation by mean or max; only the configured one (mean) reached metrics.json.
     result = metrics.compute_metrics(frame)

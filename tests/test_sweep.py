@@ -1282,6 +1282,35 @@ def test_the_cards_operating_points_table_gives_the_test_intervals_at_the_valida
     assert f"| val | youden | {val['threshold@youden']:.3f} | {val['sensitivity@youden']:.3f} |" in card  # fitted
 
 
+def test_the_card_projects_each_test_point_to_a_screening_population():
+    """A radiologist reads a point as a recall rate and a PPV1; the enriched split's own would mislead."""
+    from mammo_ray import export, metrics
+
+    rng = np.random.default_rng(2)
+    frames = [
+        _women_with_left_cancers(
+            40, lambda patient: patient % 4 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
+        )
+        for _ in range(2)
+    ]
+    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
+    results = {"val": metrics.compute_metrics(frames[0]), "test": metrics.compute_metrics(frames[1], cuts=cuts)}
+    card = export.model_card(config.load("demo"), results, None, {})
+    test = results["test"]
+    assert "projected to 5 cancers per 1,000 screening exams" in card
+    assert f"The test split is enriched ({test['n_positive_exams'] / test['n_exams']:.1%} of its" in card
+    assert "| point | recall rate | cancers detected per 1,000 | PPV1 |" in card
+    for point in ("0.3", "youden", "spec0.90", "spec0.987"):
+        row = (
+            f"| {point} | {test[f'recall_rate_screening@{point}']:.3f} | "
+            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | "
+        )
+        assert row in card, point
+    # Without a test split the validation's points are projected, and the card says which split it used.
+    card = export.model_card(config.load("demo"), {"val": results["val"]}, None, {})
+    assert "The validation split is enriched" in card
+
+
 def test_the_card_says_when_an_auc_interval_includes_chance():
     """The demo's card showed test AUC 0.432 (0.345–0.527) without a word on what the interval says of chance."""
     from mammo_ray import export

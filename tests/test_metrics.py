@@ -22,20 +22,32 @@ SPLIT_KEYS = [
     "specificity@0.3",
     "sensitivity_exam@0.3",
     "specificity_exam@0.3",
+    "recall_rate_screening@0.3",
+    "cancer_detection_per_1000_screening@0.3",
+    "ppv1_screening@0.3",
     "sensitivity@youden",
     "specificity@youden",
     "sensitivity_exam@youden",
     "specificity_exam@youden",
+    "recall_rate_screening@youden",
+    "cancer_detection_per_1000_screening@youden",
+    "ppv1_screening@youden",
     "threshold@youden",
     "sensitivity@spec0.90",
     "specificity@spec0.90",
     "sensitivity_exam@spec0.90",
     "specificity_exam@spec0.90",
+    "recall_rate_screening@spec0.90",
+    "cancer_detection_per_1000_screening@spec0.90",
+    "ppv1_screening@spec0.90",
     "threshold@spec0.90",
     "sensitivity@spec0.987",
     "specificity@spec0.987",
     "sensitivity_exam@spec0.987",
     "specificity_exam@spec0.987",
+    "recall_rate_screening@spec0.987",
+    "cancer_detection_per_1000_screening@spec0.987",
+    "ppv1_screening@spec0.987",
     "threshold@spec0.987",
     "operating_points",
     "auc_breast",
@@ -47,6 +59,7 @@ SPLIT_KEYS = [
     "n_positive",
     "n_exams",
     "n_positive_exams",
+    "screening_prevalence",
 ]
 
 
@@ -305,7 +318,7 @@ def test_empty_frame(frame: pd.DataFrame) -> None:
     result = metrics.compute_metrics(frame.iloc[:0], bootstrap=10)
     assert result["n_images"] == 0 and result["n_positive"] == 0 and result["n_exams"] == 0
     for key in SPLIT_KEYS:
-        if key == "operating_points" or key.startswith("n_"):
+        if key in ("operating_points", "screening_prevalence") or key.startswith("n_"):
             continue
         assert result[key] is None
         assert result[f"{key}_reason"].startswith("undefined: no ")

@@ -37,7 +37,13 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler.node_provider import NodeProvider
+from ray.autoscaler.tags import NODE_KIND_HEAD, NODE_KIND_WORKER, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+from ray.core.generated.common_pb2 import Bundle, PlacementStrategy
+from ray.core.generated.gcs_pb2 import PlacementGroupTableData
 from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.job_submission import JobSubmissionClient
 
@@ -61,6 +67,11 @@ EXPLICIT_COMMAND_LISTS = [
 # A Train worker holds its CPUs for a whole trial; Ray Data only gets what is left on the node. With at
 # least 4 CPUs per GPU, one worker per GPU can take 2 CPUs and still leave whole CPUs for Data.
 MIN_CPUS_PER_GPU = 4
+# The CPU-only worker type of each file (node type or worker group), which adds CPUs for Ray Data without GPUs,
+# and its 1-GPU type, where a single GPU Train worker belongs.
+CPU_TYPES = {"aws": "cpu", "gcp": "cpu", "kuberay-raycluster.yaml": "cpu", "kuberay-rayjob.yaml": "cpu"}
+GPU_1X_TYPES = {"aws": "gpu_1x", "gcp": "gpu_1x", "kuberay-raycluster.yaml": "gpu-1x", "kuberay-rayjob.yaml": "gpu-1x"}
+MIN_CPU_TYPE_CPUS = 16
 PLACEHOLDER = re.compile(r"REPLACE_ME_[A-Z_]+")
 
 
@@ -141,15 +152,40 @@ def test_launcher_node_types(stem: str) -> None:
     assert head["resources"]["CPU"] >= 8, "the head runs the Tune driver and Ray Data tasks"
 
     gpus_per_worker_type = {}
+    cpu_types = {}
     for name, node_type in node_types.items():
         if name == config["head_node_type"]:
             continue
         resources = node_type["resources"]
-        assert resources.get("GPU", 0) >= 1, f"{name}: worker types must declare their GPUs"
-        assert resources["CPU"] >= MIN_CPUS_PER_GPU * resources["GPU"], f"{name}: too few CPUs for Ray Data"
+        # Every worker type says how many GPUs it has: the autoscaler plans with these numbers, and `ray up`
+        # starts Ray with them (RAY_OVERRIDE_RESOURCES), so a CPU type's 0 keeps GPU trials off it.
+        assert "GPU" in resources, f"{name}: worker types must declare their GPUs, 0 on a CPU-only type"
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"]
+        if resources["GPU"] == 0:
+            cpu_types[name] = node_type
+            continue
+        assert resources["CPU"] >= MIN_CPUS_PER_GPU * resources["GPU"], f"{name}: too few CPUs for Ray Data"
         gpus_per_worker_type[name] = resources["GPU"]
     assert sorted(gpus_per_worker_type.values()) == [1, 8], "expected one 1-GPU and one 8-GPU node type"
+    assert list(cpu_types) == [CPU_TYPES[stem]], "expected one CPU-only worker type for Ray Data"
+    (cpu_type,) = cpu_types.values()
+    assert cpu_type["resources"]["CPU"] >= MIN_CPU_TYPE_CPUS, "a CPU node is worth starting only with many CPUs"
+    assert cpu_type["min_workers"] == 0, "CPU nodes start on demand, like the GPU nodes"
+    assert cpu_type["max_workers"] >= 1
+    # The global cap leaves room for every type's maximum, so CPU nodes never take the place of a GPU node.
+    workers_max = sum(t["max_workers"] for name, t in node_types.items() if name != config["head_node_type"])
+    assert workers_max <= config["max_workers"]
+
+
+@pytest.mark.parametrize("stem", sorted(LAUNCHERS))
+def test_every_launcher_worker_type_can_reach_the_bucket(stem: str) -> None:
+    """Ray Data tasks and Tune's trial actors on a CPU node read and write the bucket, as GPU nodes do."""
+    config = _load(f"{stem}.yaml")
+    credentials = {"aws": "IamInstanceProfile", "gcp": "serviceAccounts"}[stem]
+    workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
+    given = {name: node_type["node_config"].get(credentials) for name, node_type in workers.items()}
+    assert all(given.values()), given
+    assert len({repr(value) for value in given.values()}) == 1, given
 
 
 @pytest.mark.parametrize("stem", sorted(LAUNCHERS))
@@ -296,8 +332,7 @@ def _kuberay_problems(doc: dict[str, Any]) -> list[str]:
         problems.append("headGroupSpec.rayStartParams is required")
     if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
         problems.append("the head Service must stay ClusterIP without an Ingress")
-    if not cluster.get("workerGroupSpecs"):
-        problems.append("at least one GPU worker group is required")
+    gpu_groups = 0
 
     for where, group in groups:
         containers = group.get("template", {}).get("spec", {}).get("containers", [])
@@ -327,10 +362,22 @@ def _kuberay_problems(doc: dict[str, Any]) -> list[str]:
         if not group.get("minReplicas", 0) <= group.get("replicas", 0) <= group.get("maxReplicas", 0):
             problems.append(f"{where}: need minReplicas <= replicas <= maxReplicas")
         gpus = _gpu_count(ray_container)
-        if gpus < 1:
-            problems.append(f"{where}: the Ray container must have nvidia.com/gpu in resources.limits")
-        elif _gpu_count(ray_container, "requests") not in (0, gpus):
+        if _gpu_count(ray_container, "requests") not in (0, gpus):
             problems.append(f"{where}: nvidia.com/gpu requests must equal limits")
+        if gpus >= 1:
+            gpu_groups += 1
+            continue
+        # A CPU-only group (Ray Data's extra CPUs). Without num-gpus "0" Ray would count the GPUs a pod sees on a
+        # GPU node whose runtime shows them to pods that requested none, and GPU trials could land there.
+        if group.get("rayStartParams", {}).get("num-gpus") != "0":
+            problems.append(
+                f"{where}: the Ray container must have nvidia.com/gpu in resources.limits, "
+                'or a CPU-only group rayStartParams.num-gpus "0"'
+            )
+        if group.get("minReplicas", 0) != 0:
+            problems.append(f"{where}: a CPU-only group needs minReplicas 0 (its pods start on demand)")
+    if not gpu_groups:
+        problems.append("at least one GPU worker group is required")
     return problems
 
 
@@ -344,11 +391,19 @@ def test_kuberay_manifest_passes_ray_autoscaler(name: str, offline: None) -> Non
     config = _derive_autoscaling_config_from_ray_cr(_as_ray_cluster(_ray_doc(name)))
     node_types = config["available_node_types"]
     assert node_types["headgroup"]["resources"]["GPU"] == 0
-    workers = {name: t for name, t in node_types.items() if name != "headgroup"}
-    for node_type in workers.values():
+    workers = {group: t for group, t in node_types.items() if group != "headgroup"}
+    cpu_groups = [group for group, t in workers.items() if not t["resources"].get("GPU")]
+    assert cpu_groups == [CPU_TYPES[name]], "expected one CPU-only worker group for Ray Data"
+    for group, node_type in workers.items():
         resources = node_type["resources"]
+        if group in cpu_groups:
+            assert resources.get("GPU") == 0, "a CPU-only group must declare 0 GPUs (num-gpus), not leave it out"
+            assert resources["CPU"] >= MIN_CPU_TYPE_CPUS, "a CPU pod is worth starting only with many CPUs"
+            assert node_type["min_workers"] == 0
+            continue
         assert resources["GPU"] >= 1
         assert resources["CPU"] >= MIN_CPUS_PER_GPU * resources["GPU"], "too few CPUs for Ray Data"
+    assert config["max_workers"] == sum(t["max_workers"] for t in workers.values())
 
 
 @pytest.mark.parametrize("name", KUBERAY)
@@ -396,6 +451,23 @@ def _no_service_account(doc: dict[str, Any]) -> None:
     del _cluster_spec(doc)["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"]
 
 
+def _cpu_group(doc: dict[str, Any]) -> dict[str, Any]:
+    (group,) = [g for g in _cluster_spec(doc)["workerGroupSpecs"] if g["groupName"] == "cpu"]
+    return group
+
+
+def _cpu_group_counts_gpus(doc: dict[str, Any]) -> None:
+    del _cpu_group(doc)["rayStartParams"]["num-gpus"]
+
+
+def _cpu_group_always_on(doc: dict[str, Any]) -> None:
+    _cpu_group(doc)["minReplicas"] = _cpu_group(doc)["replicas"] = 1
+
+
+def _only_cpu_workers(doc: dict[str, Any]) -> None:
+    _cluster_spec(doc)["workerGroupSpecs"] = [_cpu_group(doc)]
+
+
 @pytest.mark.parametrize("name", KUBERAY)
 @pytest.mark.parametrize(
     ("mutate", "expected"),
@@ -408,6 +480,9 @@ def _no_service_account(doc: dict[str, Any]) -> None:
         (_start_command_lost, "must run the start command"),
         (_load_balancer, "ClusterIP"),
         (_no_service_account, "workerGroupSpecs[0].template.spec.serviceAccountName is required"),
+        (_cpu_group_counts_gpus, 'rayStartParams.num-gpus "0"'),
+        (_cpu_group_always_on, "a CPU-only group needs minReplicas 0"),
+        (_only_cpu_workers, "at least one GPU worker group is required"),
     ],
     ids=lambda value: value.__name__.lstrip("_") if callable(value) else None,
 )
@@ -416,6 +491,139 @@ def test_kuberay_checks_catch_broken_copies(name: str, mutate: Any, expected: st
     mutate(doc)
     problems = _kuberay_problems(doc)
     assert any(expected in problem for problem in problems), problems
+
+
+# --- What the autoscaler starts for a demand ------------------------------------------------------------
+
+# Ray's v1 autoscaler (what `ray up` runs, and KubeRay's in-tree autoscaler unless v2 is switched on) decides which
+# node types to add in ResourceDemandScheduler.get_nodes_to_launch. Its default scorer ranks a GPU node type last
+# for a demand without GPUs (AUTOSCALER_CONSERVE_GPU_NODES, on by default), so such a demand starts the CPU type.
+# These tests feed it the node types that Ray derives from each file and the demands a sweep makes, offline.
+RAY_DATA_TASK = {"CPU": 1}  # a read/decode/augment task, as Ray Data asks for it (zero-valued resources dropped)
+TRIAL_ACTOR = {"CPU": 0.1}  # resources.trial_cpus, Tune's placement group for the trial actor
+GPU_WORKER = {"GPU": 1, "CPU": 4}  # a Train worker of a GPU space
+
+
+def _autoscaling_config(name: str) -> dict[str, Any]:
+    """The config the autoscaler runs with: `ray up`'s prepared launcher file or KubeRay's derived one."""
+    if name in LAUNCHERS:
+        return prepare_config(_load(f"{name}.yaml"))
+    return _derive_autoscaling_config_from_ray_cr(_as_ray_cluster(_ray_doc(name)))
+
+
+class _RunningNodes(NodeProvider):
+    """The nodes the cluster has, as the autoscaler reads them from its provider: id (= IP) -> node type."""
+
+    def __init__(self, head_type: str, workers: dict[str, str]) -> None:
+        super().__init__({}, "mammo-ray")
+        self.kinds = {"head": (head_type, NODE_KIND_HEAD)} | {i: (t, NODE_KIND_WORKER) for i, t in workers.items()}
+
+    def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
+        return list(self.kinds)
+
+    def node_tags(self, node_id: str) -> dict[str, str]:
+        node_type, kind = self.kinds[node_id]
+        return {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: node_type}
+
+    def internal_ip(self, node_id: str) -> str:
+        return node_id
+
+
+def _placement_group(bundles: list[dict[str, float]]) -> PlacementGroupTableData:
+    """A pending PACK placement group, as Tune (one bundle per trial actor) and Ray Train (one per worker) make."""
+    return PlacementGroupTableData(
+        strategy=PlacementStrategy.PACK, bundles=[Bundle(unit_resources=bundle) for bundle in bundles]
+    )
+
+
+def _nodes_to_launch(
+    name: str,
+    *,
+    tasks: list[dict[str, float]] = (),
+    requested: list[dict[str, float]] = (),
+    placement_groups: list[PlacementGroupTableData] = (),
+    busy_workers: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Node types (and counts) Ray's autoscaler adds for these demands, with the head (and `busy_workers`) full.
+
+    ``tasks``: queued tasks/actors; ``requested``: ``ray.autoscaler.sdk.request_resources`` bundles, the way Ray
+    Data's autoscaling coordinator asks for CPUs; ``placement_groups``: pending placement groups.
+    """
+    config = _autoscaling_config(name)
+    node_types = config["available_node_types"]
+    head_type = config["head_node_type"]
+    provider = _RunningNodes(head_type, busy_workers or {})
+    scheduler = ResourceDemandScheduler(
+        provider, node_types, config["max_workers"], head_type, config.get("upscaling_speed", 1.0)
+    )
+    static = {ip: dict(node_types[node_type]["resources"]) for ip, (node_type, _) in provider.kinds.items()}
+    to_launch, _ = scheduler.get_nodes_to_launch(
+        nodes=list(provider.kinds),
+        launching_nodes={},
+        resource_demands=list(tasks),
+        unused_resources_by_ip={ip: {} for ip in provider.kinds},  # every running node is fully used
+        pending_placement_groups=list(placement_groups),
+        max_resources_by_ip=static,
+        ensure_min_cluster_size=list(requested),
+        node_availability_summary=NodeAvailabilitySummary(node_availabilities={}),
+    )
+    return to_launch
+
+
+AUTOSCALED = sorted(LAUNCHERS) + KUBERAY
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+@pytest.mark.parametrize(
+    "demand",
+    [
+        {"tasks": [RAY_DATA_TASK] * 8},
+        {"tasks": [TRIAL_ACTOR]},
+        {"placement_groups": [_placement_group([TRIAL_ACTOR])]},
+        # request_resources counts the cluster as idle, so ask for more CPUs than any head has.
+        {"requested": [RAY_DATA_TASK] * 40},
+    ],
+    ids=["data-tasks", "trial-actor", "trial-placement-group", "data-request-resources"],
+)
+def test_cpu_only_demand_starts_cpu_nodes_not_gpu_nodes(name: str, demand: dict[str, Any], offline: None) -> None:
+    to_launch = _nodes_to_launch(name, **demand)
+    assert set(to_launch) == {CPU_TYPES[name]}, to_launch
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+@pytest.mark.parametrize(
+    "demand",
+    [
+        {"tasks": [GPU_WORKER]},
+        {"placement_groups": [_placement_group([GPU_WORKER])]},  # a one-worker Train run
+    ],
+    ids=["gpu-task", "train-placement-group"],
+)
+def test_gpu_demand_starts_a_gpu_node(name: str, demand: dict[str, Any], offline: None) -> None:
+    assert _nodes_to_launch(name, **demand) == {GPU_1X_TYPES[name]: 1}
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+def test_a_trial_and_its_data_start_one_gpu_node_and_cpu_nodes(name: str, offline: None) -> None:
+    """A one-worker GPU Train run waiting for its node while Ray Data asks for more CPUs than the cluster has: one
+    GPU node for the worker, and CPU nodes, not more GPU nodes, for the CPUs."""
+    to_launch = _nodes_to_launch(
+        name, placement_groups=[_placement_group([GPU_WORKER])], requested=[RAY_DATA_TASK] * 64
+    )
+    assert to_launch.pop(GPU_1X_TYPES[name]) == 1
+    assert set(to_launch) == {CPU_TYPES[name]}, to_launch
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+def test_cpu_demand_past_the_cpu_types_maximum_starts_gpu_nodes(name: str, offline: None) -> None:
+    """The documented limit: ranking GPU types last is a preference, not a rule. Once the CPU type is at its
+    maximum, Ray's autoscaler starts GPU nodes for CPU-only demand (cluster/README.md, "What runs where")."""
+    config = _autoscaling_config(name)
+    cpu_type = CPU_TYPES[name]
+    busy = {f"cpu-{i}": cpu_type for i in range(config["available_node_types"][cpu_type]["max_workers"])}
+    to_launch = _nodes_to_launch(name, tasks=[RAY_DATA_TASK] * 8, busy_workers=busy)
+    assert cpu_type not in to_launch
+    assert to_launch and all(config["available_node_types"][t]["resources"]["GPU"] >= 1 for t in to_launch)
 
 
 # KubeRay writes some start parameters with shell quotes in $KUBERAY_GEN_RAY_START_CMD, e.g. the resources JSON it

@@ -162,6 +162,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search.searcher": ("optuna", "random"),
     "search.scheduler": ("asha", "fifo"),
 }
+# synth.MIN_SIZE, the smallest [height, width] synth draws (kept here so that config needs no imaging imports).
+SYNTH_MIN_SIZE = (64, 48)
 # ConvNeXt's total stride: data.image_size (and prepare --size) sides must be at least this.
 MIN_IMAGE_SIDE = 32
 # The per-epoch validation metrics every run reports, each with the direction that makes it better: the choices
@@ -473,6 +475,15 @@ def validate(config: Config, source: str = "config") -> Config:
         raise ConfigError(
             f"{source}: data.image_size must be [height, width], each >= 32 (ConvNeXt's total stride), "
             f"got {config.data.image_size}"
+        )
+    synthetic = config.data.synthetic
+    if synthetic.enabled and (
+        len(synthetic.size) != 2 or synthetic.size[0] < SYNTH_MIN_SIZE[0] or synthetic.size[1] < SYNTH_MIN_SIZE[1]
+    ):
+        # synth refused it only once Ray was up and the sweep was generating its data.
+        raise ConfigError(
+            f"{source}: data.synthetic.size must be [height, width] of at least {list(SYNTH_MIN_SIZE)} (synth's "
+            f"smallest breast), got {synthetic.size}"
         )
     fractions = config.data.synthetic.split
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:

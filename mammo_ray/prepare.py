@@ -936,8 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shard-size",
         type=int,
-        help=f"images per cache shard (one Ray task); default about 1/{TARGET_SHARDS} of the images, at most "
-        f"{MAX_SHARD_IMAGES}, so that every core gets work on a medium data set",
+        help=f"images per cache shard (one Ray task); default about 1/{TARGET_SHARDS} of the images, at least "
+        f"{SMALL_SHARD_IMAGES} where that still gives {MIN_SHARDS} shards, at most {MAX_SHARD_IMAGES}, so that every "
+        "core gets work on a medium data set",
     )
     parser.add_argument(
         "--full-resolution-decode",
@@ -963,7 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--smoke-test", action="store_true", help=f"a seeded random subset of {SMOKE_TEST_PATIENTS} patients"
+        "--smoke-test",
+        action="store_true",
+        help=f"a seeded random, label-stratified subset of about {SMOKE_TEST_PATIENTS} patients",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser

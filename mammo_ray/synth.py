@@ -1313,7 +1313,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mammo_ray.synth",
         description="Write a synthetic screening-mammography data set (DICOM + EMBED-style and reference CSVs).",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be new or empty)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: new or empty, or an earlier set made with the same parameters (reused as it is)",
+    )
     parser.add_argument("--patients", type=int, default=600, help="number of women (default 600)")
     parser.add_argument("--prevalence", type=float, default=0.05, help="fraction of breasts with cancer (default 0.05)")
     parser.add_argument(

@@ -747,10 +747,13 @@ def reference_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["model.attenuation"] = True
     if args.optimizer:
         out["train.optimizer"] = REFERENCE_OPTIMIZERS[args.optimizer]
+    if args.fine_tuning == "partial" and args.upto_freeze is None:
+        # It froze nothing, as full fine-tuning does, without a word.
+        raise ValueError("--fine_tuning partial needs --upto_freeze K, the number of leading units to freeze")
     if args.fine_tuning == "full":
         out["model.freeze_units"] = 0
     elif args.fine_tuning == "partial" or args.upto_freeze is not None:
-        out["model.freeze_units"] = args.upto_freeze or 0
+        out["model.freeze_units"] = args.upto_freeze
     if args.decay_every_N_epoch is not None:
         out["train.schedule"] = "step"
         out["train.decay_every"] = args.decay_every_N_epoch

@@ -458,6 +458,8 @@ def summary_table(board: pd.DataFrame, cfg: config_mod.Config) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mammo_ray import cli
+
     parser = argparse.ArgumentParser(prog="mammo-ray tune", description="Run a hyper-parameter sweep on Ray.")
     parser.add_argument("--space", required=True, help="space file: a path, or a name looked up in search_spaces/")
     parser.add_argument("--train", help="training manifest")
@@ -472,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gs://BUCKET/PREFIX (options as query parameters, e.g. ?endpoint_override=...) or an NFS path",
     )
     parser.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (default 127.0.0.1)")
-    parser.add_argument("--num-samples", type=int, help="number of trials")
+    parser.add_argument("--num-samples", type=cli.int_at_least(1), help="number of trials")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same name")
     parser.add_argument("--smoke-test", action="store_true", help="two trials, one epoch, a handful of images, CPU")
@@ -505,12 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(config_mod.parse_override(item) for item in args.set)
         if args.name:
             overrides["name"] = args.name
-        if args.num_samples:
+        if args.num_samples is not None:
             overrides["search.num_samples"] = args.num_samples
         cfg = config_mod.load(args.space, overrides)
         if args.smoke_test:
             cli.apply_smoke_test(cfg)
-            if args.num_samples:
+            if args.num_samples is not None:
                 cfg.search.num_samples = args.num_samples
         config_mod.check_searched_overrides(cfg, overrides, str(config_mod.resolve_space_path(args.space)))
         cli.resolve_weights(cfg)

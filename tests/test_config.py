@@ -319,6 +319,9 @@ def test_space_file_scientific_notation(tmp_path: Path) -> None:
         (BASE, ["data.image_size=[40, 30]"], ["data.image_size", ">= 32", "[40, 30]"]),
         (BASE, ["data.image_size=[64, 48, 3]"], ["data.image_size"]),
         (BASE, ["data.synthetic.split=[0.5, 0.5, 0.5]"], ["data.synthetic.split"]),
+        # synth refused these only once Ray was up and the sweep was generating its data.
+        (BASE, ["data.synthetic.enabled=true", "data.synthetic.size=[32, 32]"], ["data.synthetic.size", "[64, 48]"]),
+        (BASE, ["data.synthetic.enabled=true", "data.synthetic.size=[512]"], ["data.synthetic.size", "[512]"]),
         (BASE, ["model.attenuation=true", "train.loss=focal"], ["model.attenuation", "train.loss"]),
     ],
 )
@@ -621,3 +624,10 @@ def test_settings_that_would_be_ignored_or_meaningless_are_refused(overrides: di
 def test_a_searched_dropout_may_reach_zero_with_mc_dropout() -> None:
     cfg = config.load("demo", {"train.mc_dropout_samples": 3, "model.dropout": 0.0})  # the space searches dropout
     assert cfg.train.mc_dropout_samples == 3
+
+
+def test_the_smallest_synthetic_size_is_synths():
+    from mammo_ray import synth
+
+    assert config.SYNTH_MIN_SIZE == synth.MIN_SIZE
+    config.load("demo", ["data.synthetic.size=[64, 48]"])  # synth's smallest is accepted

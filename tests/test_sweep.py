@@ -1337,3 +1337,11 @@ def test_the_card_says_what_the_test_split_was_checked_against():
     )
     assert "not with valid, whose manifest was not found" in export._held_out({"train": frame, "test": frame})
     assert export._held_out({"test": frame}).startswith(" (not checked for shared patients")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_num_samples_below_one_is_refused_by_name(value, capsys):
+    """--num-samples 0 silently kept the space's num_samples; -2 was blamed on the space file."""
+    with pytest.raises(SystemExit):
+        tune.build_parser().parse_args(["--space", "demo", "--num-samples", value])
+    assert "--num-samples" in capsys.readouterr().err

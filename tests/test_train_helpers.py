@@ -242,6 +242,15 @@ def test_reference_flags_refuse_bad_values(argv: list[str], capsys: pytest.Captu
     assert argv[0] in capsys.readouterr().err
 
 
+def test_partial_fine_tuning_without_a_depth_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """It froze nothing, as --fine_tuning full does, without a word."""
+    args = train.build_parser().parse_args(["--fine_tuning", "partial"])
+    with pytest.raises(ValueError, match="--fine_tuning partial needs --upto_freeze K"):
+        train.reference_overrides(args)
+    assert train.main(["--fine_tuning", "partial", "--smoke-test"]) == 2
+    assert "error: --fine_tuning partial needs --upto_freeze K" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # resources_plan, backend_for, steps_per_epoch
 

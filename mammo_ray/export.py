@@ -7,8 +7,11 @@ metrics with patient-level bootstrap CIs, and writes the bundle (DESIGN.md "Outp
 ``model.safetensors, config.yaml, metrics.json, val_predictions.csv, test_predictions.csv,
 thresholds.json, history.csv, MODEL_CARD.md, plots/``.
 
-The bundle is assembled in a temporary sibling folder and renamed into place, so a reader never
-sees half a bundle, and a failed export leaves the previous one intact.
+The bundle is assembled in a temporary sibling folder, gets ``bundle.json`` (each file's size and SHA-256, written
+last) and is renamed into place, so a reader never sees half a bundle or one mixed with the previous, and a failed
+export leaves the previous one intact. ``train --out_dir`` also holds the Ray run folder, which is carried across by
+renames; a crash between the renames leaves a state that the next export into the folder completes
+(:func:`recover_interrupted_export`). ``predict`` checks the files it reads against ``bundle.json``.
 
 A sweep run with ``--storage s3://…`` (or ``gs://…``) keeps its Train runs on the bucket: the
 checkpoints are listed there, and only the files a bundle needs of the chosen one are downloaded
@@ -297,7 +300,8 @@ def _write_bundle(
             cli.model_size_remedy(trial_cfg.data.image_size, "pass its test manifest with --test"),
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = io.staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
+    recover_interrupted_export(out_dir)  # tune writes best/ without check_bundle_folder
+    staging = io.staging_dir(out_dir.parent, prefix=f".{out_dir.name}{STAGING_MARK}")
     try:
         for name in ("model.safetensors", "config.yaml"):
             shutil.copy2(checkpoint_dir / name, staging / name)
@@ -317,7 +321,7 @@ def _write_bundle(
         cuts = metrics.operating_points(val["label"], val["prob"])  # the validation's, applied to test as they are
         test = None
         if frames and frames.get("test") is not None:
-            net, _, _ = predict.load_bundle(staging)
+            net, _, _ = predict.load_bundle(staging, check=False)  # its record is written last
             test, failures = predict.predict_frame(
                 net,
                 frames["test"],
@@ -366,11 +370,25 @@ def _write_bundle(
         (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
         if reference_files:
             write_reference_files(staging, trial_cfg.name, val, results["val"])
+        write_bundle_record(staging)
         _swap_into_place(staging, out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard_staging(staging, out_dir)
         raise
     return out_dir
+
+
+def write_bundle_record(folder: Path) -> None:
+    """``bundle.json``: the size and SHA-256 of every file of the bundle in ``folder``, written last and atomically,
+    so that its presence says the bundle is complete and ``predict`` can tell its files from others'."""
+    from mammo_ray import predict
+
+    files = {
+        path.relative_to(folder).as_posix(): io.file_record(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != predict.BUNDLE_MANIFEST
+    }
+    io.atomic_write_json(folder / predict.BUNDLE_MANIFEST, {"format": "mammo_ray bundle", "version": 1, "files": files})
 
 
 def failure_counts(manifest_frame: pd.DataFrame, failures: pd.DataFrame) -> dict[str, int]:
@@ -382,35 +400,129 @@ def failure_counts(manifest_frame: pd.DataFrame, failures: pd.DataFrame) -> dict
     return {"n_failed": len(failed), "n_failed_positive": int((labels == 1).sum())}
 
 
+# Sibling folders of a bundle ``<name>``: ``.<name>.staging-XXXXXXXX`` while export assembles it, and
+# ``.<name>.old-<ns>`` for the previous bundle while the new one is renamed into place.
+STAGING_MARK = ".staging-"
+OLD_MARK = ".old-"
+
+
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace the bundle in ``out_dir`` by ``staging``; other files in ``out_dir`` (a train run's) are kept.
+    """Replace the bundle in ``out_dir`` by the complete one in ``staging`` (with its ``bundle.json``); the items of
+    ``out_dir`` that are not a bundle's (train's ``ray/`` run folder) are kept.
 
     ``out_dir`` has passed :func:`check_bundle_folder`. A file of an earlier bundle that this one does not write
-    (``test_predictions.csv`` from an export with ``--test``) is removed: it described another model.
+    (``test_predictions.csv`` from an export with ``--test``) goes: it described another model. Four steps, each a
+    rename or a removal, so that a reader of ``out_dir`` sees the old bundle or the new one, never a mix (replacing
+    the files one by one, as before, left the new weights beside the old thresholds when it was cut short):
+
+    1. the items to keep move from ``out_dir`` into ``staging``;
+    2. ``out_dir`` moves aside to ``.<name>.old-<ns>``;
+    3. ``staging`` becomes ``out_dir``;
+    4. the old folder is removed.
+
+    An error in steps 1–3 is undone before it is raised. A crash leaves ``staging`` complete, with what step 1 moved:
+    :func:`recover_interrupted_export` finishes the swap the next time anything exports into ``out_dir``.
     """
-    if out_dir.exists() and any(not _is_bundle_item(p.name) for p in out_dir.iterdir()):
-        # train --out_dir also holds the Ray run folder: replace the bundle in it item by item.
-        staged = {item.name for item in staging.iterdir()}
-        for item in out_dir.iterdir():
-            if _is_bundle_item(item.name) and item.name not in staged:
-                if item.is_dir():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-        for item in staging.iterdir():
-            target = out_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-        staging.rmdir()
-        return
+    carried = [item for item in out_dir.iterdir() if not _is_bundle_item(item.name)] if out_dir.exists() else []
+    moved: list[str] = []
     old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
-        out_dir.replace(old)
-    staging.replace(out_dir)
+    try:
+        for item in carried:
+            item.replace(staging / item.name)
+            moved.append(item.name)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}{OLD_MARK}{time.time_ns()}")
+            out_dir.replace(old)
+        staging.replace(out_dir)
+    except BaseException:
+        try:
+            if old is not None and not out_dir.exists():
+                old.replace(out_dir)
+            for name in moved:
+                (staging / name).replace(out_dir / name)
+        except OSError as err:  # staging keeps what it holds, and recover_interrupted_export finishes the swap
+            log.error(
+                "could not undo the interrupted replacement of %s (%s); %s holds its new bundle", out_dir, err, staging
+            )
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard_staging(staging: Path, out_dir: Path) -> None:
+    """Remove a staging folder after a failed export, unless it holds items of ``out_dir`` that an undo could not
+    put back (they are the user's run, and :func:`recover_interrupted_export` puts them in place)."""
+    if not staging.is_dir():
+        return
+    kept = sorted(item.name for item in staging.iterdir() if not _is_bundle_item(item.name))
+    if kept:
+        log.error("%s holds %s of %s; the next export or train into %s puts it back", staging, kept, out_dir, out_dir)
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted_exports(out_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """What exports into ``out_dir`` that were cut short left beside it: complete staged bundles (with their
+    ``bundle.json``), newest first, and previous bundles moved aside, newest first."""
+    import re
+
+    from mammo_ray import predict
+
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return [], []
+    name = re.escape(out_dir.name)
+    staging = re.compile(rf"\.{name}{re.escape(STAGING_MARK)}[A-Za-z0-9_]+")
+    aside = re.compile(rf"\.{name}{re.escape(OLD_MARK)}(\d+)")
+    staged, old = [], []
+    for item in out_dir.parent.iterdir():
+        if not item.is_dir() or item.is_symlink():
+            continue
+        if staging.fullmatch(item.name) and (item / predict.BUNDLE_MANIFEST).is_file():
+            staged.append(item)
+        elif aside.fullmatch(item.name):
+            old.append(item)
+    staged.sort(key=lambda item: item.stat().st_mtime_ns, reverse=True)
+    old.sort(key=lambda item: int(aside.fullmatch(item.name).group(1)), reverse=True)
+    return staged, old
+
+
+def recover_interrupted_export(out_dir: str | Path) -> None:
+    """Finish, or undo, an export into ``out_dir`` that a crash cut short between the renames of
+    :func:`_swap_into_place`, so that ``out_dir`` holds one whole bundle and every item it kept (``ray/``).
+
+    * A complete staged bundle that holds ``out_dir``'s carried items (step 1 done), or any complete staged bundle
+      when ``out_dir`` is gone (step 2 done): the swap is finished.
+    * ``out_dir`` gone and no staged bundle: the previous bundle, moved aside, comes back.
+    * A previous bundle moved aside beside an ``out_dir`` in place (step 3 done): removed.
+
+    Exports into one folder must not run at the same time: one would finish the other's swap.
+
+    Raises:
+        ValueError: ``out_dir`` and the staged bundle both hold a kept item (``ray/``), which only a person can merge.
+    """
+    out_dir = Path(out_dir)
+    staged, old = interrupted_exports(out_dir)
+    carrying = [item for item in staged if any(not _is_bundle_item(p.name) for p in item.iterdir())]
+    finish = carrying[0] if carrying else (staged[0] if staged and not out_dir.exists() else None)
+    if finish is not None:
+        both = [p.name for p in finish.iterdir() if not _is_bundle_item(p.name) and (out_dir / p.name).exists()]
+        if both:
+            raise ValueError(
+                f"an export into {out_dir} was interrupted, and both it and {finish} (its complete new bundle) hold "
+                f"{', '.join(both)}; move one of them away, then run again"
+            )
+        log.warning("an export into %s was interrupted; putting its complete bundle %s in place", out_dir, finish)
+        _swap_into_place(finish, out_dir)
+    elif old and not out_dir.exists():
+        log.warning("an export into %s was interrupted; putting the previous bundle %s back", out_dir, old[0])
+        old[0].replace(out_dir)
+    if out_dir.exists():
+        for item in interrupted_exports(out_dir)[1]:
+            if any(not _is_bundle_item(p.name) for p in item.iterdir()):
+                log.warning("%s holds more than a bundle; left in place", item)
+                continue
+            shutil.rmtree(item, ignore_errors=True)
 
 
 # What a bundle folder holds (README, "What a bundle looks like"), and train's Ray run folder beside it.
@@ -426,6 +538,7 @@ BUNDLE_ITEMS = (
     "test_failures.csv",
     "MODEL_CARD.md",
     "plots",
+    "bundle.json",
 )
 TRAIN_RUN_FOLDER = "ray"
 
@@ -441,16 +554,18 @@ def check_bundle_folder(out_dir: str | Path) -> None:
     A bundle is written into a new or empty folder, or over an earlier bundle (with ``model.safetensors``) or a
     ``train --out_dir`` (with its ``ray/`` run folder). Anything else (a sweep's own folder, whose ``config.yaml``
     holds the search space, or a folder of the user's) is refused: an export replaced its ``config.yaml`` and
-    ``plots/`` before.
+    ``plots/`` before. An earlier export into it that a crash cut short is finished first
+    (:func:`recover_interrupted_export`), so that train's ``ray/`` is back before a new run writes there.
 
     Raises:
         ValueError: naming the folder and the first items that are not a bundle's.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a bundle folder")
+    recover_interrupted_export(out_dir)
     if not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is a file, not a bundle folder")
     names = sorted(p.name for p in out_dir.iterdir())
     foreign = [name for name in names if not _is_bundle_item(name) and name != TRAIN_RUN_FOLDER]
     ours = "model.safetensors" in names or TRAIN_RUN_FOLDER in names

@@ -1,7 +1,9 @@
-"""Atomic file output: write to a temporary sibling, then rename, so no reader sees half a file."""
+"""Atomic file output: write to a temporary sibling, then rename, so no reader sees half a file; and the size and
+SHA-256 records that let a reader tell a complete set of files from one cut short (bundles, checkpoints)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,6 +69,30 @@ def atomic_write_csv(path: str | Path, frame: Any) -> Path:
 
 def atomic_write_parquet(path: str | Path, frame: Any) -> Path:
     return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def file_record(path: str | Path, *, digest: bool = True) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file (``sha256`` left out without ``digest``)."""
+    path = Path(path)
+    record: dict[str, Any] = {"size": path.stat().st_size}
+    if digest:
+        with path.open("rb") as handle:
+            record["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return record
+
+
+def record_mismatch(path: str | Path, expected: dict[str, Any]) -> str | None:
+    """How the file at ``path`` differs from its :func:`file_record` ``expected``, in words; None when it matches
+    (the SHA-256 is compared only where ``expected`` has one)."""
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != expected.get("size"):
+        return f"has {size} bytes where {expected.get('size')} were written"
+    if "sha256" in expected and file_record(path)["sha256"] != expected["sha256"]:
+        return "differs from what was written (its SHA-256 does not match)"
+    return None
 
 
 def _json_default(obj: Any) -> Any:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mammo_ray import io
 from mammo_ray.metrics import PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,73 @@ def read_preprocessing(bundle: str | Path) -> dict | None:
     return {**record, "size": size}
 
 
-def load_bundle(bundle: str | Path):
-    """Load an exported bundle: the model (weights only, no unpickling), its config and thresholds."""
+# A bundle's record of its files (size and SHA-256 of each), written last into the bundle as export assembles it.
+BUNDLE_MANIFEST = "bundle.json"
+# The files predict reads of a bundle: each is checked against bundle.json before any is read.
+PREDICT_READS = ("model.safetensors", "config.yaml", "thresholds.json", "preprocessing.json")
+
+
+class BundleError(ValueError):
+    """A bundle whose files are not the ones its ``bundle.json`` records: cut short, mixed with another's, damaged."""
+
+
+def check_bundle(bundle: str | Path, names: Iterable[str] | None = None) -> bool:
+    """Check a bundle's files against its ``bundle.json``: each of ``names`` (default: every file it lists) must
+    have the size and SHA-256 recorded there, and a file of ``names`` that it does not list must be absent.
+
+    A bundle exported before bundles carried the record has none, and is not checked: its files are read as they
+    are, as before (export it again to add the record).
+
+    Returns:
+        True when the files were checked, False for a bundle without ``bundle.json``.
+
+    Raises:
+        BundleError: naming the bundle folder and the first file that does not match.
+    """
+    import json
+
+    bundle = Path(bundle)
+    record_path = bundle / BUNDLE_MANIFEST
+    if not record_path.is_file():
+        return False
+    try:
+        files = json.loads(record_path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (ValueError, KeyError, TypeError) as err:
+        raise BundleError(
+            f"{bundle}: {BUNDLE_MANIFEST} is not a bundle record ({err}); export the bundle again"
+        ) from err
+    for name in files if names is None else names:
+        expected = files.get(name)
+        if expected is None:
+            if (bundle / name).exists():
+                raise BundleError(
+                    f"{bundle}: {name} is not one of the files {BUNDLE_MANIFEST} records, so it comes from another "
+                    "export; export the bundle again"
+                )
+            continue
+        problem = io.record_mismatch(bundle / name, expected)
+        if problem:
+            raise BundleError(
+                f"{bundle}: {name} {problem} ({BUNDLE_MANIFEST}): the bundle is incomplete or damaged (an interrupted "
+                "export or copy); export it again, or copy it whole from where it was exported"
+            )
+    return True
+
+
+def load_bundle(bundle: str | Path, *, check: bool = True):
+    """Load an exported bundle: the model (weights only, no unpickling), its config and thresholds.
+
+    Args:
+        check: check the files predict reads against the bundle's ``bundle.json`` first (:func:`check_bundle`);
+            export turns it off for the bundle it is still assembling, which has no record yet.
+
+    Raises:
+        FileNotFoundError: not a bundle (naming where an interrupted export left one, if it did).
+        BundleError: a file that does not match the bundle's record.
+        ValueError: a file that cannot be read.
+    """
     import json
 
     from safetensors.torch import load_file
@@ -254,7 +320,14 @@ def load_bundle(bundle: str | Path):
     bundle = Path(bundle)
     for name in ("model.safetensors", "config.yaml"):
         if not (bundle / name).is_file():
-            raise FileNotFoundError(f"{bundle} is not an exported bundle: {name} is missing")
+            raise FileNotFoundError(f"{bundle} is not an exported bundle: {name} is missing{_staged_hint(bundle)}")
+    if check and not check_bundle(bundle, PREDICT_READS):
+        log.warning(
+            "%s has no %s (exported before bundles recorded their files): its files are read unchecked; export it "
+            "again to add the record",
+            bundle,
+            BUNDLE_MANIFEST,
+        )
     cfg = config_mod.load(bundle / "config.yaml")
     net = model_from_config(cfg, for_inference=True)
     weights = bundle / "model.safetensors"
@@ -273,6 +346,19 @@ def load_bundle(bundle: str | Path):
     except json.JSONDecodeError as err:
         raise ValueError(f"{thresholds_path}: not valid JSON ({err})") from err
     return net, cfg, thresholds
+
+
+def _staged_hint(bundle: Path) -> str:
+    """Where an export into ``bundle`` that was cut short between its renames left the complete new bundle."""
+    from mammo_ray import export
+
+    staged = export.interrupted_exports(bundle)[0]
+    if not staged:
+        return ""
+    return (
+        f"; an export into it was interrupted and left the complete bundle in {staged[0]}: the next export or train "
+        f"into {bundle} finishes putting it in place, or rename it to {bundle}"
+    )
 
 
 def _input_frame(path: Path) -> pd.DataFrame:
@@ -471,7 +557,7 @@ def output_frame(
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from mammo_ray import cli, io, manifest
+    from mammo_ray import cli, manifest
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -127,3 +128,158 @@ def test_ece_and_brier_carry_their_patient_intervals_into_metrics_json_and_the_c
         assert test[name] is not None and test[f"{name}_ci95"] is None
         assert f"- test: `{name}_ci95`: not reported: patients in this split: 3 with a positive image" in card
     assert "reliability.png" in card and "design effect" in card
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundles whose writing was cut short, and checkpoints whose writing or upload was.
+
+
+def _train_checkpoint(folder: Path, epoch: int, val_auc: float, seed: int) -> Path:
+    """A checkpoint as the worker writes it (``train._write_checkpoint``), with weights drawn from ``seed``."""
+    import torch
+
+    from mammo_ray import train
+
+    cfg = config.load("demo", {"data.image_size": [64, 48], "data.use_cache": False})
+    torch.manual_seed(seed)
+    net = model_from_config(cfg, for_inference=True)
+    report = {"epoch": epoch, "val_auc": val_auc, "trainable_params": 10}
+    history = [{"epoch": e, "train_loss": 0.6, **{name: 0.5 for name in config.SELECTION_METRICS}} for e in (1, epoch)]
+    folder.mkdir(parents=True)
+    train._write_checkpoint(
+        folder, model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3), epoch=epoch, history=history,
+        config_yaml=config.dump(cfg), predictions=_validation_predictions(seed=seed), metrics={}, report=report,
+    )  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """Two epochs of one Train run, as a sweep keeps them, with different weights."""
+    runs = tmp_path_factory.mktemp("experiment") / export.TRAIN_RUNS / "trial_a"
+    return {
+        epoch: _train_checkpoint(runs / f"checkpoint_00{epoch}", epoch, 0.5 + epoch / 10, epoch) for epoch in (1, 2)
+    }
+
+
+@pytest.fixture(scope="module")
+def first_bundle(run_checkpoints, tmp_path_factory) -> Path:
+    """The bundle train writes of epoch 1."""
+    return export.export_bundle(
+        run_checkpoints[1], tmp_path_factory.mktemp("first") / "run", bootstrap=0, reference_files=True
+    )
+
+
+def _epochs_in(folder: Path, checkpoints: dict[int, Path]) -> set:
+    """Which checkpoint each file of a bundle comes from: one epoch for a whole bundle, several for a mix."""
+
+    def scored_by(scores: pd.Series) -> int:
+        return next(
+            epoch
+            for epoch, checkpoint in checkpoints.items()
+            if np.allclose(pd.read_csv(checkpoint / "val_predictions.csv")["prob"], scores)
+        )
+
+    weights = (folder / "model.safetensors").read_bytes()
+    (reference,) = folder.glob("results_last_*.tsv")
+    return {
+        next(epoch for epoch, c in checkpoints.items() if (c / "model.safetensors").read_bytes() == weights),
+        json.loads((folder / "metrics.json").read_text())["selected"]["epoch"],
+        json.loads((folder / "thresholds.json").read_text())["provenance"]["epoch"],
+        scored_by(pd.read_csv(folder / "val_predictions.csv")["prob"]),
+        scored_by(pd.read_csv(reference, sep="\t")["score"]),
+    }
+
+
+def _cut_renames_at(monkeypatch, out: Path, cut: int, killed: bool) -> list:
+    """Make the ``cut``-th rename into, out of or inside ``out`` fail; ``killed``: every later one too, as if the
+    process had died there (nothing it tries afterwards reaches the disk)."""
+    import os
+
+    real, seen = os.replace, []
+
+    def replace(source, target, *args, **kwargs):
+        touched = {Path(source), *Path(source).parents, Path(target), *Path(target).parents}
+        if out in touched:
+            seen.append((source, target))
+            if len(seen) == cut or (killed and len(seen) > cut):
+                raise OSError(f"simulated failure at rename {len(seen)}")
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["error", "killed"])
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_train_out_dir_whose_bundle_swap_is_cut_short_keeps_one_whole_bundle_and_its_ray_folder(
+    run_checkpoints, first_bundle, tmp_path, monkeypatch, cut, killed
+):
+    """train --out_dir replaced its bundle file by file beside ray/: a failure after the second file left epoch 2's
+    weights beside epoch 1's metrics and thresholds, which predict used without a word. Now every state a failure
+    or a crash leaves has one whole bundle (or none, with the complete one named), the next export into the folder
+    completes an interrupted one, and ray/ is never lost."""
+    from mammo_ray import plots, predict
+
+    monkeypatch.setattr(plots, "plot_all_bundle", lambda *args, **kwargs: None)  # seconds each, and not the point
+    out = tmp_path / "run"
+    shutil.copytree(first_bundle, out)
+    (out / "ray" / "run-1").mkdir(parents=True)
+    (out / "ray" / "run-1" / "result.json").write_text("{}")
+    export.check_bundle_folder(out)
+    seen = _cut_renames_at(monkeypatch, out, cut, killed)
+    with pytest.raises(OSError, match="simulated failure"):
+        export.export_bundle(run_checkpoints[2], out, bootstrap=0, reference_files=True)
+    assert len(seen) >= cut
+    monkeypatch.undo()
+    if not killed:  # an error is undone: the previous bundle stands, whole, and nothing is left beside it
+        assert _epochs_in(out, run_checkpoints) == {1}
+        assert predict.check_bundle(out, predict.PREDICT_READS)
+        assert (out / "ray" / "run-1" / "result.json").is_file()
+        assert [p.name for p in tmp_path.iterdir()] == ["run"]
+        return
+    if out.exists():  # what a reader finds before anything repairs it: the old bundle or the new, never a mix
+        assert len(_epochs_in(out, run_checkpoints)) == 1
+        assert predict.check_bundle(out, predict.PREDICT_READS)
+    else:
+        with pytest.raises(FileNotFoundError, match="left the complete bundle in .*run.staging-"):
+            predict.load_bundle(out)
+    export.check_bundle_folder(out)  # what train and export run first
+    assert _epochs_in(out, run_checkpoints) == ({1} if cut == 1 else {2})  # cut at 1: nothing had moved yet
+    assert predict.check_bundle(out, predict.PREDICT_READS)
+    assert (out / "ray" / "run-1" / "result.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_bundle_records_its_files_and_predict_refuses_one_that_does_not_match(bundle, tmp_path, capsys):
+    """A bundle with a file cut short or taken from another export was loaded as it was; the error names the
+    bundle folder and the file."""
+    from mammo_ray import predict
+
+    record = json.loads((bundle / "bundle.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert sorted(record) == [name for name in on_disk if name != "bundle.json"]
+    assert (
+        "plots/roc.png" in record
+        and record["model.safetensors"]["size"] == (bundle / "model.safetensors").stat().st_size
+    )
+    assert predict.check_bundle(bundle)
+
+    cases = {
+        "truncated": ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-100])),
+        "mixed": ("thresholds.json", lambda f: f.write_text(f.read_text().replace('"default": "0.35"', '"default": "0.3"'))),
+        "missing": ("preprocessing.json", lambda f: f.unlink()),
+    }  # fmt: skip
+    for case, (name, damage) in cases.items():
+        copy = tmp_path / case
+        shutil.copytree(bundle, copy)
+        damage(copy / name)
+        assert predict.main(["--model", str(copy), "--input", str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
+        err = capsys.readouterr().err
+        assert f"{copy}: {name} " in err and "bundle.json" in err, (case, err)
+    edited = tmp_path / "edited-card"  # a file predict does not read: predict still loads the bundle
+    shutil.copytree(bundle, edited)
+    (edited / "MODEL_CARD.md").write_text("notes")
+    predict.load_bundle(edited)
+    with pytest.raises(predict.BundleError, match="MODEL_CARD.md"):
+        predict.check_bundle(edited)

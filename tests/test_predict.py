@@ -181,6 +181,19 @@ def test_a_damaged_or_mismatched_bundle_names_its_file(bundle, tmp_path, capsys)
         assert f"{folder / 'model.safetensors'}: cannot be loaded" in err
 
 
+def test_a_bundle_without_its_record_loads_unchecked_and_a_damaged_record_is_named(bundle, tmp_path, caplog, capsys):
+    """Bundles exported before bundle.json existed load as before, with a warning; a record that cannot be read is
+    an error naming the bundle and the record, not a pass."""
+    with caplog.at_level("WARNING", logger="mammo_ray.predict"):
+        predict.load_bundle(bundle)
+    assert f"{bundle} has no bundle.json" in caplog.text
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    (damaged / "bundle.json").write_text('{"files": ')
+    assert run(damaged, tmp_path, tmp_path / "s.csv") == 2
+    assert f"{damaged}: bundle.json is not a bundle record" in capsys.readouterr().err
+
+
 def test_the_bundles_own_threshold_applies_without_thresholds_json(bundle):
     """resolve_threshold took a default and ignored it: 0.3 whatever the bundle's train.threshold."""
     assert predict.resolve_threshold({}, None, 0.4) == ("0.4", 0.4)

@@ -13,6 +13,10 @@ export leaves the previous one intact. ``train --out_dir`` also holds the Ray ru
 renames; a crash between the renames leaves a state that the next export into the folder completes
 (:func:`recover_interrupted_export`). ``predict`` checks the files it reads against ``bundle.json``.
 
+Every checkpoint's ``report.json`` (written last by the worker) records the size and SHA-256 of its other files.
+A checkpoint whose files are not all there at their recorded size (still being uploaded, or cut short by a worker
+or node that stopped) is skipped, so the best complete one is exported; a file whose content differs is refused.
+
 A sweep run with ``--storage s3://…`` (or ``gs://…``) keeps its Train runs on the bucket: the
 checkpoints are listed there, and only the files a bundle needs of the chosen one are downloaded
 (not the optimiser state). The bundle itself is always written to a local folder.
@@ -51,6 +55,12 @@ BUNDLE_FILES = ("model.safetensors", "config.yaml", "val_predictions.csv", "hist
 CHECKPOINT_FILES = (*BUNDLE_FILES, "report.json")
 # In results/<name>/ of a sweep whose Tune and Train folders are on a URI: where they are.
 STORAGE_POINTER = "storage.json"
+# report.json's record of the checkpoint's other files (``train._write_checkpoint``).
+CHECKPOINT_RECORD = "files"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files are not the ones its worker wrote: export refuses it, naming it and the file."""
 
 
 def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
@@ -69,7 +79,8 @@ def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as err:
         raise storage.StorageError(f"{storage.public(runs)}: cannot list it ({err})") from err
-    files = {info.path for info in infos if info.type == pafs.FileType.File}
+    sizes = {info.path: info.size for info in infos if info.type == pafs.FileType.File}
+    files = set(sizes)
     rows = []
     for report_path in sorted(files):
         parts = posixpath.relpath(report_path, root).split("/")  # <run>/checkpoint_*/report.json
@@ -84,8 +95,35 @@ def find_checkpoints(experiment: str | Path) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as err:  # deleted since the listing (num_to_keep), or unreadable
             log.warning("skipping unreadable checkpoint report %s: %s", storage.public(checkpoint), err)
             continue
+        recorded = report.pop(CHECKPOINT_RECORD, None)
+        short = _short_file(recorded, folder, sizes)
+        if short:
+            log.warning(
+                "skipping checkpoint %s: %s (still being uploaded, or cut short by a worker or node that stopped); "
+                "the best complete checkpoint is exported instead",
+                storage.public(checkpoint),
+                short,
+            )
+            continue
         rows.append({"checkpoint": str(checkpoint), "run": parts[0], **report})
     return pd.DataFrame(rows)
+
+
+def _short_file(recorded: Any, folder: str, sizes: dict[str, int]) -> str | None:
+    """The first file of a checkpoint's record that the listing lacks or holds at another size, in words.
+
+    A checkpoint whose ``report.json`` has no record (written before mammo_ray recorded its files) passes: it is
+    judged by its files being present, as before.
+    """
+    if not isinstance(recorded, dict):
+        return None
+    for name, expected in recorded.items():
+        size = sizes.get(f"{folder}/{name}")
+        if size is None:
+            return f"{name} is missing"
+        if isinstance(expected, dict) and size != expected.get("size"):
+            return f"{name} has {size} of the {expected.get('size')} bytes written"
+    return None
 
 
 def best_checkpoint(experiment: str | Path, metric: str, mode: str, *, table: pd.DataFrame | None = None) -> Path | str:
@@ -153,10 +191,45 @@ def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
         StorageError: a file of the checkpoint cannot be downloaded, naming it.
     """
     if not storage.is_uri(str(checkpoint)):
+        check_checkpoint(Path(checkpoint), str(checkpoint))
         yield Path(checkpoint)
         return
     with tempfile.TemporaryDirectory(prefix="mammo-ray-checkpoint-") as tmp:
-        yield storage.download(str(checkpoint), CHECKPOINT_FILES, Path(tmp) / storage.name(str(checkpoint)))
+        local = storage.download(str(checkpoint), CHECKPOINT_FILES, Path(tmp) / storage.name(str(checkpoint)))
+        check_checkpoint(local, storage.public(checkpoint))
+        yield local
+
+
+def check_checkpoint(folder: Path, shown: str) -> None:
+    """Check the files export reads of a checkpoint against the size and SHA-256 its ``report.json`` records.
+
+    A checkpoint written before mammo_ray recorded its files is used as found, with a warning.
+
+    Raises:
+        CheckpointError: naming the checkpoint (``shown``) and the first file that does not match.
+    """
+    try:
+        recorded = json.loads((folder / "report.json").read_text()).get(CHECKPOINT_RECORD)
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{shown}: report.json cannot be read ({err})") from err
+    if recorded is None:
+        log.warning(
+            "%s: report.json records no file sizes or checksums (a checkpoint written before mammo_ray recorded "
+            "them); its files are used as found",
+            shown,
+        )
+        return
+    for name in CHECKPOINT_FILES:
+        if name == "report.json":
+            continue
+        expected = recorded.get(name) if isinstance(recorded, dict) else None
+        problem = "is not in report.json's record" if expected is None else io.record_mismatch(folder / name, expected)
+        if problem:
+            raise CheckpointError(
+                f"checkpoint {shown}: {name} {problem}; the checkpoint is incomplete or damaged (a worker or node "
+                "that stopped while writing or uploading it), and export refuses it. Export another one (--metric), "
+                "or move this checkpoint folder away and export again"
+            )
 
 
 def _thresholds(val: pd.DataFrame, default: float, epoch: Any = None) -> dict[str, Any]:
@@ -1076,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
     except manifest.ManifestError as err:  # a test manifest whose pixel cache is smaller than the model's input
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except storage.StorageError as err:
+    except (storage.StorageError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"exported {storage.public(checkpoint)} (best by {metric}, {mode}) → {out}")

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_ray import config as config_mod
-from mammo_ray import data, environment, manifest
+from mammo_ray import data, environment, io, manifest
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,18 @@ def _write_checkpoint(
     (directory / "config.yaml").write_text(config_yaml)
     predictions.to_csv(directory / "val_predictions.csv", index=False)
     pd.DataFrame(history).to_csv(directory / "history.csv", index=False)
-    # The environment goes to report.json only: the epoch report itself (Tune's metrics, history.csv) stays numeric.
-    full_report = {**report, "environment": run_environment} if run_environment else report
-    (directory / "report.json").write_text(json.dumps(full_report, indent=2, default=_jsonable))
     (directory / "metrics.json").write_text(json.dumps({"val": metrics, "epoch": epoch}, indent=2, default=_jsonable))
+    # The environment goes to report.json only: the epoch report itself (Tune's metrics, history.csv) stays numeric.
+    full_report = {**report, "environment": run_environment} if run_environment else dict(report)
+    # Last: the size of every other file, and the SHA-256 of those export reads. Ray uploads the folder file by file
+    # and in no set order, so a worker or node that stops mid-upload leaves some files missing or short; export
+    # skips such a checkpoint (and refuses one whose content differs) instead of loading it.
+    full_report["files"] = {
+        path.name: io.file_record(path, digest=path.name != CHECKPOINT_STATE)
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != "report.json"
+    }
+    (directory / "report.json").write_text(json.dumps(full_report, indent=2, default=_jsonable))
 
 
 def _jsonable(value):
@@ -816,15 +824,19 @@ def run_single(cfg: config_mod.Config, frames: dict[str, pd.DataFrame], out_dir:
     # The bundle is the best epoch's, but history.csv (and the curves drawn from it) covers every epoch that ran.
     last = Path(result.checkpoint.path) if result.checkpoint is not None else None
     epochs = int(pd.read_csv(Path(last or best) / "history.csv")["epoch"].max())  # the candidates it was chosen from
-    bundle = export.export_bundle(
-        best,
-        out_dir,
-        cfg,
-        frames,
-        reference_files=True,
-        history_from=last,
-        sweep_info={"metric": cfg.search.metric, "candidates": epochs},
-    )
+    try:
+        bundle = export.export_bundle(
+            best,
+            out_dir,
+            cfg,
+            frames,
+            reference_files=True,
+            history_from=last,
+            sweep_info={"metric": cfg.search.metric, "candidates": epochs},
+        )
+    except export.CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"best epoch exported to {bundle}")
     return 0
 

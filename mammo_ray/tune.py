@@ -662,7 +662,7 @@ def run_sweep(cfg: config_mod.Config, args, results: Path, experiment: str | Pat
             sweep_info={"metric": cfg.search.metric, "candidates": trial_epochs},
             history_from=export.last_checkpoint(experiment, checkpoint, table=checkpoints),
         )
-    except storage.StorageError as err:
+    except (storage.StorageError, export.CheckpointError) as err:
         print(f"error: cannot export the best checkpoint: {err}", file=sys.stderr)
         return 1
     metrics = json.loads((bundle / "metrics.json").read_text())

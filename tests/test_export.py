@@ -283,3 +283,39 @@ def test_a_bundle_records_its_files_and_predict_refuses_one_that_does_not_match(
     predict.load_bundle(edited)
     with pytest.raises(predict.BundleError, match="MODEL_CARD.md"):
         predict.check_bundle(edited)
+
+
+def test_a_checkpoint_cut_short_is_skipped_for_the_best_complete_one(run_checkpoints, tmp_path, caplog):
+    """A checkpoint whose upload stopped part-way (a node that died) had every file present, one of them short, and
+    export picked it as the best and copied its broken weights into the bundle."""
+    experiment = tmp_path / "experiment"
+    shutil.copytree(run_checkpoints[1].parents[2], experiment)
+    best = experiment / export.TRAIN_RUNS / "trial_a" / "checkpoint_002"
+    assert export.best_checkpoint(experiment, "val_auc", "max") == best
+    weights = best / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="mammo_ray.export"):
+        assert export.best_checkpoint(experiment, "val_auc", "max") == best.with_name("checkpoint_001")
+    assert f"skipping checkpoint {best}: model.safetensors has" in caplog.text
+
+
+def test_a_checkpoint_whose_content_differs_is_refused_naming_it(run_checkpoints, tmp_path, capsys):
+    """Same size, other bytes (a damaged copy): export refuses it, naming the checkpoint and the file."""
+    checkpoint = tmp_path / "checkpoint_002"
+    shutil.copytree(run_checkpoints[2], checkpoint)
+    predictions = checkpoint / "val_predictions.csv"
+    text = predictions.read_text()
+    predictions.write_text(text.replace("SYNTH", "SYNTX", 1))
+    out = tmp_path / "best"
+    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: val_predictions.csv differs") as refused:
+        export.export_bundle(checkpoint, out, bootstrap=0)
+    assert isinstance(refused.value, export.CheckpointError) and not out.exists()
+
+
+def test_a_checkpoint_from_before_the_file_record_still_exports(checkpoint, tmp_path, caplog):
+    """Checkpoints written before report.json recorded their files are exported as found, with a warning."""
+    assert "files" not in json.loads((checkpoint / "report.json").read_text())
+    with caplog.at_level("WARNING", logger="mammo_ray.export"):
+        out = export.export_bundle(checkpoint, tmp_path / "best", bootstrap=0)
+    assert (out / "bundle.json").is_file()
+    assert "records no file sizes or checksums" in caplog.text

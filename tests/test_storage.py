@@ -237,7 +237,9 @@ def test_reading_never_writes_to_the_data_folder(s3, prepared) -> None:
 # A sweep whose Train runs are on the bucket: checkpoints found there, the best one exported locally.
 
 
-def _checkpoint(folder: Path, cfg, net, optimizer, valid: pd.DataFrame, report: dict, seed: int) -> None:
+def _checkpoint(
+    folder: Path, cfg, net, optimizer, valid: pd.DataFrame, report: dict, seed: int, history: list | None = None
+) -> None:
     rng = np.random.default_rng(seed)
     predictions = valid[list(predict.PREDICTION_COLUMNS[:7])].assign(
         prob=rng.uniform(size=len(valid)), aleatoric=np.nan, epistemic=np.nan
@@ -248,7 +250,7 @@ def _checkpoint(folder: Path, cfg, net, optimizer, valid: pd.DataFrame, report: 
         model=net,
         optimizer=optimizer,
         epoch=report["epoch"],
-        history=[report],
+        history=history or [report],
         config_yaml=config.dump(cfg),
         predictions=predictions,
         metrics={},
@@ -267,8 +269,7 @@ def test_export_takes_the_curves_of_every_epoch_from_the_runs_latest_checkpoint(
     reports = [{"epoch": e, "val_auc": auc, "val_loss": 0.5} for e, auc in enumerate([0.6, 0.7, 0.55, 0.52], 1)]
     runs = tmp_path / "exp" / export.TRAIN_RUNS / "trial_a"
     for name, upto in (("checkpoint_001", 2), ("checkpoint_003", 4), ("checkpoint_000", 1)):
-        _checkpoint(runs / name, cfg, net, optimizer, valid, reports[upto - 1], upto)
-        pd.DataFrame(reports[:upto]).to_csv(runs / name / "history.csv", index=False)
+        _checkpoint(runs / name, cfg, net, optimizer, valid, reports[upto - 1], upto, history=reports[:upto])
     (tmp_path / "exp" / "config.yaml").write_text(config.dump(cfg))
     assert export.last_checkpoint(tmp_path / "exp", runs / "checkpoint_001") == runs / "checkpoint_003"
     out = tmp_path / "bundle"
@@ -276,7 +277,8 @@ def test_export_takes_the_curves_of_every_epoch_from_the_runs_latest_checkpoint(
     assert json.loads((out / "metrics.json").read_text())["selected"]["epoch"] == 2
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
     # A latest history that does not reach the selected epoch (another run's, damaged) is not trusted.
-    pd.DataFrame(reports[2:]).to_csv(runs / "checkpoint_003" / "history.csv", index=False)
+    shutil.rmtree(runs / "checkpoint_003")  # written whole (a history edited afterwards is a damaged checkpoint)
+    _checkpoint(runs / "checkpoint_003", cfg, net, optimizer, valid, reports[3], 4, history=reports[2:])
     assert export.main(["--experiment", str(tmp_path / "exp"), "--out", str(out), "--bootstrap", "20"]) == 0
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 

@@ -116,7 +116,8 @@ def test_train_command_writes_bundle_and_reference_files(ray_session, synthetic_
     assert reports, "no checkpoint report under the run folder"
     recorded = json.loads(reports[-1].read_text())["environment"]
     assert recorded["malloc_settings"] == train.worker_env(resolved)
-    # The bundle records its files, and its swap kept ray/ in place.
+    # Each checkpoint records its files as uploaded; the bundle records its own, and its swap kept ray/ in place.
+    assert all("model.safetensors" in json.loads(report.read_text())["files"] for report in reports)
     assert predict.check_bundle(out, predict.PREDICT_READS) and not list(tmp_path.glob(".run.*"))
     tsv = pd.read_csv(out / "results_last_ref.tsv", sep="\t")
     assert list(tsv.columns) == ["true_labels", "predicted_labels", "logits", "score", "uncertainty", "dataset"]

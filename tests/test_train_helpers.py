@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -445,6 +446,31 @@ def test_a_restarted_run_keeps_its_ema_and_its_raw_weights(tmp_path) -> None:
         assert torch.equal(fresh.state_dict()[name], value), name
     for name, value in ema.module.state_dict().items():
         assert torch.equal(fresh_ema.module.state_dict()[name], value), name
+
+
+def test_a_checkpoints_report_records_its_other_files_last(tmp_path) -> None:
+    """report.json, written last, lists every other file with its size (and the SHA-256 of those export reads), so
+    that export tells a checkpoint whose upload was cut short from a complete one."""
+    import hashlib
+
+    import pandas as pd
+
+    cfg = config.load("demo", {"data.image_size": [64, 48]})
+    net = train.model_from_config(cfg)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    train._write_checkpoint(
+        folder, model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3), epoch=1, history=[{"epoch": 1}],
+        config_yaml=config.dump(cfg), predictions=pd.DataFrame(), metrics={}, report={"epoch": 1},
+    )  # fmt: skip
+    files = json.loads((folder / "report.json").read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in folder.iterdir() if p.name != "report.json")
+    for name, record in files.items():
+        assert record["size"] == (folder / name).stat().st_size
+        if name == train.CHECKPOINT_STATE:  # the optimiser state, which export never reads: its size only
+            assert "sha256" not in record
+        else:
+            assert record["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
 
 
 def test_the_stop_flag_actor_imports_nothing_heavy() -> None:

@@ -319,3 +319,21 @@ def test_a_checkpoint_from_before_the_file_record_still_exports(checkpoint, tmp_
         out = export.export_bundle(checkpoint, tmp_path / "best", bootstrap=0)
     assert (out / "bundle.json").is_file()
     assert "records no file sizes or checksums" in caplog.text
+
+
+def test_recovery_puts_the_previous_bundle_back_and_refuses_to_merge_two_run_folders(first_bundle, tmp_path):
+    """A crash after the old bundle moved aside, with no complete new one, brings the old one back; a staged bundle
+    and the folder that both hold ray/ are left for a person, with both named."""
+    out = tmp_path / "run"
+    aside = tmp_path / f".run{export.OLD_MARK}123"
+    shutil.copytree(first_bundle, aside)
+    (tmp_path / f".run{export.STAGING_MARK}abcdefgh").mkdir()  # cut short while assembling: no bundle.json, not used
+    export.check_bundle_folder(out)
+    assert (out / "bundle.json").is_file() and not aside.exists()
+
+    staged = tmp_path / f".run{export.STAGING_MARK}ijklmnop"
+    shutil.copytree(first_bundle, staged)
+    for folder in (out, staged):
+        (folder / "ray").mkdir()
+    with pytest.raises(ValueError, match=rf"both it and {staged} .* hold ray"):
+        export.check_bundle_folder(out)

@@ -263,6 +263,7 @@ def export_bundle(
     *,
     reference_files: bool = False,
     bootstrap: int = 1000,
+    screening_prevalence: float | None = None,
     sweep_info: dict | None = None,
     history_from: str | Path | None = None,
 ) -> Path:
@@ -280,6 +281,7 @@ def export_bundle(
             frames,
             reference_files=reference_files,
             bootstrap=bootstrap,
+            screening_prevalence=screening_prevalence,
             sweep_info=sweep_info,
             history_from=None if str(history_from) == str(checkpoint_dir) else history_from,
         )
@@ -358,6 +360,7 @@ def _write_bundle(
     reference_files: bool,
     bootstrap: int,
     sweep_info: dict | None,
+    screening_prevalence: float | None = None,
     history_from: str | Path | None = None,
 ) -> Path:
     from mammo_ray import metrics, plots, predict
@@ -390,6 +393,8 @@ def _write_bundle(
         # At the bundle's own decision threshold (train.threshold, predict's default), and at the reference's 0.3.
         threshold = trial_cfg.train.threshold
         scoring = {"bootstrap": bootstrap, "seed": trial_cfg.train.seed, "threshold": threshold}
+        if screening_prevalence is not None:
+            scoring["screening_prevalence"] = screening_prevalence
         results = {"val": metrics.compute_metrics(val, **scoring)}
         cuts = metrics.operating_points(val["label"], val["prob"])  # the validation's, applied to test as they are
         test = None
@@ -1049,6 +1054,17 @@ def _metric_row(name: str, values: dict, threshold: str = "0.3") -> str:
     )
 
 
+def _prevalence(text: str) -> float:
+    """An argparse ``type``: a share of exams strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (5 per 1,000 is 0.005), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mammo_ray import cli
 
@@ -1066,6 +1082,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="bundle folder (default: <experiment>/best; results/<name>/best for a URI)")
     parser.add_argument(
         "--bootstrap", type=cli.int_at_least(0), default=1000, help="bootstrap resamples for the CIs (0: none)"
+    )
+    parser.add_argument(
+        "--screening-prevalence",
+        type=_prevalence,
+        help="cancers per screening exam at which each operating point's recall rate, detection rate and PPV1 are "
+        "projected (default 0.005: 5 per 1,000)",
     )
     tests = parser.add_mutually_exclusive_group()
     tests.add_argument("--test", help="test manifest to score (default: the sweep's)")
@@ -1143,6 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             frames=frames or None,
             bootstrap=args.bootstrap,
+            screening_prevalence=args.screening_prevalence,
             sweep_info={"metric": metric, "candidates": trial_epochs(experiment, table=checkpoints)},
             history_from=last_checkpoint(experiment, checkpoint, table=checkpoints),
         )

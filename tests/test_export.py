@@ -337,3 +337,22 @@ def test_recovery_puts_the_previous_bundle_back_and_refuses_to_merge_two_run_fol
         (folder / "ray").mkdir()
     with pytest.raises(ValueError, match=rf"both it and {staged} .* hold ray"):
         export.check_bundle_folder(out)
+
+
+def test_the_bundle_projects_its_points_at_the_screening_prevalence_given(checkpoint, bundle, tmp_path):
+    """A high-risk clinic reads recall rates and PPV1 at its own prevalence, not at the default 5 per 1,000."""
+    default = json.loads((bundle / "metrics.json").read_text())["test"]
+    assert default["screening_prevalence"] == metrics.SCREENING_PREVALENCE
+    out = export.export_bundle(checkpoint, tmp_path / "clinic", bootstrap=0, screening_prevalence=0.02)
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    assert val["screening_prevalence"] == 0.02
+    expected = metrics.screening_projection(val["sensitivity_exam@youden"], val["specificity_exam@youden"], 0.02)
+    assert val["ppv1_screening@youden"] == pytest.approx(expected["ppv1"])
+    assert "projected to 20 cancers per 1,000 screening exams" in (out / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["0", "1", "5", "-0.1", "five"])
+def test_export_refuses_a_screening_prevalence_outside_zero_one(value, capsys):
+    with pytest.raises(SystemExit):
+        export.build_parser().parse_args(["--experiment", "x", "--screening-prevalence", value])
+    assert "--screening-prevalence" in capsys.readouterr().err

@@ -220,8 +220,18 @@ def test_missing_or_invalid_window_falls_back_to_percentiles(ds):
     values = np.arange(1000, dtype=np.float32).reshape(20, 50)
     out, voi = imaging.apply_voi(values, ds)
     assert voi == "percentile_fallback"
-    low, high = np.percentile(values, imaging.PERCENTILE_FALLBACK)
+    low, high = _stretch_levels(values, out)
+    assert low == pytest.approx(np.percentile(values, imaging.PERCENTILE_FALLBACK[0]), abs=1e-3)
+    # A ramp has no calcification, label or hot pixel: the bright end lies among its brightest 0.1 %.
+    assert np.percentile(values, 99.9) - 1e-3 <= high <= values.max()
     np.testing.assert_allclose(out, np.clip((values - low) / (high - low), 0, 1), atol=1e-6)
+
+
+def _stretch_levels(values: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """The values that a linear stretch mapped to 0 and 1, fitted on the pixels it did not clip."""
+    inside = (out > 0) & (out < 1)
+    slope, intercept = np.polyfit(values[inside].astype(np.float64), out[inside].astype(np.float64), 1)
+    return -intercept / slope, (1 - intercept) / slope
 
 
 @pytest.mark.parametrize("value", [0.0, 7.0])
@@ -243,6 +253,79 @@ def test_16_bit_depth_survives_the_pipeline():
     out, prov = imaging.preprocess_array(ramp, None, (8, 4096))
     assert prov.voi == "percentile_fallback"
     assert np.unique(out).size > 1024  # an 8-bit stage anywhere would leave at most 256 levels
+
+
+# The fallback's bright end keeps calcifications: a 12-bit phantom (600×480) with a fatty half-ellipse breast
+# (1200), a dense region inside it (2600; tissue noise SD 25, so its 99th percentile is about 2660), eight 2×2
+# calcification specks in the dense region (2950 to 3300, 50 apart: 32 pixels, 0.01 % of the image) and a background
+# of 100. The 99.5th percentile falls in the dense tissue and clipped every speck to 1.0 with it.
+CALC_SHAPE = (600, 480)
+CALC_SPECKS = [(slice(250 + 14 * i, 252 + 14 * i), slice(110 + 20 * (i % 2), 112 + 20 * (i % 2))) for i in range(8)]
+CALC_LABEL = (slice(20, 80), slice(360, 456))  # a burned-in label on the far side, 3-pixel strokes: 1 % of the image
+HOT_PIXELS = [(150 + 20 * i, 60 + 9 * i) for i in range(10)] + [(220 + 20 * i, 150) for i in range(5)]
+
+
+def _calcification_phantom(label: int | None = None, hot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stored values, anatomy bright (MONOCHROME2 sense), and the dense region's mask."""
+    rows, cols = np.mgrid[0 : CALC_SHAPE[0], 0 : CALC_SHAPE[1]].astype(np.float64)
+    breast = (cols / 312) ** 2 + ((rows - 300) / 270) ** 2 < 1
+    dense = ((cols - 130) / 80) ** 2 + ((rows - 300) / 120) ** 2 < 1
+    noise = np.random.default_rng(7).normal(0, 1, CALC_SHAPE)
+    image = np.where(breast, np.where(dense, 2600.0, 1200.0) + 25 * noise, 100 + 5 * noise)
+    for index, speck in enumerate(CALC_SPECKS):
+        image[speck] = 2950 + 50 * index
+    if label is not None:  # horizontal strokes, 3 pixels on and 3 off
+        label_rows = np.arange(CALC_LABEL[0].start, CALC_LABEL[0].stop)
+        image[label_rows[(label_rows // 3) % 2 == 0], CALC_LABEL[1]] = label
+    for y, x in HOT_PIXELS if hot is not None else []:  # single pixels in fat and in dense tissue
+        image[y, x] = hot
+    return np.rint(image).astype(np.uint16), dense
+
+
+def _dense_and_specks(img01: np.ndarray, dense: np.ndarray) -> tuple[float, np.ndarray]:
+    """The dense tissue's 99th percentile (specks left out) and each speck's brightest value."""
+    tissue = dense.copy()
+    for speck in CALC_SPECKS:
+        tissue[speck] = False
+    return float(np.percentile(img01[tissue], 99)), np.array([img01[speck].max() for speck in CALC_SPECKS])
+
+
+@pytest.mark.parametrize(
+    ("photometric", "stored_inverted", "label", "hot", "tags"),
+    [
+        pytest.param("MONOCHROME2", False, None, None, {}, id="specks"),
+        # A label at the stored maximum covering 1 %: the 99.5th percentile landed on it and squeezed the tissue.
+        pytest.param("MONOCHROME2", False, 4095, None, {}, id="label-at-max"),
+        # A label below the image's maximum (a hot pixel holds that): only the breast mask keeps it out.
+        pytest.param("MONOCHROME2", False, 3900, 4095, {}, id="label-below-max-hot-at-max"),
+        # Single hot pixels brighter than every speck, below the maximum (the label holds that).
+        pytest.param("MONOCHROME2", False, 4095, 3800, {}, id="hot-pixels-below-max"),
+        # Inverted after the VOI step: the bright end is the low one in stored values.
+        pytest.param("MONOCHROME1", True, 4095, 3800, {}, id="monochrome1"),
+        pytest.param("MONOCHROME2", True, 4095, 3800, {"PresentationLUTShape": "INVERSE"}, id="inverse"),
+        pytest.param("PNG16", False, 4095, 3800, None, id="png16"),
+    ],
+)
+def test_fallback_keeps_calcifications_brighter_than_dense_tissue(photometric, stored_inverted, label, hot, tags):
+    """Without a window the calcifications stay distinguishable from the densest tissue and from each other, and
+    neither a burned-in label nor hot pixels squeeze the tissue's range: it maps as in the clean phantom."""
+    clean, dense = _calcification_phantom()
+    reference, _, _, _ = imaging._unit_image(clean, None, "PNG16")
+    reference_dense, _ = _dense_and_specks(reference, dense)
+    stored, _ = _calcification_phantom(label, hot)
+    if stored_inverted:
+        stored = (4095 - stored).astype(np.uint16)
+    ds = None if tags is None else _gray_ds(photometric, **tags)
+    img01, _, voi, inverted = imaging._unit_image(stored, ds, photometric)
+    assert voi == "percentile_fallback" and inverted is stored_inverted
+    dense_p99, specks = _dense_and_specks(img01, dense)
+    assert specks.min() - dense_p99 >= 0.05, (dense_p99, specks)  # old: all specks and the dense tissue at 1.0
+    assert np.all(np.diff(specks) > 0.005), specks  # brighter specks stay brighter, none flattened to one value
+    assert abs(dense_p99 - reference_dense) <= 0.01, (dense_p99, reference_dense)
+    assert 0.6 <= reference_dense <= 0.9, reference_dense  # the tissue keeps most of the range, with headroom
+    breast_free = np.zeros(CALC_SHAPE, dtype=bool)
+    breast_free[500:, 400:] = True  # background corner
+    assert np.median(img01[breast_free]) <= 0.02
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -650,9 +733,10 @@ FULL_FIELD = (4096, 3328)  # rows, columns of a full-field digital mammogram
 
 
 @pytest.fixture(scope="module")
-def full_field_j2k(tmp_path_factory) -> Path:
-    """A synthetic full-field mammogram (synth at 1024×832, cubic ×4, as benchmarks/preprocess.py makes them),
-    stored as JPEG 2000 lossless: about 4 s to make."""
+def full_field_j2k(tmp_path_factory) -> dict[str, Path]:
+    """A synthetic full-field mammogram (synth at 1024×832, cubic ×4, as benchmarks/preprocess.py makes them; a
+    MONOCHROME1 image with a burned-in label), stored as JPEG 2000 lossless with its window ("full_field") and
+    without ("full_field_no_window", for the percentile fallback): about 8 s to make."""
     import cv2
     from pydicom.uid import JPEG2000Lossless
 
@@ -661,16 +745,21 @@ def full_field_j2k(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("full-field")
     info = synth.generate(root / "synth", patients=1, prevalence=0.0, size=(1024, 832), seed=11, progress=False)
     first = sorted((root / "synth").rglob("*.dcm"))[0]
-    ds = pydicom.dcmread(first)
-    top = (1 << int(ds.BitsStored)) - 1
-    big = cv2.resize(ds.pixel_array.astype(np.float32), FULL_FIELD[::-1], interpolation=cv2.INTER_CUBIC)
-    ds.Rows, ds.Columns = FULL_FIELD
-    ds.PixelData = np.clip(big + 0.5, 0, top).astype(np.uint16).tobytes()
-    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
-    path = root / "full_field_j2k.dcm"
-    ds.save_as(path, enforce_file_format=True)
     assert info["n_images"] >= 1
-    return path
+    paths = {}
+    for name in ("full_field", "full_field_no_window"):
+        ds = pydicom.dcmread(first)
+        assert "WindowCenter" in ds
+        if name == "full_field_no_window":
+            del ds.WindowCenter, ds.WindowWidth
+        top = (1 << int(ds.BitsStored)) - 1
+        big = cv2.resize(ds.pixel_array.astype(np.float32), FULL_FIELD[::-1], interpolation=cv2.INTER_CUBIC)
+        ds.Rows, ds.Columns = FULL_FIELD
+        ds.PixelData = np.clip(big + 0.5, 0, top).astype(np.uint16).tobytes()
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        paths[name] = root / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    return paths
 
 
 def _block_means(img: np.ndarray, block: int = 8) -> np.ndarray:
@@ -686,6 +775,10 @@ def _block_means(img: np.ndarray, block: int = 8) -> np.ndarray:
         ("mg1", (512, 256), 2),
         ("full_field", (1024, 512), 1),  # the benchmark's case: JPEG 2000 lossless (5/3 wavelet)
         ("full_field", (512, 256), 2),
+        # The fallback: its bright end is a breast statistic. Before, the 0.5th percentile of these MONOCHROME1
+        # values (the bright end before inversion) fell among the label's edge pixels, which the wavelet low-pass
+        # blurs: 1.9 % apart per pixel.
+        ("full_field_no_window", (1024, 512), 1),
     ],
 )
 def test_reduced_decode_agrees_with_full_decode(testdata, full_field_j2k, source, size, level):
@@ -696,7 +789,7 @@ def test_reduced_decode_agrees_with_full_decode(testdata, full_field_j2k, source
     percentile ≤ 5 %. Measured: per pixel 0.1–1.5 %, blocks 0.05–0.6 % (mean) and 0.6–3.9 % (99th percentile).
     Any real error (a wrong bit shift, a missed inversion, a window on the wrong scale) moves whole regions by
     tens of per cent."""
-    path = testdata / "MG1_J2KI.dcm" if source == "mg1" else full_field_j2k
+    path = testdata / "MG1_J2KI.dcm" if source == "mg1" else full_field_j2k[source]
     full, full_prov = imaging.preprocess_file(path, size, reduced_decode=False)
     reduced, prov = imaging.preprocess_file(path, size)
     assert (full_prov.decode_reduction, prov.decode_reduction) == (0, level)
@@ -1051,8 +1144,9 @@ def test_percentile_fallback_leaves_padding_out():
     padding = np.zeros(values.shape, dtype=bool)
     padding[:, :10] = True  # the lowest fifth of the values, as a padded strip on the left would be
     out, voi = imaging.apply_voi(values, None, padding=padding)
-    low, high = np.percentile(values[~padding], imaging.PERCENTILE_FALLBACK)
+    low, high = _stretch_levels(values, out)
     assert voi == "percentile_fallback"
+    assert low == pytest.approx(np.percentile(values[~padding], imaging.PERCENTILE_FALLBACK[0]), abs=1e-3)
     np.testing.assert_allclose(out, np.clip((values - low) / (high - low), 0, 1), atol=1e-6)
 
 

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 # resolution where the output allows it (imaging.preprocess_file), prep_decode_reduction column. 3: Pixel Padding
 # Value honoured (padding black, out of the crop), Presentation LUT Shape INVERSE inverts MONOCHROME2, "for
 # processing" images refused, PNG8 voi "png8_identity"; prep_padding_pixels and prep_presentation_intent columns.
-PREPROCESS_VERSION = 3
+# 4: the window fallback's bright end is the brightest value two adjacent breast pixels reach, no longer the 99.5th
+# percentile that saturated calcifications (imaging.PERCENTILE_FALLBACK).
+PREPROCESS_VERSION = 4
 REPORT = "prepare_report.csv"
 SUMMARY = "prepare_summary.json"
 CACHE_FOLDER = "cache"

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import resource
@@ -508,6 +509,21 @@ def test_other_size_builds_a_new_cache(ray_session, synth_set, tmp_path) -> None
         assert frame["cache_file"].map(lambda p: Path(p).parent.name == key).all()
         assert (frame["cache_height"] == 48).all()
     _assert_cache_matches_source(frames["train"], (48, 32), rows=2)
+
+
+def test_a_cache_of_an_older_preprocessing_is_rebuilt(ray_session, synth_set, tmp_path, monkeypatch) -> None:
+    """Version 3 stretched images without a window to their 99.5th percentile, which saturated calcifications:
+    its cache is left alone and a new one is built, not trusted."""
+    table = _table(synth_set, 6)
+    out = tmp_path / "prepared"
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare, "PREPROCESS_VERSION", 3)
+        first = prepare.prepare_table(table, out, size=SIZE, shard_size=6, progress=False)
+    old = _tree_digest(first.cache_dir)
+    second = prepare.prepare_table(table, out, size=SIZE, shard_size=6, progress=False)
+    assert second.cache_dir != first.cache_dir and second.shards_reused == 0
+    assert _tree_digest(first.cache_dir) == old
+    assert json.loads((second.cache_dir / "settings.json").read_text())["preprocess"] == prepare.PREPROCESS_VERSION
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -978,6 +978,10 @@ def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
     ]
 
 
+def _percent(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.1%}"
+
+
 def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
     """Each operating point's per-exam sensitivity and specificity projected to a screening population
     (``metrics.screening_projection``): on test where the bundle has one, else on validation."""
@@ -992,9 +996,10 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
     own = metrics.threshold_key(decision)
     keys = [own] + ([] if own == "0.3" else ["0.3"]) + ["youden", "spec0.90", "spec0.987"]
     rows = [
-        f"| {key} | {_fmt(values.get(f'recall_rate_screening@{key}'))} | "
+        f"| {key} | {_fmt(values.get(f'sensitivity_exam@{key}'))} | {_fmt(values.get(f'specificity_exam@{key}'))} | "
+        f"{_percent(values.get(f'recall_rate_screening@{key}'))} | "
         f"{_fmt(values.get(f'cancer_detection_per_1000_screening@{key}'), 2)} | "
-        f"{_fmt(values.get(f'ppv1_screening@{key}'))} |"
+        f"{_percent(values.get(f'ppv1_screening@{key}'))} |"
         for key in keys
         if f"recall_rate_screening@{key}" in values
     ]
@@ -1002,21 +1007,33 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
         return []
     n_exams, n_positive = values.get("n_exams") or 0, values.get("n_positive_exams") or 0
     own_share = f"{n_positive / n_exams:.1%} of its {n_exams} exams" if n_exams else "no exams"
+    sizes = values.get("images_per_exam") or {}
+    pooled = (
+        f" Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g}); more than a screen's "
+        "four or so means a data set without exam ids, where each woman's images, all her rounds, form one exam."
+        if sizes
+        else ""
+    )
     return [
         "",
-        f"**In a screening population.** The {split_name} split is enriched ({own_share} hold a cancer), so its own "
-        f"recall share and positive predictive value would mislead. Below, each point's {split_name} sensitivity and "
-        "specificity "
-        f"per exam are projected to {prevalence * 1000:g} cancers per 1,000 screening exams with Bayes' rule: recall "
-        "rate = se·π + (1 − sp)(1 − π), cancer detection = se·π, PPV1 = detection / recall rate (metrics.json "
-        "`recall_rate_screening@…`, `cancer_detection_per_1000_screening@…`, `ppv1_screening@…`; point estimates, "
-        "no intervals). They assume the split's cancers and negatives resemble a screening population's in all but "
-        "prevalence; an enriched set often holds more conspicuous cancers. For comparison: the ACR's acceptable "
-        "recall rates for radiologists are 5–12%; the European guidelines' acceptable levels are under 7% at first "
-        "and under 5% at later screens.",
+        f"**In a screening population.** The {split_name} split is enriched ({own_share} hold a cancer), so the share "
+        "of its exams a point recalls and the positive predictive value of a recall would mislead. Below, each "
+        f"point's {split_name} sensitivity and specificity per exam (patient × exam within a data set, recalled when "
+        f"any image reaches the threshold) are projected to {prevalence * 1000:g} cancers per 1,000 screening exams "
+        "with Bayes' rule: recall rate = se·π + (1 − sp)(1 − π), cancer detection = se·π, PPV1 = detection / recall "
+        "rate (metrics.json `recall_rate_screening@…`, `cancer_detection_per_1000_screening@…`, `ppv1_screening@…`; "
+        f"point estimates, no intervals; `export --screening-prevalence` sets π).{pooled} The fixed-specificity "
+        "points were set on images, so their exam specificity is lower. The projection assumes the split's cancers "
+        "and negatives resemble a screening population's in all but prevalence; an enriched set often holds more "
+        "conspicuous cancers and harder or easier negatives than screening (spectrum bias), and π must count the "
+        "cancers its labels count (screen-detected and interval cancers within the label's follow-up window). `prob` "
+        "itself stays calibrated, at best, to the split's prevalence, not to π. For comparison, the minimally "
+        "acceptable ranges for a radiologist (Carney et al., 2010; ACR BI-RADS Atlas, 5th ed.): recall rate 5–12%, "
+        "cancer detection at least 2.5 per 1,000, PPV1 3–8%, sensitivity at least 0.75, specificity 0.88–0.95; "
+        "European guidelines accept recall rates under 7% at first and under 5% at later screens.",
         "",
-        "| point | recall rate | cancers detected per 1,000 | PPV1 |",
-        "|---|---|---|---|",
+        "| point | exam sensitivity | exam specificity | recall rate | cancers detected per 1,000 | PPV1 |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -1061,7 +1078,7 @@ def _prevalence(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (5 per 1,000 is 0.005), got {text}")
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (6 per 1,000 is 0.006), got {text}")
     return value
 
 
@@ -1087,7 +1104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--screening-prevalence",
         type=_prevalence,
         help="cancers per screening exam at which each operating point's recall rate, detection rate and PPV1 are "
-        "projected (default 0.005: 5 per 1,000)",
+        "projected; it must count the cancers the labels count, screen-detected and interval (default 0.006: 6 per "
+        "1,000)",
     )
     tests = parser.add_mutually_exclusive_group()
     tests.add_argument("--test", help="test manifest to score (default: the sweep's)")

@@ -71,11 +71,13 @@ PREDICTION_COLUMNS = (
 BREAST_KEYS = ("patient_id", "laterality", "exam_id")
 DEFAULT_THRESHOLD = 0.3  # the reference script's operating point
 DEFAULT_SPECIFICITIES = (0.90, 0.987)  # 0.987: roughly the specificity of double reading in European screening
-# Cancers per screening exam at which the per-exam operating points are projected (``screening_projection``): about 5
-# per 1,000, the order of the cancer detection rates that screening audits report (BCSC, US: about 5 per 1,000
-# screens; European programmes 4-7). A test split is enriched (the demo's exams are several times that), so its own
-# share of positive exams would overstate the positive predictive value.
-SCREENING_PREVALENCE = 0.005
+# Cancers per screening exam at which the per-exam operating points are projected (``screening_projection``). The
+# prevalence counts every cancer present at a screen, the ones a reader finds and the interval cancers found within
+# the follow-up window that defines a positive label (EMBED's: 180 days after a recall, 365 for interval cancers):
+# BCSC's (US) cancer detection rate of 5.1 per 1,000 screens at a sensitivity of 0.87 gives about 5.9 per 1,000
+# (Lehman et al., 2017, Radiology 283:49-58). European programmes are of the same order. A test split is enriched
+# (the demo's exams are several times that), so its own share of positive exams would overstate the PPV.
+SCREENING_PREVALENCE = 0.006
 DEFAULT_REFERRAL_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(11))  # defer 0%, 5%, ..., 50%
 BOOTSTRAP_METRICS = ("auc", "pr_auc", "auc_breast", "ece", "brier")
 CALIBRATION_BINS = 10  # equal-width bins of ECE and the reliability diagram
@@ -911,6 +913,11 @@ def _split_metrics(
     out["n_positive"] = n_pos
     out["n_exams"] = n_ex
     out["n_positive_exams"] = n_pos_ex
+    # How many images an exam pools: a data set without exam ids makes each woman's images one exam (all her rounds).
+    sizes = exams["n_images"]
+    out["images_per_exam"] = (
+        {"min": int(sizes.min()), "median": float(sizes.median()), "max": int(sizes.max())} if n_ex else None
+    )
     out["screening_prevalence"] = float(screening_prevalence)
     if bootstrap:
         out["bootstrap"] = {

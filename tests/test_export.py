@@ -340,7 +340,7 @@ def test_recovery_puts_the_previous_bundle_back_and_refuses_to_merge_two_run_fol
 
 
 def test_the_bundle_projects_its_points_at_the_screening_prevalence_given(checkpoint, bundle, tmp_path):
-    """A high-risk clinic reads recall rates and PPV1 at its own prevalence, not at the default 5 per 1,000."""
+    """A high-risk clinic reads recall rates and PPV1 at its own prevalence, not at the default 6 per 1,000."""
     default = json.loads((bundle / "metrics.json").read_text())["test"]
     assert default["screening_prevalence"] == metrics.SCREENING_PREVALENCE
     out = export.export_bundle(checkpoint, tmp_path / "clinic", bootstrap=0, screening_prevalence=0.02)

@@ -59,6 +59,7 @@ SPLIT_KEYS = [
     "n_positive",
     "n_exams",
     "n_positive_exams",
+    "images_per_exam",
     "screening_prevalence",
 ]
 
@@ -319,6 +320,9 @@ def test_empty_frame(frame: pd.DataFrame) -> None:
     assert result["n_images"] == 0 and result["n_positive"] == 0 and result["n_exams"] == 0
     for key in SPLIT_KEYS:
         if key in ("operating_points", "screening_prevalence") or key.startswith("n_"):
+            continue
+        if key == "images_per_exam":  # a count, not a metric: none without exams
+            assert result[key] is None
             continue
         assert result[key] is None
         assert result[f"{key}_reason"].startswith("undefined: no ")
@@ -737,6 +741,7 @@ def test_every_point_is_projected_from_its_exam_figures_not_from_the_enriched_sp
                 assert f"ppv1_screening@{point}" in dataset and dataset["screening_prevalence"] == prevalence
         enriched_ppv = (frame.groupby("exam_id")["label"].max() == 1).mean()  # PPV a recall-all reader shows here
         assert result["ppv1_screening@0.3"] < enriched_ppv
+    assert result["images_per_exam"] == {"min": 4, "median": 4.0, "max": 4}  # L/R x CC/MLO, one exam a woman
     # With no cancers at all the projection has no sensitivity to start from, and says why.
     no_cancer = metrics.compute_split_metrics(frame.assign(label=0))
     assert no_cancer["ppv1_screening@0.3"] is None

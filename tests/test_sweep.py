@@ -1297,13 +1297,18 @@ def test_the_card_projects_each_test_point_to_a_screening_population():
     results = {"val": metrics.compute_metrics(frames[0]), "test": metrics.compute_metrics(frames[1], cuts=cuts)}
     card = export.model_card(config.load("demo"), results, None, {})
     test = results["test"]
-    assert "projected to 5 cancers per 1,000 screening exams" in card
+    assert "projected to 6 cancers per 1,000 screening exams" in card
     assert f"The test split is enriched ({test['n_positive_exams'] / test['n_exams']:.1%} of its" in card
-    assert "| point | recall rate | cancers detected per 1,000 | PPV1 |" in card
+    sizes = test["images_per_exam"]
+    assert f"Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g})" in card
+    assert "recall rate 5–12%, cancer detection at least 2.5 per 1,000, PPV1 3–8%" in card
+    header = "| point | exam sensitivity | exam specificity | recall rate | cancers detected per 1,000 | PPV1 |"
+    assert header in card
     for point in ("0.3", "youden", "spec0.90", "spec0.987"):
         row = (
-            f"| {point} | {test[f'recall_rate_screening@{point}']:.3f} | "
-            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | "
+            f"| {point} | {test[f'sensitivity_exam@{point}']:.3f} | {test[f'specificity_exam@{point}']:.3f} | "
+            f"{test[f'recall_rate_screening@{point}']:.1%} | "
+            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | {test[f'ppv1_screening@{point}']:.1%} |"
         )
         assert row in card, point
     # Without a test split the validation's points are projected, and the card says which split it used.

@@ -9,8 +9,11 @@ left (``imaging.orient``), so horizontal flips are excluded: they would undo tha
 
 The vertical flip depends on the view (the manifest's ``view`` column), because only some views stay anatomically
 possible upside down. A cranio-caudal image (CC, and the CC-family views in :data:`VERTICAL_FLIP_VIEWS`) shows the
-breast from above: its vertical axis runs lateral to medial, and a flip mirrors it into what the other breast's CC
-looks like. In MLO, ML, LM and the other oblique and lateral views the vertical axis runs superior to inferior: a
+breast from above: its vertical axis runs lateral to medial, so a flip keeps every structure where anatomy allows it
+(chest wall on the left, nipple on the right, no pectoral muscle or axilla moved into the breast), though in an
+orientation the data never show: by convention a CC is displayed lateral side up, and the flip puts it down (the
+other breast's CC, rotated 180°). It is kept as augmentation for that reason, as the rotations are. In MLO, ML, LM
+and the other oblique and lateral views the vertical axis runs superior to inferior: a
 flip would put the pectoral muscle and the axilla at the bottom, which no real mammogram shows. Those views, and
 any view that is blank, unknown ("U") or not listed, are never flipped. A CC-family image is flipped with
 probability 0.5 whatever its class, so a flip says nothing about the label once the view (visible in the image) is

@@ -453,13 +453,25 @@ def _embed_image_type_kept(values: pd.Series, include_cview: bool) -> pd.Series:
 
 
 def _check_embed_metadata(frame: pd.DataFrame, path: Path, include_cview: bool) -> None:
-    """Refuse a ``FinalImageType`` outside the README's types, and a blank one: it decides whether the row is a
-    full-field image, and a value read as "not 2D" dropped the image without a word (a blank or a misspelt "2-D"
-    screening image, or one the importer cannot tell from a C-view or a screen save). Then a kept image's
-    ``ImageLateralityFinal`` must be L, R or blank."""
+    """Refuse a ``FinalImageType`` outside the README's types: it decides whether the row is a full-field image, and
+    a value read as "not 2D" dropped the image without a word (a misspelt "2-D" screening image). A blank one is left
+    out with a warning that counts it and names its first rows: the importer cannot tell it from a C-view or a screen
+    save, and the README, which does not document blanks, does not rule them out either, so one blank cell of a
+    480,000-row table should not stop the import. Then a kept image's ``ImageLateralityFinal`` must be L, R or blank.
+    """
     image_type = frame["FinalImageType"]
+    blank = _blank(image_type)
     known = _embed_image_type(image_type).isin(list(_EMBED_IMAGE_TYPES)).fillna(False).astype(bool)
-    _refuse_rows(image_type, ~known, path, "FinalImageType", f"one of {', '.join(_EMBED_IMAGE_TYPES.values())}")
+    expected = f"one of {', '.join(_EMBED_IMAGE_TYPES.values())}"
+    _refuse_rows(image_type, ~known & ~blank, path, "FinalImageType", expected)
+    if blank.any():
+        rows = [_row_label(i) for i in image_type.index[blank.to_numpy()]]
+        warnings.warn(
+            f"{path}: {len(rows)} row(s) with a blank 'FinalImageType' left out, e.g. {_examples(rows)} "
+            f"({ROW_COUNTING}): the importer cannot tell a full-field image from a C-view or a screen save",
+            UserWarning,
+            stacklevel=3,
+        )
     kept = frame[_embed_image_type_kept(image_type, include_cview)]
     _refuse_unknown(kept["ImageLateralityFinal"], _SIDES, path, "ImageLateralityFinal", "L or R")
 

@@ -355,9 +355,8 @@ CODED_TABLES = {
         ("embed", "clinical.csv", "Bilateral,1,B,A,3", "Bilateral,1,both,A,3", "side", "row 4 ('both')"),
         ("embed", "clinical.csv", ",S,2,L,0,61.3", ",S,2,X,0,61.3", "bside", "row 3 ('X')"),
         ("embed", "metadata.csv", "L CC,2D,L,CC", "L CC,2D,Lt,CC", "ImageLateralityFinal", "row 1 ('Lt')"),
-        # FinalImageType decides what is a full-field image: an undocumented or blank type dropped the image unsaid.
+        # FinalImageType decides what is a full-field image: an undocumented type dropped the image unsaid.
         ("embed", "metadata.csv", "R CC,2D,R,CC", "R CC,FFDM,R,CC", "FinalImageType", "row 3 ('FFDM')"),
-        ("embed", "metadata.csv", "R MLO,2D,R,MLO", "R MLO,,R,MLO", "FinalImageType", "row 4 (blank)"),
         # asses and tissueden outside the release's legend left birads and density empty without a word.
         ("embed", "clinical.csv", ",1,L,A,2,L,0,", ",1,L,4,2,L,0,", "asses", "row 1 ('4')"),
         ("embed", "clinical.csv", ",1,B,A,3,,,55.0", ",1,B,A,C,,,55.0", "tissueden", "row 4 ('C')"),
@@ -432,6 +431,17 @@ def test_embed_documented_codes_are_read_as_documented(tmp_path):
     assert set(wide.index[wide.index.str.startswith("cohort_1/10000003/1.2.5/3/")]) == {
         "cohort_1/10000003/1.2.5/3/c.dcm"
     }
+
+
+def test_a_blank_embed_image_type_is_left_out_with_a_warning_not_refused(tmp_path):
+    """A blank FinalImageType stopped the whole import; the importer cannot tell the image's type, so it leaves the
+    row out, and says how many and which."""
+    meta = EMBED_META.replace("R MLO,2D,R,MLO", "R MLO,,R,MLO", 1)
+    tables = [write(tmp_path / "metadata.csv", meta), write(tmp_path / "clinical.csv", EMBED_CLINICAL)]
+    with pytest.warns(UserWarning, match=r"1 row\(s\) with a blank 'FinalImageType' left out, e.g. row 4"):
+        rows = import_embed(tables, tmp_path)
+    full = import_embed([write(tmp_path / "full.csv", EMBED_META), tables[1]], tmp_path)
+    assert len(rows) == len(full) - 1
 
 
 def test_documented_blanks_are_not_refused(tmp_path):

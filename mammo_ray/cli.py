@@ -512,6 +512,7 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
             source = storage.public(paths["test"])
             manifest.check_cache_size(frames["test"], cfg.data.image_size, source, cache_size_remedy(cfg))
         check_classes(frames, cfg.search.metric)
+        warn_unflippable(cfg, frames["train"])
         return frames
     if needs_synthetic(cfg, args, reference_csvs):
         start_ray(address=getattr(args, "address", None))
@@ -523,7 +524,30 @@ def resolve_data(cfg: config_mod.Config, args, reference_csvs=(None, None)) -> d
         if cfg.data.use_cache:
             manifest.check_cache_size(frame, cfg.data.image_size, storage.public(paths[role]), cache_size_remedy(cfg))
     check_classes(frames, cfg.search.metric)
+    warn_unflippable(cfg, frames["train"])
     return frames
+
+
+def warn_unflippable(cfg: config_mod.Config, train: pd.DataFrame) -> bool:
+    """Warn, once per command, when augmentation is on but no training image's view allows the vertical flip
+    (``augment.flips_vertically``): a manifest without CC views or without a ``view`` column then trains with no
+    flip at all, which the space file does not say. Returns whether it warned."""
+    if not (cfg.train.augment or "train.augment" in cfg.space) or train.empty:
+        return False
+    from mammo_ray import augment
+
+    views = train["view"] if "view" in train.columns else pd.Series([None] * len(train))
+    if any(augment.flips_vertically(view) for view in views.unique()):
+        return False
+    shown = sorted({str(v) for v in views.unique()})[:5]
+    print(
+        f"warning: no training image is flipped vertically: the flip is only for CC-family views "
+        f"({', '.join(sorted(augment.VERTICAL_FLIP_VIEWS))}), and the training manifest's views are "
+        f"{', '.join(shown) if 'view' in train.columns else 'missing (no view column)'}; the other transforms "
+        "still apply",
+        file=sys.stderr,
+    )
+    return True
 
 
 # Selection metrics (search.metric) that stay defined on a validation split of one class.

@@ -1350,3 +1350,26 @@ def test_num_samples_below_one_is_refused_by_name(value, capsys):
     with pytest.raises(SystemExit):
         tune.build_parser().parse_args(["--space", "demo", "--num-samples", value])
     assert "--num-samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("views", "overrides", "warned"),
+    [
+        (["MLO", "MLO", "U"], {}, True),  # e.g. `seed` file names without a CC token
+        (None, {}, True),  # no view column at all
+        (["MLO", "CC"], {}, False),
+        (["MLO", "U"], {"train.augment": False}, False),  # nothing is augmented: nothing to say
+    ],
+)
+def test_a_training_manifest_whose_views_allow_no_flip_is_warned_about(views, overrides, warned, capsys):
+    """The vertical flip is for CC-family views only; a manifest without one trained with no flip, unsaid."""
+    train = pd.DataFrame(
+        {"image_id": ["a", "b", "c"][: len(views or "abc")], "label": [0, 1, 0][: len(views or "abc")]}
+    )
+    if views is not None:
+        train["view"] = views
+    assert cli.warn_unflippable(config.load("demo", overrides), train) is warned
+    err = capsys.readouterr().err
+    assert ("no training image is flipped vertically" in err) is warned
+    if warned and views is None:
+        assert "missing (no view column)" in err

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 # Value honoured (padding black, out of the crop), Presentation LUT Shape INVERSE inverts MONOCHROME2, "for
 # processing" images refused, PNG8 voi "png8_identity"; prep_padding_pixels and prep_presentation_intent columns.
 # 4: the window fallback's bright end is the brightest value two adjacent breast pixels reach, no longer the 99.5th
-# percentile that saturated calcifications (imaging.PERCENTILE_FALLBACK).
+# percentile that saturated calcifications, with a knee at the breast's 99.5th percentile so that a clip cannot
+# squeeze the tissue (imaging.PERCENTILE_FALLBACK).
 PREPROCESS_VERSION = 4
 REPORT = "prepare_report.csv"
 SUMMARY = "prepare_summary.json"

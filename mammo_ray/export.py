@@ -709,10 +709,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _ci(values: dict, key: str) -> str:
+    from mammo_ray import metrics
+
     ci = values.get(f"{key}_ci95")
     if not ci or ci[0] is None:
         return _fmt(values.get(key))
-    exact = "†" if values.get(f"{key}_ci95_method") else ""  # Clopper-Pearson on patients, not the bootstrap
+    # Clopper-Pearson on patients, not the bootstrap (ECE's basic bootstrap interval is a bootstrap one: no mark).
+    exact = "†" if values.get(f"{key}_ci95_method") == metrics.CLOPPER_PEARSON else ""
     return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])}){exact}"
 
 
@@ -792,10 +795,15 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "image, each image a case. The breast AUC scores each breast (one side in one exam) by the mean of its images' "
         "probabilities, and a breast is positive if any of its images is. Per exam, as a recall is decided, see the "
         "operating points below: an exam is recalled when any of its images reaches the threshold, and is positive "
-        "when any of its images is. ECE uses 10 equal-width bins. ECE and Brier get the same patient-bootstrap CIs, "
-        "left out, as an AUC's, where fewer than 10 patients have a positive or a negative image; binned ECE is "
-        "biased upwards (never below 0, and above 0 for a calibrated model), so its CI shows how much it varies, not "
-        "whether the model is calibrated, and one that would exclude its own estimate is left out. The spec0.90 point is the validation's threshold: "
+        "when any of its images is. ECE uses 10 equal-width bins. ECE and Brier get CIs from the same patient "
+        "resamples, left out, as an AUC's, where fewer than 10 patients have a positive or a negative image. Binned "
+        "ECE is biased upwards (never below 0, and above 0 for a calibrated model), so the ECE shown is the usual "
+        "plug-in figure, comparable with other reports, but its CI is the basic bootstrap's (2·ECE minus the "
+        "resamples' upper and lower percentiles, at least 0): an interval for the calibration error itself, "
+        "corrected for the bias the resamples show, which may lie below the ECE shown. The correction is partial: "
+        "in simulated data sets of 200 women it held a calibrated model's 0 in 58 of 100, so a CI above 0 is weak "
+        "evidence of miscalibration on its own. Brier, a mean of per-image terms and so unbiased, keeps the percentile CI. "
+        "The spec0.90 point is the validation's threshold: "
         "on test and on each data set it is applied as it stands, so the specificity it reaches is shown beside the "
         "sensitivity." + _selection_text(results) + _failures_text(results),
         "",

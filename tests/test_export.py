@@ -119,15 +119,30 @@ def test_ece_and_brier_carry_their_patient_intervals_into_metrics_json_and_the_c
     card = (bundle / "MODEL_CARD.md").read_text()
     for name in ("ece", "brier"):
         low, high = val[f"{name}_ci95"]  # 10 women with cancer among 40 on validation
-        assert low <= val[name] <= high
+        if name == "brier":
+            assert low <= val[name] <= high
         assert name in val["bootstrap"]["skipped"]
-        shown = f"{val[name]:.3f} ({low:.3f}–{high:.3f})"
+        shown = f"{val[name]:.3f} ({low:.3f}–{high:.3f})"  # ECE's basic bootstrap interval: no † (Clopper-Pearson's)
         assert f"| {shown} |" in card.split("| val |")[1].splitlines()[0]  # the validation row of the metrics table
         assert f"{'ECE' if name == 'ece' else 'Brier'} {shown}" in card  # the calibration section
         # 12 women on test, 4 with cancer: too few for an interval, and the card lists why.
         assert test[name] is not None and test[f"{name}_ci95"] is None
         assert f"- test: `{name}_ci95`: not reported: patients in this split: 3 with a positive image" in card
     assert "reliability.png" in card and "design effect" in card
+
+
+def test_the_ece_interval_is_the_basic_bootstrap_and_the_card_says_it_may_lie_below_the_estimate(bundle):
+    """ECE's percentile interval sat above its upward-biased estimate and never held a calibrated model's 0; the
+    bundle gives the basic (bias-corrected) bootstrap interval, names its method, and the card says what it means."""
+    results = json.loads((bundle / "metrics.json").read_text())
+    val = results["val"]
+    assert val["ece_ci95_method"] == metrics.BASIC_BOOTSTRAP == "basic bootstrap (bias-corrected)"
+    assert "brier_ci95_method" not in val  # a mean of per-image terms, unbiased: the percentile interval
+    assert "ECE: basic bootstrap (bias-corrected)" in val["bootstrap"]["method"]
+    card = " ".join((bundle / "MODEL_CARD.md").read_text().split())
+    assert "its CI is the basic bootstrap's" in card
+    assert "an interval for the calibration error itself" in card and "may lie below the ECE shown" in card
+    assert "would exclude its own estimate" not in card  # the old rule that withheld it is gone
 
 
 # --------------------------------------------------------------------------------------------------

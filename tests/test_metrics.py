@@ -844,18 +844,24 @@ def _patients_repeated(frame: pd.DataFrame, *, as_new_patients: bool) -> pd.Data
 
 @pytest.mark.parametrize("name", ["ece", "brier"])
 def test_ece_and_brier_get_patient_bootstrap_intervals_from_the_same_draws(frame: pd.DataFrame, name: str) -> None:
-    """ECE and Brier were point estimates only; their intervals come from the very patient draws of the AUC's."""
+    """ECE and Brier were point estimates only; their intervals come from the very patient draws of the AUC's
+    (Brier's the percentile interval; ECE's the basic one, the percentiles reflected about the estimate)."""
     result = metrics.compute_metrics(frame, bootstrap=200, seed=3)
     again = metrics.compute_metrics(frame.sample(frac=1.0, random_state=2), bootstrap=200, seed=3)
-    expected = metrics.bootstrap_ci(frame, lambda f: getattr(metrics, name)(f["label"], f["prob"]), n=200, seed=3)
+    low, high = metrics.bootstrap_ci(frame, lambda f: getattr(metrics, name)(f["label"], f["prob"]), n=200, seed=3)
+    expected = [max(0.0, 2 * result[name] - high), max(0.0, 2 * result[name] - low)] if name == "ece" else [low, high]
     assert result[f"{name}_ci95"] == pytest.approx(expected, abs=1e-12)
     assert again[f"{name}_ci95"] == pytest.approx(result[f"{name}_ci95"], abs=1e-12)
-    low, high = result[f"{name}_ci95"]
-    assert low < result[name] < high
     assert result["bootstrap"]["skipped"][name] == 0  # defined on every resample
-    assert f"{name}_ci95_method" not in result
-    for subset in result["by_dataset"].values():
-        assert subset[f"{name}_ci95"][0] <= subset[name] <= subset[f"{name}_ci95"][1]
+    if name == "ece":
+        assert result["ece_ci95_method"] == "basic bootstrap (bias-corrected)"
+        assert "ECE: basic bootstrap" in result["bootstrap"]["method"]
+    else:
+        low, high = result[f"{name}_ci95"]
+        assert low < result[name] < high
+        assert f"{name}_ci95_method" not in result
+        for subset in result["by_dataset"].values():
+            assert subset[f"{name}_ci95"][0] <= subset[name] <= subset[f"{name}_ci95"][1]
     other = metrics.compute_metrics(frame, bootstrap=200, seed=4)
     assert other[f"{name}_ci95"] != result[f"{name}_ci95"]
     assert f"{name}_ci95" not in metrics.compute_metrics(frame)  # only with bootstrap
@@ -897,9 +903,9 @@ def test_ece_and_brier_intervals_need_patients_of_both_classes(name: str) -> Non
     assert empty[name] is None and empty[f"{name}_ci95"] is None and empty[f"{name}_ci95_reason"]
 
 
-def test_an_ece_interval_that_excludes_its_estimate_is_withheld() -> None:
-    """Binned ECE is biased upwards: with the probabilities equal to each bin's observed share, the estimate is 0
-    and nearly every resample's ECE lies above it, a percentile interval that would exclude its own estimate."""
+def test_an_ece_interval_that_collapses_to_zero_is_withheld() -> None:
+    """With the probabilities equal to each bin's observed share, the estimate is 0 and every resample's ECE lies
+    above it: the basic interval, 2 x 0 minus the percentiles clipped at 0, is 0-0, which would read as certainty."""
     rows = []
     for i in range(400):
         prob = (0.25, 0.75)[i % 2]
@@ -912,9 +918,61 @@ def test_an_ece_interval_that_excludes_its_estimate_is_withheld() -> None:
     frame = pd.DataFrame(rows)
     result = metrics.compute_metrics(frame, bootstrap=200, seed=0)
     assert result["ece"] == pytest.approx(0.0, abs=1e-12)
-    assert result["ece_ci95"] is None
-    assert "above the estimate" in result["ece_ci95_reason"]
+    assert result["ece_ci95"] is None and "ece_ci95_method" not in result
+    assert "collapses to 0–0" in result["ece_ci95_reason"]
     assert result["brier_ci95"][0] < result["brier"] < result["brier_ci95"][1]  # a mean: no such bias
+
+
+def _calibration_split(n_patients: int, seed: int, exponent: float = 1.0) -> pd.DataFrame:
+    """Each breast has a cancer risk r (Beta(0.6, 2.4), mean 0.2) and a label drawn from it, shared by its CC and
+    MLO images; the model scores r ** exponent, perfectly calibrated at exponent 1 and overconfident below it. No
+    ``dataset`` column, so that ``compute_metrics`` resamples the split once, not again per data set."""
+    rng = np.random.default_rng(seed)
+    risk = rng.beta(0.6, 2.4, size=2 * n_patients)
+    label = (rng.random(risk.size) < risk).astype(int)
+    breast = np.repeat(np.arange(risk.size), 2)
+    patient = breast // 2
+    return pd.DataFrame(
+        {
+            "image_id": [f"{b}_{v}" for b in range(risk.size) for v in ("CC", "MLO")],
+            "patient_id": [f"p{i}" for i in patient],
+            "exam_id": [f"e{i}" for i in patient],
+            "laterality": np.where(breast % 2 == 0, "L", "R"),
+            "view": np.tile(["CC", "MLO"], risk.size),
+            "label": label[breast],
+            "prob": risk[breast] ** exponent,
+        }
+    )
+
+
+def test_ece_interval_is_bias_corrected_so_it_can_cover_a_calibrated_models_zero() -> None:
+    """The percentile interval of binned ECE sat above the estimate (resamples are biased upwards as the estimate
+    is), so for a calibrated model it never held the true calibration error, 0 (a reported one: ECE 0.0081
+    (0.0069-0.0287)). The basic bootstrap interval subtracts that bias; for an overconfident model it still excludes
+    0 and holds the population ECE."""
+    runs, resamples = 10, 150
+    percentile_covers = basic_covers = 0
+    for seed in range(runs):
+        result = metrics.compute_metrics(_calibration_split(200, seed), bootstrap=resamples, seed=seed)
+        low, high = result["ece_ci95"]
+        assert result["ece_ci95_method"] == "basic bootstrap (bias-corrected)"
+        assert high > 0 and high < 2 * result["ece"]  # unclipped: the resamples' 2.5th percentile is 2 ECE - high
+        percentile_covers += 2 * result["ece"] - high <= 0.0
+        basic_covers += low == 0.0
+    assert percentile_covers == 0
+    assert basic_covers >= runs // 3  # 5 of 10 here, 58 of 100 with 1000 resamples: the correction is partial
+
+    # Overconfident (r ** 0.6): the population ECE from 2 million breasts, each bin's gap its mean risk - score.
+    risk = np.random.default_rng(99).beta(0.6, 2.4, size=2_000_000)
+    population = metrics.ece(np.random.default_rng(98).random(risk.size) < risk, risk**0.6)
+    assert population == pytest.approx(0.132, abs=0.002)
+    covered = 0
+    for seed in range(runs):
+        result = metrics.compute_metrics(_calibration_split(200, seed, 0.6), bootstrap=resamples, seed=seed)
+        low, high = result["ece_ci95"]
+        assert low > 0.05  # excludes 0: this model is miscalibrated and the interval says so every time
+        covered += low <= population <= high
+    assert covered >= runs - 2  # 95% nominal
 
 
 def test_calibration_bins_effective_count_by_patient() -> None:

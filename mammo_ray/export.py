@@ -842,7 +842,8 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         "## Calibration and operating points",
         f"ECE {_ci(val, 'ece')}, Brier {_ci(val, 'brier')} on validation (see plots/reliability.png, whose "
         "per-bin 95% Wilson intervals count a woman's images in a bin as correlated: the bin's images divided by the "
-        "design effect of their patients). "
+        "design effect of their patients, with the t quantile on the bin's patients - 1 degrees of freedom; a bin of "
+        "one patient gets none). "
         "thresholds.json lists the thresholds at 0.3 (the reference's), "
         + (
             ""

@@ -36,7 +36,9 @@ References:
       the percentile interval never did, and an overconfident model's population ECE in 91 of 100 (percentile: 97).
     * A reliability bin's observed share gets a Wilson interval on an effective sample size: the bin's images
       divided by the design effect of their patients (Kish, 1965, "Survey Sampling"; the ratio estimator's
-      cluster variance over the binomial one, at least 1), as in Korn & Graubard (1998) below.
+      cluster variance, with the finite-cluster factor n_c/(n_c - 1) for n_c patients, over the binomial one, at
+      least 1), with the t quantile on n_c - 1 degrees of freedom in place of z, as Korn & Graubard (1998, below)
+      adjust their effective sample size for the few clusters a bin may rest on.
     * Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani, 1993) that
       resample patients, not images, because the images of one patient are correlated. Where that
       bootstrap cannot give an interval for a sensitivity or specificity (an observed 0 or 1, at which
@@ -396,10 +398,12 @@ def calibration_bins(labels: Any, probs: Any, n_bins: int = CALIBRATION_BINS, pa
         n_bins: Number of bins.
         patients: The patient of each image (:func:`patient_key`); with it, each bin also gets ``patients`` and
             ``effective_count``: its images divided by their design effect, the variance of the bin's share with
-            each patient's images as a cluster over the binomial variance (at least 1, so never more than the
-            images). Images that share their patient's label count about once per patient, independent ones once
-            each. A bin whose images are all positive or all negative has no variance to estimate it from, and
-            counts each patient once (conservative, as if her images were fully correlated).
+            each patient's images as a cluster (times n_c/(n_c - 1) for its n_c patients, the finite-cluster
+            correction) over the binomial variance (at least 1, so never more than the images). Images that share
+            their patient's label count about once per patient, independent ones once each. A bin whose images are
+            all positive or all negative, or that rests on one patient, has no variance to estimate it from, and
+            counts each patient once (conservative, as if her images were fully correlated); an interval on it
+            should use n_c - 1 degrees of freedom (Korn & Graubard, 1998), so none from one patient.
 
     Returns:
         One row per bin: ``bin_lower, bin_upper, count, mean_prob, fraction_positive`` (NaN when empty), and with
@@ -447,11 +451,16 @@ def _effective_bin_counts(
     patients_per_bin = np.bincount(pair_bin, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(count > 0, pos_sum / count, 0.0)
-        # Ratio estimator's cluster variance n^2 Var = sum_i (k_i - r m_i)^2, over the binomial n^2 Var = n r (1-r).
-        cluster = np.bincount(pair_bin, weights=(k - share[pair_bin] * m) ** 2, minlength=n_bins)
+        # Ratio estimator's cluster variance n^2 Var = n_c/(n_c - 1) sum_i (k_i - r m_i)^2 over n_c patients, over
+        # the binomial n^2 Var = n r (1-r). Without the factor, a bin of 3 patients had its variance understated by
+        # a third; with one patient the residuals are 0 by construction, which read as no clustering at all.
+        finite_clusters = np.where(patients_per_bin > 1, patients_per_bin / np.maximum(patients_per_bin - 1, 1), 0.0)
+        residuals = np.bincount(pair_bin, weights=(k - share[pair_bin] * m) ** 2, minlength=n_bins)
+        cluster = finite_clusters * residuals
         binomial = count * share * (1.0 - share)
-        design_effect = np.maximum(np.where(binomial > 0, cluster / binomial, 1.0), 1.0)
-        effective = np.where(binomial > 0, count / design_effect, patients_per_bin)
+        estimable = (binomial > 0) & (patients_per_bin > 1)
+        design_effect = np.maximum(np.where(estimable, cluster / np.where(estimable, binomial, 1.0), 1.0), 1.0)
+        effective = np.where(estimable, count / design_effect, patients_per_bin)
     return patients_per_bin, effective.astype(float)
 
 

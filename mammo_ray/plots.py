@@ -413,10 +413,14 @@ def plot_uncertainty_hist(frame: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _wilson(positives: np.ndarray, counts: np.ndarray, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
+def _wilson(
+    positives: np.ndarray, counts: np.ndarray, z: float | np.ndarray = 1.959963984540054
+) -> tuple[np.ndarray, np.ndarray]:
     """95% Wilson score interval of a binomial proportion (stays inside [0, 1] and is not zero-width at 0 or n).
 
-    ``counts`` may be effective sample sizes (fractional), with ``positives`` the share times them.
+    ``counts`` may be effective sample sizes (fractional), with ``positives`` the share times them. ``z`` may be one
+    quantile per proportion: a t quantile in its place equals Wilson's interval on the effective count times
+    (z/t)^2, Korn & Graubard's (1998) degrees-of-freedom adjustment.
     """
     n = np.maximum(counts.astype(float), 1.0)
     share = positives / n
@@ -432,11 +436,15 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10,
     split's prevalence; the lower panel shows how many images fall in each bin: in screening most sit near 0, so the
     upper bins rest on few cases. Several images come from one woman and tend to share her label, so a bin's
     interval takes its images divided by their patients' design effect as its sample size
-    (``metrics.calibration_bins(patients=...)``); a frame without ``patient_id`` gets per-image intervals, and says so.
+    (``metrics.calibration_bins(patients=...)``) and the t quantile on its patients - 1 degrees of freedom in place
+    of z (Korn & Graubard, 1998): the upper bins often rest on 3-5 women. A bin of one woman gets no interval (nothing
+    to estimate its variance from), and says so; a frame without ``patient_id`` gets per-image intervals, and says so.
 
     Returns:
         ``path``.
     """
+    from scipy.stats import t as student_t
+
     y, p = _labels_probs(frame)
     if y.size == 0:
         return _message_figure(path, "Reliability (calibration)", "no predictions")
@@ -469,22 +477,35 @@ def plot_reliability(frame: pd.DataFrame, path: str | Path, *, n_bins: int = 10,
             counts = filled["count"].to_numpy()
             effective = filled["effective_count"].to_numpy() if clustered else counts.astype(float)
             middle = filled["fraction_positive"].to_numpy()
-            low, high = _wilson(middle * effective, effective)
-            ax.errorbar(
-                filled["mean_prob"],
-                middle,
-                yerr=[np.clip(middle - low, 0, None), np.clip(high - middle, 0, None)],
-                fmt="none",
-                ecolor=color,
-                elinewidth=1,
-                capsize=3,
-                label="95% Wilson interval, "
-                + ("patients as clusters (design effect)" if clustered else "per image (no patient_id)"),
-            )
-            for x, value, count in zip(filled["mean_prob"], high, counts, strict=True):
-                ax.annotate(
-                    f"n={count}", (x, value), textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center"
+            if clustered:  # t on the bin's patients - 1 degrees of freedom; none from one patient
+                women = filled["patients"].to_numpy()
+                quantile = student_t.ppf(0.975, np.maximum(women - 1, 1))
+                drawn = women > 1
+            else:
+                quantile, drawn = 1.959963984540054, np.ones(len(filled), dtype=bool)
+            low, high = _wilson(middle * effective, effective, quantile)
+            low, high = np.where(drawn, low, np.nan), np.where(drawn, high, np.nan)
+            if drawn.any():
+                ax.errorbar(
+                    filled["mean_prob"].to_numpy()[drawn],
+                    middle[drawn],
+                    yerr=[np.clip(middle - low, 0, None)[drawn], np.clip(high - middle, 0, None)[drawn]],
+                    fmt="none",
+                    ecolor=color,
+                    elinewidth=1,
+                    capsize=3,
+                    label="95% Wilson interval, "
+                    + (
+                        "patients as clusters (design effect, t on patients - 1 df)"
+                        if clustered
+                        else "per image (no patient_id)"
+                    ),
                 )
+            for x, value, count, has_interval in zip(
+                filled["mean_prob"], np.where(drawn, high, middle), counts, drawn, strict=True
+            ):
+                text = f"n={count}" if has_interval else f"n={count}, 1 patient: no interval"
+                ax.annotate(text, (x, value), textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center")
     if y.size:
         ax.axhline(y.mean(), color="tab:red", linestyle="--", linewidth=1, label=f"prevalence {y.mean():.3f}")
     ax.set(

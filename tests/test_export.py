@@ -143,6 +143,8 @@ def test_the_ece_interval_is_the_basic_bootstrap_and_the_card_says_it_may_lie_be
     assert "its CI is the basic bootstrap's" in card
     assert "an interval for the calibration error itself" in card and "may lie below the ECE shown" in card
     assert "would exclude its own estimate" not in card  # the old rule that withheld it is gone
+    # The reliability plot's per-bin intervals: t on the bin's patients - 1 degrees of freedom, none from one woman.
+    assert "with the t quantile on the bin's patients - 1 degrees of freedom; a bin of one patient gets none" in card
 
 
 # --------------------------------------------------------------------------------------------------

@@ -984,11 +984,16 @@ def test_calibration_bins_effective_count_by_patient() -> None:
     bins = metrics.calibration_bins(labels, probs, n_bins=10, patients=patients)
     low_bin, high_bin = bins.iloc[0], bins.iloc[5]
     assert (low_bin["count"], low_bin["patients"]) == (8, 2)
-    assert low_bin["effective_count"] == pytest.approx(2.0)  # two women, all images alike: 2
+    # Two women, all images alike: the cluster variance with the finite-cluster factor 2/(2 - 1) is that of the mean
+    # of two draws with the n - 1 denominator, s^2 / 2 = 0.25 = 0.5 * 0.5 / 1: one effective case.
+    assert low_bin["effective_count"] == pytest.approx(1.0)
     assert (high_bin["count"], high_bin["patients"]) == (8, 4)
     assert high_bin["effective_count"] == pytest.approx(8.0)  # one positive in each woman's pair: no clustering
+    # One image per woman: the sample variance's n - 1 denominator, so 8 independent images count as 7 (Korn &
+    # Graubard's effective size for simple random sampling), never more than the images.
     independent = metrics.calibration_bins(labels, probs, n_bins=10, patients=range(16))
-    assert independent["effective_count"].to_numpy() == pytest.approx(independent["count"].to_numpy())
+    filled = independent["count"].to_numpy() > 0
+    assert independent["effective_count"].to_numpy()[filled] == pytest.approx(independent["count"][filled] - 1.0)
     # All alike (no variance to estimate a design effect from): each woman counts once, conservatively.
     same = metrics.calibration_bins([0] * 6, [0.1] * 6, n_bins=10, patients=["a"] * 3 + ["b"] * 3)
     assert same.iloc[1]["effective_count"] == pytest.approx(2.0)

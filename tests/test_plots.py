@@ -475,9 +475,56 @@ def test_reliability_intervals_count_a_womans_images_as_correlated(tmp_path, mon
     assert repeated == pytest.approx(once, abs=1e-9)  # the same women say no more about calibration
     widths = once[:, 1] - once[:, 0]
     assert ((independent[:, 1] - independent[:, 0]) < 0.85 * widths).all()  # twice the women do
-    assert "95% Wilson interval, patients as clusters (design effect)" in texts
+    assert "95% Wilson interval, patients as clusters (design effect, t on patients - 1 df)" in texts
     # Per image, the plain Wilson interval, narrower than the clustered one where a woman's images share her label.
     per_image, texts = _reliability_intervals(frame.drop(columns="patient_id"), tmp_path / "image.png", monkeypatch)
     assert "95% Wilson interval, per image (no patient_id)" in texts
     assert (per_image[:, 1] - per_image[:, 0] <= widths + 1e-12).all()
     assert (per_image[:, 1] - per_image[:, 0] < widths - 1e-3).any()
+
+
+def test_reliability_intervals_use_t_on_the_bins_patients_and_none_from_one_woman(tmp_path, monkeypatch) -> None:
+    """The upper bins rest on 3-5 women, yet their intervals used z = 1.96 and a cluster variance without the
+    finite-cluster factor; a bin of one woman with mixed labels counted her 4 images as 4 independent cases."""
+    from matplotlib.container import ErrorbarContainer
+
+    rows = [(f"n{i}", 0.05, 0) for i in range(30) for _ in range(2)]  # 30 women, all negative, bin 0
+    rows += [("one", 0.65, label) for label in (1, 1, 0, 0)]  # one woman, mixed labels, bin 6
+    rows += [
+        (woman, 0.85, label) for woman, labels in (("a", (1, 1)), ("b", (1, 0)), ("c", (0, 0))) for label in labels
+    ]
+    frame = pd.DataFrame(rows, columns=["patient_id", "prob", "label"]).assign(
+        image_id=lambda f: [f"img{i}" for i in range(len(f))], exam_id=lambda f: f["patient_id"] + "_E0",
+        laterality="L", view="CC", dataset="CSAW", aleatoric=np.nan, epistemic=np.nan,
+    )  # fmt: skip
+    drawn: list[np.ndarray] = []
+    annotations: list[str] = []
+    inner = plots._save
+
+    def save(fig, target):
+        for ax in fig.axes:
+            annotations.extend(text.get_text() for text in ax.texts)
+            for container in ax.containers:
+                if isinstance(container, ErrorbarContainer):
+                    segments = container.lines[2][0].get_segments()
+                    drawn.append(np.array([[seg[0][1], seg[1][1]] for seg in segments]))
+        return inner(fig, target)
+
+    monkeypatch.setattr(plots, "_save", save)
+    plots.plot_reliability(frame, tmp_path / "reliability.png")
+    (intervals,) = drawn
+    assert len(intervals) == 2  # bins 0 and 8; none for the one woman of bin 6, and the figure says so
+    assert "n=4, 1 patient: no interval" in annotations
+
+    def wilson(share: float, n: float, q: float) -> list[float]:
+        centre = (share + q * q / (2 * n)) / (1 + q * q / n)
+        half = q * math.sqrt(share * (1 - share) / n + q * q / (4 * n * n)) / (1 + q * q / n)
+        return [max(centre - half, 0.0), min(centre + half, 1.0)]
+
+    # Bin 0: all negative, no variance to estimate: each of the 30 women once, t on 29 df (2.045, not 1.96).
+    assert intervals[0] == pytest.approx(wilson(0.0, 30, 2.0452296), abs=1e-6)
+    assert intervals[0][1] == pytest.approx(0.1223, abs=1e-4)
+    # Bin 8: share 0.5 over 3 women with 2 images each; residuals (2-1)^2 + 0 + (0-1)^2 = 2, times 3/2 for 3
+    # clusters = 3, over the binomial 6 x 0.25 = 1.5: design effect 2, effective 3 (was 4.5); t on 2 df = 4.303.
+    assert intervals[1] == pytest.approx(wilson(0.5, 3, 4.3026527), abs=1e-6)
+    assert intervals[1] == pytest.approx([0.036, 0.964], abs=1e-3)  # was 0.161-0.839

@@ -1300,7 +1300,10 @@ def test_the_card_projects_each_test_point_to_a_screening_population():
     assert "projected to 6 cancers per 1,000 screening exams" in card
     assert f"The test split is enriched ({test['n_positive_exams'] / test['n_exams']:.1%} of its" in card
     sizes = test["images_per_exam"]
-    assert f"Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g})" in card
+    if sizes["min"] == sizes["max"]:
+        assert f"Each of its exams holds {sizes['min']} images" in card
+    else:
+        assert f"Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g})" in card
     assert "recall rate 5–12%, cancer detection at least 2.5 per 1,000, PPV1 3–8%" in card
     header = "| point | exam sensitivity | exam specificity | recall rate | cancers detected per 1,000 | PPV1 |"
     assert header in card
@@ -1373,3 +1376,13 @@ def test_a_training_manifest_whose_views_allow_no_flip_is_warned_about(views, ov
     assert ("no training image is flipped vertically" in err) is warned
     if warned and views is None:
         assert "missing (no view column)" in err
+
+
+def test_the_screening_paragraph_says_how_many_images_an_exam_pools():
+    from mammo_ray import export
+
+    values = {"screening_prevalence": 0.006, "recall_rate_screening@0.3": 0.1, "n_exams": 10, "n_positive_exams": 2}
+    pooled = export._screening_table({"test": {**values, "images_per_exam": {"min": 2, "median": 4.0, "max": 9}}})
+    assert "Its exams hold 2–9 images (median 4); more than a screen's four or so" in "\n".join(pooled)
+    single = export._screening_table({"test": {**values, "images_per_exam": {"min": 4, "median": 4.0, "max": 4}}})
+    assert "Each of its exams holds 4 images;" in "\n".join(single)

@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -708,15 +708,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _ci(values: dict, key: str) -> str:
+def _ci(values: dict, key: str, show: Callable[[Any], str] = _fmt) -> str:
+    """``key``'s value with its 95% CI where it has one, written by ``show``."""
     from mammo_ray import metrics
 
     ci = values.get(f"{key}_ci95")
     if not ci or ci[0] is None:
-        return _fmt(values.get(key))
+        return show(values.get(key))
     # Clopper-Pearson on patients, not the bootstrap (ECE's basic bootstrap interval is a bootstrap one: no mark).
     exact = "†" if values.get(f"{key}_ci95_method") == metrics.CLOPPER_PEARSON else ""
-    return f"{_fmt(values.get(key))} ({_fmt(ci[0])}–{_fmt(ci[1])}){exact}"
+    return f"{show(values.get(key))} ({show(ci[0])}–{show(ci[1])}){exact}"
 
 
 # augment.VERTICAL_FLIP_VIEWS, written out: export does not import albumentations.
@@ -1005,10 +1006,10 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
     own = metrics.threshold_key(decision)
     keys = [own] + ([] if own == "0.3" else ["0.3"]) + ["youden", "spec0.90", "spec0.987"]
     rows = [
-        f"| {key} | {_fmt(values.get(f'sensitivity_exam@{key}'))} | {_fmt(values.get(f'specificity_exam@{key}'))} | "
-        f"{_percent(values.get(f'recall_rate_screening@{key}'))} | "
-        f"{_fmt(values.get(f'cancer_detection_per_1000_screening@{key}'), 2)} | "
-        f"{_percent(values.get(f'ppv1_screening@{key}'))} |"
+        f"| {key} | {_ci(values, f'sensitivity_exam@{key}')} | {_ci(values, f'specificity_exam@{key}')} | "
+        f"{_ci(values, f'recall_rate_screening@{key}', _percent)} | "
+        f"{_ci(values, f'cancer_detection_per_1000_screening@{key}', lambda v: _fmt(v, 2))} | "
+        f"{_ci(values, f'ppv1_screening@{key}', _percent)} |"
         for key in keys
         if f"recall_rate_screening@{key}" in values
     ]
@@ -1038,7 +1039,8 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
         f"any image reaches the threshold) are projected to {prevalence * 1000:g} cancers per 1,000 screening exams "
         "with Bayes' rule: recall rate = se·π + (1 − sp)(1 − π), cancer detection = se·π, PPV1 = detection / recall "
         "rate (metrics.json `recall_rate_screening@…`, `cancer_detection_per_1000_screening@…`, `ppv1_screening@…`; "
-        f"point estimates, no intervals; `export --screening-prevalence` sets π).{pooled} The fixed-specificity "
+        "95% CIs from the same patient resamples, each resample's exam figures projected, for the thresholds not "
+        f"fitted on this split; `export --screening-prevalence` sets π).{pooled} The fixed-specificity "
         "points were set on images, so their exam specificity is lower. The projection assumes the split's cancers "
         "and negatives resemble a screening population's in all but prevalence; an enriched set often holds more "
         "conspicuous cancers and harder or easier negatives than screening (spectrum bias), and π must count the "

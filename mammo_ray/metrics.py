@@ -674,10 +674,18 @@ def fixed_thresholds(threshold: float = DEFAULT_THRESHOLD) -> tuple[float, ...]:
     return (DEFAULT_THRESHOLD, float(threshold))
 
 
+# What each bootstrapped operating point gets an interval for beyond its image sensitivity and specificity: the
+# per-exam figures and their screening projection (``screening_projection``'s keys).
+EXAM_POINT_METRICS = ("sensitivity_exam", "specificity_exam")
+SCREENING_POINT_METRICS = ("recall_rate_screening", "cancer_detection_per_1000_screening", "ppv1_screening")
+
+
 def _bootstrap_names(points: Mapping[str, float]) -> tuple[str, ...]:
-    """The metrics a split's bootstrap gives intervals for: the AUCs, and sensitivity and specificity at each of
-    ``points`` (name → threshold; the names are those of the metrics, ``sensitivity@0.3``, ``sensitivity@youden``)."""
-    return (*BOOTSTRAP_METRICS, *(f"{what}@{key}" for key in points for what in ("sensitivity", "specificity")))
+    """The metrics a split's bootstrap gives intervals for: the AUCs, and at each of ``points`` (name → threshold;
+    the names are those of the metrics, ``sensitivity@0.3``, ``sensitivity@youden``) sensitivity and specificity per
+    image and per exam and the exam figures' screening projection."""
+    per_point = ("sensitivity", "specificity", *EXAM_POINT_METRICS, *SCREENING_POINT_METRICS)
+    return (*BOOTSTRAP_METRICS, *(f"{what}@{key}" for key in points for what in per_point))
 
 
 def _bootstrap_points(threshold: float, cuts: Mapping[str, float | None] | None) -> dict[str, float]:
@@ -698,12 +706,15 @@ def _bootstrap_split(
     seed: int,
     level: float,
     points: Mapping[str, float] | None = None,
+    exams: pd.DataFrame | None = None,
+    screening_prevalence: float = SCREENING_PREVALENCE,
 ) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Intervals for AUC, PR-AUC, breast AUC, ECE, Brier, and sensitivity and specificity at each of ``points``
-    (name → threshold; default the reference's 0.3), from one shared set of patient draws.
+    """Intervals for AUC, PR-AUC, breast AUC, ECE, Brier, and at each of ``points`` (name → threshold; default the
+    reference's 0.3) sensitivity and specificity per image and, with ``exams`` (:func:`exam_level`), per exam and
+    projected to ``screening_prevalence``, from one shared set of patient draws.
 
     Same draws and same skip rule as ``bootstrap_ci``, without building a frame per resample:
-    breast rows are resampled with their patient, which equals aggregating the resampled images.
+    breast and exam rows are resampled with their patient, which equals aggregating the resampled images.
     """
     y_img, s_img = _probabilities(frame["label"], frame["prob"])
     # ECE from per-bin sums: sum_b |B_b|/n |positives_b/|B_b| - probs_b/|B_b|| = sum_b |positives_b - probs_b| / n.
@@ -715,10 +726,15 @@ def _bootstrap_split(
     image_clusters = _PatientClusters(patient_key(frame))
     breast_clusters = _PatientClusters(patient_key(breasts))
     assert image_clusters.patients.size == breast_clusters.patients.size  # every patient has a breast row
+    if exams is not None:
+        y_ex, s_ex = labels_and_scores(exams["label"], exams["prob"])
+        exam_clusters = _PatientClusters(patient_key(exams))
+        assert image_clusters.patients.size == exam_clusters.patients.size  # every patient has an exam row
     values: dict[str, list[float]] = {name: [] for name in _bootstrap_names(points)}
     for drawn in _patient_draws(image_clusters.patients.size, n, seed):
         rows, _ = image_clusters.expand(drawn)
         breast_rows, _ = breast_clusters.expand(drawn)
+        exam_rows = exam_clusters.expand(drawn)[0] if exams is not None else None
         y = y_img[rows]
         n_pos = int(y.sum())
         sample = {
@@ -735,6 +751,11 @@ def _bootstrap_split(
             hit = calls[rows]
             sample[f"sensitivity@{key}"] = float(hit[y].sum() / n_pos) if n_pos else math.nan
             sample[f"specificity@{key}"] = float((~hit[~y]).sum() / (y.size - n_pos)) if y.size > n_pos else math.nan
+            if exam_rows is not None:
+                se, sp = sens_spec_at(y_ex[exam_rows], s_ex[exam_rows], points[key])
+                sample[f"sensitivity_exam@{key}"], sample[f"specificity_exam@{key}"] = se, sp
+                for what, value in screening_projection(se, sp, screening_prevalence).items():
+                    sample[f"{what}_screening@{key}"] = value
         for name, value in sample.items():
             if math.isfinite(value):
                 values[name].append(value)
@@ -794,6 +815,15 @@ def _split_metrics(
                 _put(out, f"{key}_screening@{name}", value, "no exam would be recalled at this threshold")
             else:
                 _put(out, f"{key}_screening@{name}", value, reason)
+        if name not in points:  # a point fitted on this split: an interval would have to re-fit it in each resample
+            return
+        # Per exam a woman counts for a class when she has an exam of it (her other breast does not make a negative).
+        exam_sens, exam_spec = f"sensitivity_exam@{name}", f"specificity_exam@{name}"
+        put_ci(exam_sens, math.isfinite(sens), why(True, False, exam=True), ("positive",), exam_patients)
+        put_ci(exam_spec, math.isfinite(spec), why(False, True, exam=True), ("negative",), exam_patients)
+        for key in SCREENING_POINT_METRICS:
+            metric = f"{key}@{name}"
+            put_ci(metric, out[metric] is not None, out.get(f"{metric}_reason"), BOTH_CLASSES, exam_patients)
 
     intervals: dict[str, list[float | None]] = {}
     skipped: dict[str, int] = {}
@@ -803,21 +833,37 @@ def _split_metrics(
     if bootstrap:
         _check_bootstrap_args(bootstrap, level)
         if n:
-            intervals, skipped = _bootstrap_split(frame, breasts, bootstrap, seed, level, points)
+            intervals, skipped = _bootstrap_split(
+                frame, breasts, bootstrap, seed, level, points, exams=exams, screening_prevalence=screening_prevalence
+            )
 
     out: dict[str, Any] = {}
 
     patients = patient_key(frame) if bootstrap else None
-    class_patients = {
+    class_patients_by_image = class_patients = {
         "positive": int(patients[y].nunique()) if bootstrap else 0,
         "negative": int(patients[~y].nunique()) if bootstrap else 0,
     }
+    exam_keys = patient_key(exams) if bootstrap else None
+    exam_patients = {
+        "positive": int(exam_keys[y_ex].nunique()) if bootstrap else 0,
+        "negative": int(exam_keys[~y_ex].nunique()) if bootstrap else 0,
+    }
 
-    def put_ci(name: str, point_defined: bool, point_reason: str | None, classes: Sequence[str]) -> None:
+    def put_ci(
+        name: str,
+        point_defined: bool,
+        point_reason: str | None,
+        classes: Sequence[str],
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
         """The interval of ``name``, which needs patients of ``classes``; withheld, or for a proportion (one class)
-        Clopper-Pearson's on patients, where the percentile bootstrap would give a point or too few outcomes."""
+        Clopper-Pearson's on patients, where the percentile bootstrap would give a point or too few outcomes.
+        ``counts``: patients per class where they are not counted by image (per exam)."""
         if not bootstrap:
             return
+        class_patients = counts or class_patients_by_image
+        unit = "image" if counts is None else "exam"
         key = f"{name}_ci95"
         interval = intervals.get(name, [None, None])
         few = [c for c in classes if class_patients[c] < BOOTSTRAP_MIN_PATIENTS]
@@ -831,11 +877,11 @@ def _split_metrics(
             out[key] = None
             out[f"{key}_reason"] = point_reason or "undefined on this data"
         elif few:
-            counts = " and ".join(f"{class_patients[c]} with a {c} image" for c in few)
-            needed = " and ".join(f"{BOOTSTRAP_MIN_PATIENTS} with a {c} image" for c in classes)
+            have = " and ".join(f"{class_patients[c]} with a {c} {unit}" for c in few)
+            needed = " and ".join(f"{BOOTSTRAP_MIN_PATIENTS} with a {c} {unit}" for c in classes)
             out[key] = None
             out[f"{key}_reason"] = (
-                f"not reported: patients in {scope}: {counts}, too few for a bootstrap interval (at least {needed})"
+                f"not reported: patients in {scope}: {have}, too few for a bootstrap interval (at least {needed})"
             )
         elif interval[0] is None:
             valid = bootstrap - skipped.get(name, bootstrap)

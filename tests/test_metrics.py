@@ -442,6 +442,47 @@ def test_bootstrap_ci_matches_compute_metrics(frame: pd.DataFrame) -> None:
     assert metrics.bootstrap_ci(frame, breast_auc, n=100, seed=3) == pytest.approx(fast["auc_breast_ci95"], abs=1e-12)
 
 
+def test_exam_figures_and_their_screening_projection_get_intervals_from_the_same_draws(frame: pd.DataFrame) -> None:
+    """The projection was a bare point estimate; its interval comes from the patient resamples that give every other
+    interval, each pushed through Bayes' rule, so it matches the frame-based bootstrap drawn with the same seed."""
+    cuts = metrics.operating_points(frame["label"], frame["prob"])
+    fast = metrics.compute_metrics(frame, bootstrap=100, seed=3, cuts=cuts, screening_prevalence=0.02)
+
+    def at(point: float, key: str):
+        def metric(sample: pd.DataFrame) -> float:
+            exams = metrics.exam_level(sample)
+            se, sp = metrics.sens_spec_at(exams["label"], exams["prob"], point)
+            values = {"sensitivity_exam": se, "specificity_exam": sp}
+            values.update({f"{k}_screening": v for k, v in metrics.screening_projection(se, sp, 0.02).items()})
+            return values[key]
+
+        return metric
+
+    for name, point in (("0.3", 0.3), ("spec0.90", cuts["spec0.90"])):
+        for key in (*metrics.EXAM_POINT_METRICS, *metrics.SCREENING_POINT_METRICS):
+            expected = metrics.bootstrap_ci(frame, at(point, key), n=100, seed=3)
+            assert fast[f"{key}@{name}_ci95"] == pytest.approx(expected, abs=1e-12), (name, key)
+            low, high = fast[f"{key}@{name}_ci95"]
+            assert low <= fast[f"{key}@{name}"] <= high
+    # Detection is se·π, so its interval is exactly π times the exam sensitivity's.
+    se_low, se_high = fast["sensitivity_exam@0.3_ci95"]
+    assert fast["cancer_detection_per_1000_screening@0.3_ci95"] == pytest.approx([20 * se_low, 20 * se_high])
+    # Points fitted on the split itself get none, as their image figures do.
+    fitted = metrics.compute_metrics(frame, bootstrap=100, seed=3)
+    assert "ppv1_screening@youden_ci95" not in fitted and "ppv1_screening@0.3_ci95" in fitted
+
+
+def test_exam_intervals_count_women_by_their_exams(frame: pd.DataFrame) -> None:
+    """Too few women with a cancer exam: the exam sensitivity gets Clopper-Pearson on them, the projection none."""
+    few = frame.copy()
+    positives = few.loc[few["label"] == 1, "patient_id"].unique()
+    few.loc[few["patient_id"].isin(positives[4:]), "label"] = 0  # 4 women with cancer left
+    result = metrics.compute_metrics(few, bootstrap=50, seed=0)
+    assert result["sensitivity_exam@0.3_ci95_method"] == metrics.CLOPPER_PEARSON
+    assert result["ppv1_screening@0.3_ci95"] is None
+    assert "4 with a positive exam" in result["ppv1_screening@0.3_ci95_reason"]
+
+
 def test_bootstrap_resamples_patients_as_units() -> None:
     # Patient "BIG" has 20 images; the 10 others have 1 image each.
     frame = pd.DataFrame(

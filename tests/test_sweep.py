@@ -1386,3 +1386,25 @@ def test_the_screening_paragraph_says_how_many_images_an_exam_pools():
     assert "Its exams hold 2–9 images (median 4); more than a screen's four or so" in "\n".join(pooled)
     single = export._screening_table({"test": {**values, "images_per_exam": {"min": 4, "median": 4.0, "max": 4}}})
     assert "Each of its exams holds 4 images;" in "\n".join(single)
+
+
+def test_the_cards_screening_table_gives_the_test_intervals():
+    """The projection's figures carry the patient-bootstrap intervals of metrics.json into the card."""
+    from mammo_ray import export, metrics
+
+    rng = np.random.default_rng(3)
+    frames = [
+        _women_with_left_cancers(
+            48, lambda patient: patient % 3 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
+        )
+        for _ in range(2)
+    ]
+    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
+    test = metrics.compute_metrics(frames[1], bootstrap=200, cuts=cuts)
+    card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frames[0]), "test": test}, None, {})
+    se_low, se_high = test["sensitivity_exam@spec0.90_ci95"]
+    low, high = test["recall_rate_screening@spec0.90_ci95"]
+    row = f"| spec0.90 | {test['sensitivity_exam@spec0.90']:.3f} ({se_low:.3f}–{se_high:.3f}) | "
+    assert row in card
+    assert f"{test['recall_rate_screening@spec0.90']:.1%} ({low:.1%}–{high:.1%})" in card
+    assert "95% CIs from the same patient resamples" in card

@@ -988,8 +988,10 @@ def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
     ]
 
 
-def _percent(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.1%}"
+def _percent(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}%}"
 
 
 def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
@@ -1009,7 +1011,7 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
         f"| {key} | {_ci(values, f'sensitivity_exam@{key}')} | {_ci(values, f'specificity_exam@{key}')} | "
         f"{_ci(values, f'recall_rate_screening@{key}', _percent)} | "
         f"{_ci(values, f'cancer_detection_per_1000_screening@{key}', lambda v: _fmt(v, 2))} | "
-        f"{_ci(values, f'ppv1_screening@{key}', _percent)} |"
+        f"{_ci(values, f'ppv1_screening@{key}', lambda v: _percent(v, 2))} |"  # PPV1 is a few %: two decimals
         for key in keys
         if f"recall_rate_screening@{key}" in values
     ]

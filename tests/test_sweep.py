@@ -1311,7 +1311,7 @@ def test_the_card_projects_each_test_point_to_a_screening_population():
         row = (
             f"| {point} | {test[f'sensitivity_exam@{point}']:.3f} | {test[f'specificity_exam@{point}']:.3f} | "
             f"{test[f'recall_rate_screening@{point}']:.1%} | "
-            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | {test[f'ppv1_screening@{point}']:.1%} |"
+            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | {test[f'ppv1_screening@{point}']:.2%} |"
         )
         assert row in card, point
     # Without a test split the validation's points are projected, and the card says which split it used.

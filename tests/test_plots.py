@@ -438,8 +438,11 @@ def test_referral_says_when_uncertainty_only_reranks_the_score(tmp_path, monkeyp
     )
 
 
-def _reliability_intervals(frame: pd.DataFrame, path: Path, monkeypatch) -> tuple[np.ndarray, list[str]]:
-    """The overall curve's per-bin intervals as drawn ([[low, high], ...]), and the legend's texts."""
+def _reliability_intervals(
+    frame: pd.DataFrame, path: Path, monkeypatch, annotations: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The overall curve's per-bin intervals as drawn ([[low, high], ...]), and the legend's texts; the figure's
+    other texts are added to ``annotations`` when given."""
     from matplotlib.container import ErrorbarContainer
 
     drawn: list[np.ndarray] = []
@@ -448,6 +451,8 @@ def _reliability_intervals(frame: pd.DataFrame, path: Path, monkeypatch) -> tupl
 
     def save(fig, target):
         for ax in fig.axes:
+            if annotations is not None:
+                annotations.extend(text.get_text() for text in ax.texts)
             for container in ax.containers:
                 if isinstance(container, ErrorbarContainer):
                     segments = container.lines[2][0].get_segments()
@@ -486,7 +491,6 @@ def test_reliability_intervals_count_a_womans_images_as_correlated(tmp_path, mon
 def test_reliability_intervals_use_t_on_the_bins_patients_and_none_from_one_woman(tmp_path, monkeypatch) -> None:
     """The upper bins rest on 3-5 women, yet their intervals used z = 1.96 and a cluster variance without the
     finite-cluster factor; a bin of one woman with mixed labels counted her 4 images as 4 independent cases."""
-    from matplotlib.container import ErrorbarContainer
 
     rows = [(f"n{i}", 0.05, 0) for i in range(30) for _ in range(2)]  # 30 women, all negative, bin 0
     rows += [("one", 0.65, label) for label in (1, 1, 0, 0)]  # one woman, mixed labels, bin 6
@@ -497,22 +501,8 @@ def test_reliability_intervals_use_t_on_the_bins_patients_and_none_from_one_woma
         image_id=lambda f: [f"img{i}" for i in range(len(f))], exam_id=lambda f: f["patient_id"] + "_E0",
         laterality="L", view="CC", dataset="CSAW", aleatoric=np.nan, epistemic=np.nan,
     )  # fmt: skip
-    drawn: list[np.ndarray] = []
     annotations: list[str] = []
-    inner = plots._save
-
-    def save(fig, target):
-        for ax in fig.axes:
-            annotations.extend(text.get_text() for text in ax.texts)
-            for container in ax.containers:
-                if isinstance(container, ErrorbarContainer):
-                    segments = container.lines[2][0].get_segments()
-                    drawn.append(np.array([[seg[0][1], seg[1][1]] for seg in segments]))
-        return inner(fig, target)
-
-    monkeypatch.setattr(plots, "_save", save)
-    plots.plot_reliability(frame, tmp_path / "reliability.png")
-    (intervals,) = drawn
+    intervals, _ = _reliability_intervals(frame, tmp_path / "reliability.png", monkeypatch, annotations)
     assert len(intervals) == 2  # bins 0 and 8; none for the one woman of bin 6, and the figure says so
     assert "n=4, 1 patient: no interval" in annotations
 

@@ -1216,6 +1216,24 @@ def _women_with_left_cancers(women: int, has_cancer, prob) -> pd.DataFrame:
     )
 
 
+def _carded_splits(women: int, every: int, seed: int, bootstrap: int = 0) -> tuple[dict, dict, str]:
+    """A validation and a test split of ``women`` women (every ``every``-th with a left cancer, scores drawn with
+    ``seed``), scored as export does (test at the validation's operating points), and the demo card of both."""
+    from mammo_ray import export, metrics
+
+    rng = np.random.default_rng(seed)
+    frames = [
+        _women_with_left_cancers(
+            women, lambda patient: patient % every == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
+        )
+        for _ in range(2)
+    ]
+    val = metrics.compute_metrics(frames[0], bootstrap=bootstrap)
+    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
+    test = metrics.compute_metrics(frames[1], bootstrap=bootstrap, cuts=cuts)
+    return val, test, export.model_card(config.load("demo"), {"val": val, "test": test}, None, {})
+
+
 def test_the_card_shows_no_zero_width_interval_and_marks_the_exact_one():
     """The card printed sensitivity 1.000 (1.000–1.000) from 4 women with cancer among 200."""
     from mammo_ray import export, metrics
@@ -1261,19 +1279,7 @@ def test_the_card_labels_image_level_figures_and_gives_exam_level_ones_at_each_p
 
 
 def test_the_cards_operating_points_table_gives_the_test_intervals_at_the_validation_points():
-    from mammo_ray import export, metrics
-
-    rng = np.random.default_rng(1)
-    frames = [
-        _women_with_left_cancers(
-            40, lambda patient: patient % 4 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
-        )
-        for _ in range(2)
-    ]
-    val = metrics.compute_metrics(frames[0], bootstrap=200)
-    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
-    test = metrics.compute_metrics(frames[1], bootstrap=200, cuts=cuts)
-    card = export.model_card(config.load("demo"), {"val": val, "test": test}, None, {})
+    val, test, card = _carded_splits(40, 4, seed=1, bootstrap=200)
     low, high = test["sensitivity@youden_ci95"]
     row = (
         f"| test | youden | {test['threshold@youden']:.3f} | {test['sensitivity@youden']:.3f} ({low:.3f}–{high:.3f}) |"
@@ -1284,19 +1290,9 @@ def test_the_cards_operating_points_table_gives_the_test_intervals_at_the_valida
 
 def test_the_card_projects_each_test_point_to_a_screening_population():
     """A radiologist reads a point as a recall rate and a PPV1; the enriched split's own would mislead."""
-    from mammo_ray import export, metrics
+    from mammo_ray import export
 
-    rng = np.random.default_rng(2)
-    frames = [
-        _women_with_left_cancers(
-            40, lambda patient: patient % 4 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
-        )
-        for _ in range(2)
-    ]
-    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
-    results = {"val": metrics.compute_metrics(frames[0]), "test": metrics.compute_metrics(frames[1], cuts=cuts)}
-    card = export.model_card(config.load("demo"), results, None, {})
-    test = results["test"]
+    val, test, card = _carded_splits(40, 4, seed=2)
     assert "projected to 6 cancers per 1,000 screening exams" in card
     assert f"The test split is enriched ({test['n_positive_exams'] / test['n_exams']:.1%} of its" in card
     sizes = test["images_per_exam"]
@@ -1315,7 +1311,7 @@ def test_the_card_projects_each_test_point_to_a_screening_population():
         )
         assert row in card, point
     # Without a test split the validation's points are projected, and the card says which split it used.
-    card = export.model_card(config.load("demo"), {"val": results["val"]}, None, {})
+    card = export.model_card(config.load("demo"), {"val": val}, None, {})
     assert "The validation split is enriched" in card
 
 
@@ -1390,18 +1386,7 @@ def test_the_screening_paragraph_says_how_many_images_an_exam_pools():
 
 def test_the_cards_screening_table_gives_the_test_intervals():
     """The projection's figures carry the patient-bootstrap intervals of metrics.json into the card."""
-    from mammo_ray import export, metrics
-
-    rng = np.random.default_rng(3)
-    frames = [
-        _women_with_left_cancers(
-            48, lambda patient: patient % 3 == 0, lambda label: np.clip(rng.normal(0.3 + 0.2 * label, 0.1), 0, 1)
-        )
-        for _ in range(2)
-    ]
-    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
-    test = metrics.compute_metrics(frames[1], bootstrap=200, cuts=cuts)
-    card = export.model_card(config.load("demo"), {"val": metrics.compute_metrics(frames[0]), "test": test}, None, {})
+    _, test, card = _carded_splits(48, 3, seed=3, bootstrap=200)
     se_low, se_high = test["sensitivity_exam@spec0.90_ci95"]
     low, high = test["recall_rate_screening@spec0.90_ci95"]
     row = f"| spec0.90 | {test['sensitivity_exam@spec0.90']:.3f} ({se_low:.3f}–{se_high:.3f}) | "

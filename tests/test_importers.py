@@ -438,9 +438,13 @@ def test_a_blank_embed_image_type_is_left_out_with_a_warning_not_refused(tmp_pat
     row out, and says how many and which."""
     meta = EMBED_META.replace("R MLO,2D,R,MLO", "R MLO,,R,MLO", 1)
     tables = [write(tmp_path / "metadata.csv", meta), write(tmp_path / "clinical.csv", EMBED_CLINICAL)]
-    with pytest.warns(UserWarning, match=r"1 row\(s\) with a blank 'FinalImageType' left out, e.g. row 4"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         rows = import_embed(tables, tmp_path)
-    full = import_embed([write(tmp_path / "full.csv", EMBED_META), tables[1]], tmp_path)
+        full = import_embed([write(tmp_path / "full.csv", EMBED_META), tables[1]], tmp_path)
+    said = [str(w.message) for w in caught]
+    assert sum("1 row(s) with a blank 'FinalImageType' left out, e.g. row 4" in text for text in said) == 1
+    assert all("FinalImageType" in text or "no clinical row" in text for text in said)  # the fixture's exam 20000009
     assert len(rows) == len(full) - 1
 
 

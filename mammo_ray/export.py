@@ -626,6 +626,11 @@ def _is_bundle_item(name: str) -> bool:
     return name in BUNDLE_ITEMS or reference
 
 
+def _is_train_out_dir(folder: Path) -> bool:
+    """A ``train --out_dir``: its Train run in ``ray/`` beside the bundle, and no sweep's ``train_runs/``."""
+    return (folder / TRAIN_RUN_FOLDER).is_dir() and not (folder / TRAIN_RUNS).exists()
+
+
 def check_bundle_folder(out_dir: str | Path) -> None:
     """Refuse, before anything is computed, an output folder whose files an export would replace or delete.
 
@@ -1165,6 +1170,12 @@ def main(argv: list[str] | None = None) -> int:
         if not storage.is_uri(folder) and not folder.is_dir():
             raise FileNotFoundError(f"--experiment {args.experiment}: no such folder")
         experiment = experiment_location(folder)
+        if not storage.is_uri(str(experiment)) and _is_train_out_dir(Path(experiment)):
+            raise ValueError(
+                f"--experiment {args.experiment} is a `train --out_dir`, not a sweep: its bundle was exported from its "
+                "best epoch when train finished. Score other images with `predict --model` on it; for another "
+                "export (another test set, --screening-prevalence), run the config as a sweep with `tune`"
+            )
         sweep_cfg = _sweep_config(storage.join(folder, "config.yaml"))
         metric = args.metric or (sweep_cfg.search.metric if sweep_cfg else "val_auc")
         mode = selection_mode(metric, args.mode, sweep_cfg)

@@ -373,3 +373,13 @@ def test_export_refuses_a_screening_prevalence_outside_zero_one(value, capsys):
     with pytest.raises(SystemExit):
         export.build_parser().parse_args(["--experiment", "x", "--screening-prevalence", value])
     assert "--screening-prevalence" in capsys.readouterr().err
+
+
+def test_export_of_a_train_out_dir_says_what_it_is(tmp_path, capsys):
+    """It said only that no checkpoint was under train_runs/, which a train folder never has."""
+    folder = tmp_path / "demo-train"
+    (folder / "ray" / "demo-20261207-120000" / "checkpoint_000").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert export.main(["--experiment", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a `train --out_dir`, not a sweep" in err and "predict --model" in err

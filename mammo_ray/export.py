@@ -396,7 +396,9 @@ def _write_bundle(
         if screening_prevalence is not None:
             scoring["screening_prevalence"] = screening_prevalence
         results = {"val": metrics.compute_metrics(val, **scoring)}
-        cuts = metrics.operating_points(val["label"], val["prob"])  # the validation's, applied to test as they are
+        cuts = metrics.all_operating_points(
+            val
+        )  # the validation's, per image and per exam, applied to test as they are
         test = None
         if frames and frames.get("test") is not None:
             net, _, _ = predict.load_bundle(staging, check=False)  # its record is written last
@@ -435,16 +437,18 @@ def _write_bundle(
             staging / "thresholds.json", _json_ready(_thresholds(val, trial_cfg.train.threshold, report.get("epoch")))
         )
         history = pd.read_csv(staging / "history.csv")
+        # The ROC is per image: the points fitted on exams would sit on it at image figures under an exam name.
+        image_cuts = {name: cut for name, cut in cuts.items() if not name.startswith("exam_")}
         plots.plot_all_bundle(
             val,
             history,
             staging / "plots",
             threshold=trial_cfg.train.threshold,
             selected_epoch=report.get("epoch"),
-            cuts=cuts,
+            cuts=image_cuts,
         )
         if test is not None and not test.empty:
-            plots.plot_test(test, staging / "plots", threshold=trial_cfg.train.threshold, cuts=cuts)
+            plots.plot_test(test, staging / "plots", threshold=trial_cfg.train.threshold, cuts=image_cuts)
         (staging / "MODEL_CARD.md").write_text(model_card(trial_cfg, results, frames, report))
         if reference_files:
             write_reference_files(staging, trial_cfg.name, val, results["val"])
@@ -859,8 +863,10 @@ def model_card(cfg: config_mod.Config, results: dict, frames: dict | None, repor
         )
         + "the Youden point and specificity 0.90 "
         "and 0.987 (a high-specificity screening point, near what double reading reaches in European programmes; the "
-        "value is this project's choice, not taken from one study), each with its validation sensitivity and "
-        "specificity; they were "
+        "value is this project's choice, not taken from one study), fitted on images, and the same two "
+        "specificities fitted on exams (exam_spec0.90, exam_spec0.987: an exam is recalled when any of its images "
+        "reaches the threshold, as a screening programme sets its recall rate), each with its validation "
+        "sensitivity and specificity; they were "
         "chosen on validation data and are optimistic there. Test figures at the Youden and fixed-specificity points "
         "apply these validation thresholds (metrics.json `threshold@…`, `specificity@…`); they are not re-fitted on "
         "the test labels. 0.3 is the reference script's fixed threshold, not fitted on any data. The table gives "
@@ -962,6 +968,10 @@ def _failures_text(results: dict) -> str:
     )
 
 
+# The operating points fitted on validation, as the card's tables list them: per image, then per exam.
+FITTED_POINTS = ("youden", "spec0.90", "spec0.987", "exam_spec0.90", "exam_spec0.987")
+
+
 def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
     """Each operating point per split, per image and per exam: the fixed thresholds (the bundle's decision threshold
     and the reference's 0.3), then the points fitted on validation."""
@@ -974,7 +984,7 @@ def _operating_points_table(results: dict, decision: float = 0.3) -> list[str]:
     for split in ("val", "test"):
         values = results.get(split) or {}
         points = list(fixed)
-        points += [(name, name, values.get(f"threshold@{name}")) for name in ("youden", "spec0.90", "spec0.987")]
+        points += [(name, name, values.get(f"threshold@{name}")) for name in FITTED_POINTS]
         for key, label, cut in points:
             if cut is None or f"sensitivity@{key}" not in values:
                 continue
@@ -1011,7 +1021,7 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
     if prevalence is None:
         return []
     own = metrics.threshold_key(decision)
-    keys = [own] + ([] if own == "0.3" else ["0.3"]) + ["youden", "spec0.90", "spec0.987"]
+    keys = [own] + ([] if own == "0.3" else ["0.3"]) + list(FITTED_POINTS)
     rows = [
         f"| {key} | {_ci(values, f'sensitivity_exam@{key}')} | {_ci(values, f'specificity_exam@{key}')} | "
         f"{_ci(values, f'recall_rate_screening@{key}', _percent)} | "

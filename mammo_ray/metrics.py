@@ -938,7 +938,7 @@ def _split_metrics(
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
     fitted = cuts is None
-    cuts = operating_points(y, s, specificities) if fitted else cuts
+    cuts = {**operating_points(y, s, specificities), **exam_operating_points(frame, specificities)} if fitted else cuts
     fit_reason = why(True, True)
 
     def at(name: str, cut: float | None) -> None:
@@ -956,6 +956,9 @@ def _split_metrics(
     at("youden", cuts.get("youden"))
     for target in specificities:
         name = f"spec{_spec_key(target)}"
+        at(name, cuts.get(name))
+    for target in specificities:  # the same targets per exam, as a recall is decided
+        name = f"exam_spec{_spec_key(target)}"
         at(name, cuts.get(name))
     out["operating_points"] = "fitted on this split" if fitted else "from the validation split"
 
@@ -1003,12 +1006,32 @@ def _split_metrics(
 
 
 def operating_points(labels: Any, scores: Any, specificities: Sequence[float] = DEFAULT_SPECIFICITIES) -> dict:
-    """The thresholds fitted on one split: ``youden`` and ``spec<target>`` (NaN where undefined)."""
+    """The thresholds fitted on one split's images: ``youden`` and ``spec<target>`` (NaN where undefined)."""
     y, s = labels_and_scores(labels, scores)
     cuts = {"youden": youden_threshold(y, s)}
     for target in specificities:
         cuts[f"spec{_spec_key(target)}"] = threshold_at_specificity(y, s, target)
     return cuts
+
+
+def exam_operating_points(frame: pd.DataFrame, specificities: Sequence[float] = DEFAULT_SPECIFICITIES) -> dict:
+    """The thresholds fitted on one split's exams (:func:`exam_level`: recalled when any image reaches it):
+    ``exam_spec<target>``, where ``target`` of the exams without cancer are not recalled (NaN where undefined).
+
+    A screening programme sets its recall rate per exam; an image-level ``spec0.90`` recalls far more than 10% of
+    exams, since every image of an exam is a chance to be recalled (on the demo's validation split, exam
+    specificity 0.74 at the image-level spec0.90 point)."""
+    exams = exam_level(frame)
+    y, s = labels_and_scores(exams["label"], exams["prob"])
+    return {f"exam_spec{_spec_key(target)}": threshold_at_specificity(y, s, target) for target in specificities}
+
+
+def all_operating_points(frame: pd.DataFrame, specificities: Sequence[float] = DEFAULT_SPECIFICITIES) -> dict:
+    """:func:`operating_points` on the images and :func:`exam_operating_points` on the exams, in one mapping."""
+    return {
+        **operating_points(frame["label"], frame["prob"], specificities),
+        **exam_operating_points(frame, specificities),
+    }
 
 
 def compute_split_metrics(
@@ -1096,7 +1119,7 @@ def compute_metrics(
     _require_columns(frame, ("label", "prob"))
     given = cuts is not None
     if cuts is None:
-        cuts = operating_points(frame["label"], frame["prob"], specificities)
+        cuts = all_operating_points(frame, specificities)
         result = _split_metrics(frame, scope="this split", **options)
     else:
         result = _split_metrics(frame, scope="this split", cuts=cuts, **options)
@@ -1122,8 +1145,9 @@ def thresholds_table(
 
     Returns:
         ``{"0.3": ..., "youden": ..., "spec0.90": ..., "spec0.987": ...}``, each
-        ``{"threshold", "sensitivity", "specificity"}``; undefined values are None and the entry
-        then carries a ``reason``.
+        ``{"threshold", "sensitivity", "specificity"}`` per image, and with exam ids ``exam_spec0.90`` and
+        ``exam_spec0.987``, fitted on exams, which also give ``sensitivity_exam`` and ``specificity_exam``; undefined
+        values are None and the entry then carries a ``reason``.
     """
     _require_columns(frame, ("label", "prob"))
     y, s = labels_and_scores(frame["label"], frame["prob"])
@@ -1154,6 +1178,19 @@ def thresholds_table(
     }
     for target in specificities:
         table[f"spec{_spec_key(target)}"] = entry(threshold_at_specificity(y, s, target), why(False, True))
+    if {"patient_id", "exam_id"} <= set(frame.columns):
+        # Fitted on exams (recalled when any image reaches it); the image figures at that threshold beside the exam's.
+        exams = exam_level(frame)
+        y_ex, s_ex = labels_and_scores(exams["label"], exams["prob"])
+        n_ex, n_pos_ex = int(y_ex.size), int(y_ex.sum())
+        exam_reason = _reason(
+            n_ex, n_pos_ex, need_pos=False, need_neg=True, unit="exams", what="exams", scope="this split"
+        )
+        for name, cut in exam_operating_points(frame, specificities).items():
+            row = entry(cut, exam_reason)
+            se, sp = sens_spec_at(y_ex, s_ex, cut) if math.isfinite(cut) else (math.nan, math.nan)
+            row["sensitivity_exam"], row["specificity_exam"] = _clean(se), _clean(sp)
+            table[name] = row
     return table
 
 

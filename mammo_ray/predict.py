@@ -460,7 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="an exported bundle folder (results/<name>/best)")
     parser.add_argument("--input", required=True, help="a DICOM or PNG file, a folder (recursive) or a manifest")
     parser.add_argument("--out", default="predictions.csv", help="output CSV")
-    parser.add_argument("--threshold", help="0.3, youden, spec0.90, spec0.987 or a number (default: the bundle's)")
+    parser.add_argument(
+        "--threshold",
+        help="0.3, youden, spec0.90, spec0.987 (per image), exam_spec0.90, exam_spec0.987 (per exam: a screen is "
+        "recalled when any image reaches it) or a number (default: the bundle's)",
+    )
     parser.add_argument("--batch-size", type=cli.int_at_least(1), default=16)
     parser.add_argument(
         "--mc-samples", type=cli.int_at_least(0), default=None, help="MC-dropout passes (default: the bundle's)"

@@ -49,6 +49,22 @@ SPLIT_KEYS = [
     "cancer_detection_per_1000_screening@spec0.987",
     "ppv1_screening@spec0.987",
     "threshold@spec0.987",
+    "sensitivity@exam_spec0.90",
+    "specificity@exam_spec0.90",
+    "sensitivity_exam@exam_spec0.90",
+    "specificity_exam@exam_spec0.90",
+    "recall_rate_screening@exam_spec0.90",
+    "cancer_detection_per_1000_screening@exam_spec0.90",
+    "ppv1_screening@exam_spec0.90",
+    "threshold@exam_spec0.90",
+    "sensitivity@exam_spec0.987",
+    "specificity@exam_spec0.987",
+    "sensitivity_exam@exam_spec0.987",
+    "specificity_exam@exam_spec0.987",
+    "recall_rate_screening@exam_spec0.987",
+    "cancer_detection_per_1000_screening@exam_spec0.987",
+    "ppv1_screening@exam_spec0.987",
+    "threshold@exam_spec0.987",
     "operating_points",
     "auc_breast",
     "pf1_breast",
@@ -363,11 +379,12 @@ def test_compute_metrics_by_dataset(frame: pd.DataFrame) -> None:
     assert set(result["by_dataset"]) == {"CSAW", "EMBED"}
     embed = mixed[mixed["dataset"] == "EMBED"]
     # Each data set is scored at the whole split's operating points, not at points re-fitted on its own labels.
-    cuts = metrics.operating_points(mixed["label"], mixed["prob"])
+    cuts = metrics.all_operating_points(mixed)
     expected = metrics._split_metrics(embed, threshold=0.3, breast_agg="mean", specificities=(0.90, 0.987),
                                       scope="dataset EMBED", cuts=cuts)  # fmt: skip
     assert result["by_dataset"]["EMBED"] == {**expected, "operating_points": "the whole split's (fitted on this split)"}
     assert result["by_dataset"]["EMBED"]["threshold@youden"] == result["threshold@youden"]
+    assert result["by_dataset"]["EMBED"]["threshold@exam_spec0.90"] == result["threshold@exam_spec0.90"]
     csaw = result["by_dataset"]["CSAW"]
     n_csaw = int((mixed["dataset"] == "CSAW").sum())
     assert csaw["auc"] is None
@@ -399,8 +416,11 @@ def test_a_decision_threshold_is_scored_beside_the_reference_one(frame: pd.DataF
 
 def test_thresholds_table(frame: pd.DataFrame) -> None:
     table = metrics.thresholds_table(frame)
-    assert list(table) == ["0.3", "youden", "spec0.90", "spec0.987"]
+    assert list(table) == ["0.3", "youden", "spec0.90", "spec0.987", "exam_spec0.90", "exam_spec0.987"]
     split = metrics.compute_split_metrics(frame)
+    exam = table["exam_spec0.90"]
+    assert exam["threshold"] == split["threshold@exam_spec0.90"] and exam["specificity_exam"] >= 0.90
+    assert exam["sensitivity"] == split["sensitivity@exam_spec0.90"]  # the image figures at the exam threshold
     assert table["youden"]["threshold"] == split["threshold@youden"]
     assert table["0.3"]["sensitivity"] == split["sensitivity@0.3"]
     assert table["spec0.90"]["sensitivity"] == split["sensitivity@spec0.90"]
@@ -409,6 +429,8 @@ def test_thresholds_table(frame: pd.DataFrame) -> None:
     positives_only = metrics.thresholds_table(frame[frame["label"] == 1])
     assert positives_only["spec0.90"]["threshold"] is None
     assert "no negative cases" in positives_only["spec0.90"]["reason"]
+    assert positives_only["exam_spec0.90"]["threshold"] is None
+    assert "no negative exams" in positives_only["exam_spec0.90"]["reason"]
     json.dumps(positives_only, allow_nan=False)
 
 
@@ -787,6 +809,26 @@ def test_every_point_is_projected_from_its_exam_figures_not_from_the_enriched_sp
     no_cancer = metrics.compute_split_metrics(frame.assign(label=0))
     assert no_cancer["ppv1_screening@0.3"] is None
     assert "no positive exams" in no_cancer["ppv1_screening@0.3_reason"]
+
+
+def test_exam_specificity_points_are_fitted_on_exams_and_applied_to_test_as_they_stand(frame: pd.DataFrame) -> None:
+    """An image-level spec0.90 recalls far more than 10% of exams; a screening point is set on exams."""
+    result = metrics.compute_metrics(frame)
+    exams = metrics.exam_level(frame)
+    cut = result["threshold@exam_spec0.90"]
+    assert cut == metrics.threshold_at_specificity(exams["label"], exams["prob"], 0.90)
+    assert result["specificity_exam@exam_spec0.90"] >= 0.90
+    assert result["specificity_exam@spec0.90"] < result["specificity_exam@exam_spec0.90"]
+    # On another split the validation's exam threshold is applied as it stands, with intervals as at a fixed one.
+    cuts = metrics.all_operating_points(frame)
+    other = make_predictions(seed=5)
+    test = metrics.compute_metrics(other, cuts=cuts, bootstrap=50)
+    assert test["threshold@exam_spec0.90"] == cut
+    other_exams = metrics.exam_level(other)
+    se, sp = metrics.sens_spec_at(other_exams["label"], other_exams["prob"], cut)
+    assert (test["sensitivity_exam@exam_spec0.90"], test["specificity_exam@exam_spec0.90"]) == pytest.approx((se, sp))
+    assert test["specificity_exam@exam_spec0.90_ci95"] is not None
+    assert "exam_spec0.90" in metrics.thresholds_table(frame)
 
 
 def test_the_other_breast_aggregation_is_reported_too(frame: pd.DataFrame) -> None:

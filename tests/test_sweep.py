@@ -1229,7 +1229,7 @@ def _carded_splits(women: int, every: int, seed: int, bootstrap: int = 0) -> tup
         for _ in range(2)
     ]
     val = metrics.compute_metrics(frames[0], bootstrap=bootstrap)
-    cuts = metrics.operating_points(frames[0]["label"], frames[0]["prob"])
+    cuts = metrics.all_operating_points(frames[0])  # as export: per image and per exam
     test = metrics.compute_metrics(frames[1], bootstrap=bootstrap, cuts=cuts)
     return val, test, export.model_card(config.load("demo"), {"val": val, "test": test}, None, {})
 
@@ -1303,13 +1303,21 @@ def test_the_card_projects_each_test_point_to_a_screening_population():
     assert "recall rate 5–12%, cancer detection at least 2.5 per 1,000, PPV1 3–8%" in card
     header = "| point | exam sensitivity | exam specificity | recall rate | cancers detected per 1,000 | PPV1 |"
     assert header in card
-    for point in ("0.3", "youden", "spec0.90", "spec0.987"):
+
+    def shown(key: str, spec: str) -> str:  # n/a where a point recalls no exam (no PPV1)
+        value = test[key]
+        return "n/a" if value is None else format(value, spec)
+
+    for point in ("0.3", "youden", "spec0.90", "spec0.987", "exam_spec0.90", "exam_spec0.987"):
         row = (
-            f"| {point} | {test[f'sensitivity_exam@{point}']:.3f} | {test[f'specificity_exam@{point}']:.3f} | "
-            f"{test[f'recall_rate_screening@{point}']:.1%} | "
-            f"{test[f'cancer_detection_per_1000_screening@{point}']:.2f} | {test[f'ppv1_screening@{point}']:.2%} |"
+            f"| {point} | {shown(f'sensitivity_exam@{point}', '.3f')} | {shown(f'specificity_exam@{point}', '.3f')} | "
+            f"{shown(f'recall_rate_screening@{point}', '.1%')} | "
+            f"{shown(f'cancer_detection_per_1000_screening@{point}', '.2f')} | {shown(f'ppv1_screening@{point}', '.2%')} |"
         )
         assert row in card, point
+    # The exam-fitted points are in the operating-points table too, on both splits.
+    assert f"| val | exam_spec0.90 | {val['threshold@exam_spec0.90']:.3f} |" in card
+    assert f"| test | exam_spec0.90 | {test['threshold@exam_spec0.90']:.3f} |" in card
     # Without a test split the validation's points are projected, and the card says which split it used.
     card = export.model_card(config.load("demo"), {"val": val}, None, {})
     assert "The validation split is enriched" in card

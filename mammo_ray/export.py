@@ -1035,19 +1035,17 @@ def _screening_table(results: dict, decision: float = 0.3) -> list[str]:
     n_exams, n_positive = values.get("n_exams") or 0, values.get("n_positive_exams") or 0
     own_share = f"{n_positive / n_exams:.1%} of its {n_exams} exams" if n_exams else "no exams"
     sizes = values.get("images_per_exam") or {}
-    held = (
-        f"Each of its exams holds {sizes['min']} images"
-        if sizes and sizes["min"] == sizes["max"]
-        else f"Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g})"
-        if sizes
-        else ""
-    )
-    pooled = (
-        f" {held}; more than a screen's four or so means a data set without exam ids, where each woman's images, all "
-        "her rounds, form one exam."
-        if sizes
-        else ""
-    )
+    pooled = ""
+    if sizes:
+        held = (
+            f"Each of its exams holds {sizes['min']} images"
+            if sizes["min"] == sizes["max"]
+            else f"Its exams hold {sizes['min']}–{sizes['max']} images (median {sizes['median']:g})"
+        )
+        pooled = (
+            f" {held}; more than a screen's four or so means a data set without exam ids, where each woman's images, "
+            "all her rounds, form one exam."
+        )
     return [
         "",
         f"**In a screening population.** The {split_name} split is enriched ({own_share} hold a cancer), so the share "

@@ -938,7 +938,7 @@ def _split_metrics(
     # Operating points: fitted on this split (validation), or given (the validation's, applied to test and to each
     # data set), so that a test figure at "the Youden point" is not a threshold re-fitted on the test labels.
     fitted = cuts is None
-    cuts = {**operating_points(y, s, specificities), **exam_operating_points(frame, specificities)} if fitted else cuts
+    cuts = all_operating_points(frame, specificities) if fitted else cuts
     fit_reason = why(True, True)
 
     def at(name: str, cut: float | None) -> None:
